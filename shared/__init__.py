@@ -1,0 +1,1 @@
+"""Code every specdec service uses: config, model loading, sampling, proposers, store, metrics."""

@@ -1,0 +1,132 @@
+"""Validated configuration for every service (pydantic at the edges only, never in the loop).
+
+A `SpecdecConfig` names the targets, the drafters of the shared pool and the speculation
+policy. `default_config()` is the embedded demo: both demo targets, `codelm-draft`,
+in-memory store, loopback ports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.paths import PROJECT_ROOT, models_dir
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+SpecMethod = Literal["none", "ngram", "draft_model", "sorted", "card"]
+SPEC_METHODS: tuple[str, ...] = ("none", "ngram", "draft_model", "sorted", "card")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Frozen):
+    name: str = Field(..., min_length=1, description="Name clients use to address the model.")
+    model_dir: Path = Field(..., description="HF-format directory (weights + tokenizer).")
+    dtype: Dtype = Field("float32", description="Weights and activations dtype.")
+    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'.")
+    num_threads: int = Field(1, gt=0, description="torch intra-op threads for this process.")
+    max_context: int | None = Field(
+        None, gt=0, description="Max prompt + generated tokens; default: the model's max positions."
+    )
+
+    @field_validator("model_dir")
+    @classmethod
+    def _dir_exists(cls, value: Path) -> Path:
+        if not (value / "config.json").is_file():
+            raise ValueError(f"model_dir {str(value)!r} has no config.json")
+        return value
+
+
+class TargetConfig(ModelConfig):
+    max_new_tokens: int = Field(1024, gt=0, description="Upper bound on max_new_tokens per request.")
+
+
+class DrafterConfig(ModelConfig):
+    kind: Literal["draft_model", "sorted", "card"] = Field(
+        "draft_model", description="Proposer kind this drafter serves."
+    )
+
+
+class NgramConfig(_Frozen):
+    min_n: int = Field(1, gt=0, description="Shortest suffix n-gram to match.")
+    max_n: int = Field(4, gt=0, description="Longest suffix n-gram to match (tried first).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NgramConfig:
+        if self.min_n > self.max_n:
+            raise ValueError(f"ngram min_n {self.min_n} > max_n {self.max_n}")
+        return self
+
+
+class SpeculationConfig(_Frozen):
+    num_speculative_tokens: int = Field(
+        5, ge=0, description="k for the first round; the policy adapts it per round."
+    )
+    max_speculative_tokens: int = Field(10, ge=0, description="Upper bound for the adaptive k.")
+    adaptive: bool = Field(True, description="Adapt k per round (±2/−1 rule plus cost guard).")
+    draft_timeout_s: float = Field(
+        0.05, gt=0, description="Longest a round waits for remote candidates before k = 0."
+    )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SpeculationConfig:
+        if self.num_speculative_tokens > self.max_speculative_tokens:
+            raise ValueError(
+                f"num_speculative_tokens {self.num_speculative_tokens} > "
+                f"max_speculative_tokens {self.max_speculative_tokens}"
+            )
+        return self
+
+
+class SpecdecConfig(_Frozen):
+    targets: list[TargetConfig] = Field(..., min_length=1, description="Target models served.")
+    drafters: list[DrafterConfig] = Field(
+        default_factory=list, description="Drafters of the shared pool (serve every target)."
+    )
+    ngram: NgramConfig = Field(default_factory=NgramConfig, description="Prompt-lookup drafting.")
+    speculation: SpeculationConfig = Field(
+        default_factory=SpeculationConfig, description="Speculation policy defaults."
+    )
+    host: str = Field("127.0.0.1", description="Bind address of every service.")
+    router_port: int = Field(50051, ge=0, description="Public gRPC port (0 = any free port).")
+    http_port: int = Field(8000, ge=0, description="OpenAI-compatible HTTP port (0 = any).")
+    max_sessions_per_replica: int = Field(
+        8, gt=0, description="Admission control: concurrent sessions per verifier replica."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> SpecdecConfig:
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate target names in {names}")
+        return self
+
+    def target(self, name: str) -> TargetConfig:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SpecdecConfig:
+        with open(path) as f:
+            return cls.model_validate(yaml.safe_load(f))
+
+
+def default_config(**overrides) -> SpecdecConfig:
+    """The embedded demo: both demo targets and the demo drafters from `../shared/models`."""
+    root = models_dir()
+    targets = [
+        TargetConfig(name=name, model_dir=root / name, max_context=2048)
+        for name in ("codelm-target-m", "codelm-target-s")
+    ]
+    drafters = [DrafterConfig(name="codelm-draft", model_dir=root / "codelm-draft")]
+    sorted_dir = PROJECT_ROOT / "models" / "codelm-sorted"
+    if (sorted_dir / "config.json").is_file():
+        drafters.append(DrafterConfig(name="codelm-sorted", model_dir=sorted_dir, kind="sorted"))
+    return SpecdecConfig(targets=targets, drafters=drafters, **overrides)

@@ -1,0 +1,54 @@
+"""Domain errors, mapped to gRPC status codes and HTTP codes in one place.
+
+Raise these anywhere; only servicers and HTTP handlers turn them into statuses
+(`grpc_status()` / `http_status()`).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class SpecdecError(Exception):
+    """Base class; `code` is the gRPC status the boundary sets."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    http_status: int = 500
+    openai_type: str = "server_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidArgumentError(SpecdecError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+    openai_type = "invalid_request_error"
+
+
+class NotFoundError(SpecdecError):
+    code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+    openai_type = "invalid_request_error"
+
+
+class ResourceExhaustedError(SpecdecError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+    openai_type = "rate_limit_error"
+
+
+class UnavailableError(SpecdecError):
+    code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    openai_type = "server_error"
+
+
+class FailedPreconditionError(SpecdecError):
+    """A peer that cannot serve this session (tokenizer hash or protocol version mismatch)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 400
+    openai_type = "invalid_request_error"

@@ -1,0 +1,69 @@
+"""Per-request and per-step data (plain dataclasses, never pydantic in the loop)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+from shared.sampling import SamplingParams
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max_new_tokens or the target's context
+    ABORT = "abort"  # cancelled by the client or shut down
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int = 64
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    method: str = "none"
+    num_speculative_tokens: int | None = None  # None: the policy's default; fixed when given
+    request_id: str = ""
+
+
+@dataclass(slots=True)
+class SpecStats:
+    """Per-request speculation stats. τ = 1 + accepted / speculative rounds."""
+
+    num_rounds: int = 0  # all target forwards after prefill, k = 0 rounds included
+    num_spec_rounds: int = 0  # rounds with k > 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_per_pos: list[int] = field(default_factory=list)
+    target_time_s: float = 0.0  # prefill + verify forwards
+    draft_time_s: float = 0.0  # proposer calls
+    other_time_s: float = 0.0  # everything else in the loop (accept, detok, stop checks)
+    policy: dict[str, float] = field(default_factory=dict)  # what the policy chose (k, exits)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        if self.num_spec_rounds == 0:
+            return 1.0
+        return 1.0 + self.num_accepted_tokens / self.num_spec_rounds
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean_acceptance_length"] = self.mean_acceptance_length
+        return d
+
+
+@dataclass(slots=True)
+class GenerationChunk:
+    """Tokens accepted in one round, and the text they complete (may be empty)."""
+
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    text: str
+    stats: SpecStats
