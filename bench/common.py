@@ -1,0 +1,53 @@
+"""Helpers shared by benchmarks: prompt selection, output statistics, result files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from shared.paths import PROJECT_ROOT, data_dir
+
+RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+
+
+def humaneval_prompts_that_fit(tokenizer, num_prompts: int, max_new_tokens: int, max_total: int = 256) -> list[list[int]]:
+    """The first `num_prompts` HumanEval prompts whose prompt + generation fit in `max_total`."""
+    chosen = []
+    with gzip.open(data_dir() / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
+        for line in f:
+            ids = tokenizer(json.loads(line)["prompt"]).input_ids
+            if len(ids) + max_new_tokens <= max_total:
+                chosen.append(ids)
+            if len(chosen) == num_prompts:
+                break
+    return chosen
+
+
+def repetition_rate(token_ids: list[int], n: int = 4) -> float:
+    """Share of n-grams that repeat an earlier n-gram of the same output (0 = no loops)."""
+    grams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
+    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+def environment() -> dict:
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+
+
+def write_results(name: str, payload: dict, markdown: str) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = RESULTS_DIR / f"{name}-{stamp}"
+    base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    base.with_suffix(".md").write_text(markdown)
+    return base
