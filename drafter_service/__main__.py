@@ -1,0 +1,104 @@
+"""`python -m drafter_service [--config cfg.yaml] [--host H] [--port P] [--metrics-port M]`
+
+Runs the shared drafter pool as a grpc.aio server. Prints `LISTENING <port>` as soon as the
+port is bound (port 0 = any free port), reports NOT_SERVING on the health service until
+every drafter is loaded, and on SIGTERM stops taking new streams and drains open ones for
+`--grace` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+
+from shared.config import SpecdecConfig, default_config
+from shared.pb.specdec.v1 import drafter_pb2_grpc
+from shared.serving import HealthReporter, announce_port, configure_logging, stop_event
+
+logger = logging.getLogger("drafter_service")
+
+SERVICE_NAME = "specdec.v1.DrafterService"
+DEFAULT_PORT = 50061
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m drafter_service", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="SpecdecConfig YAML (default: the embedded demo config)")
+    p.add_argument("--host", help="bind address (default: the config's host)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port; 0 = any free port")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (off if unset; 0 = any)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds to drain streams on SIGTERM")
+    p.add_argument("--max-workers", type=int, default=8, help="executor threads for model forwards")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def serve(
+    config: SpecdecConfig,
+    host: str,
+    port: int,
+    *,
+    metrics_port: int | None = None,
+    grace: float = 10.0,
+    max_workers: int = 8,
+) -> None:
+    from drafter_service.pool import DrafterPool
+    from drafter_service.servicer import DrafterServicer
+
+    server = grpc.aio.server()
+    servicer = DrafterServicer(pool=None)
+    drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server)
+    health = HealthReporter(server, [SERVICE_NAME])
+    await health.set(False)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    announce_port(bound)
+    if metrics_port is not None:
+        from shared.metrics import start_metrics_server
+
+        logger.info("metrics on http://%s:%d/metrics", host, start_metrics_server(metrics_port, host))
+    stop = stop_event()
+
+    loop = asyncio.get_running_loop()
+    load = loop.run_in_executor(None, lambda: DrafterPool.load(config.drafters, max_workers=max_workers))
+    done, _ = await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if load in done:
+        servicer.pool = load.result()
+        await health.set(True)
+        logger.info(
+            "drafter pool serving on %s:%d: drafters %s, methods %s",
+            host, bound, servicer.pool.drafter_names, servicer.pool.methods,
+        )
+        await stop.wait()
+
+    logger.info("draining (grace %.1f s)", grace)
+    await health.set(False)
+    await server.stop(grace)
+    if servicer.pool is not None:
+        servicer.pool.shutdown()
+    logger.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    config = SpecdecConfig.from_yaml(args.config) if args.config else default_config()
+    if not config.drafters:
+        raise SystemExit("the config has no drafters")
+    asyncio.run(
+        serve(
+            config,
+            args.host or config.host,
+            args.port,
+            metrics_port=args.metrics_port,
+            grace=args.grace,
+            max_workers=args.max_workers,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""`DrafterService.Draft`: one bidirectional stream per generation session.
+
+    verifier -> drafter: Open, then Commit{epoch, accepted_length, token_ids, k} per round
+    drafter -> verifier: Opened, then Candidates{epoch, start_position, token_ids, ...}
+
+Commits and candidates cross in flight, so the stream has two halves: a reader task that
+applies every Commit to the session's context as soon as it arrives (cheap list edits),
+and the handler itself, which drafts for the *latest* commit only. A draft that finishes
+after a newer Commit arrived is stale and dropped (latest wins): the verifier has moved
+on and would drop it anyway. The session is freed when the stream ends for any reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from shared.errors import InvalidArgumentError, SpecdecError, UnavailableError
+from shared.pb.specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from shared.protocol import PROTOCOL_VERSION
+from shared.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from drafter_service.pool import DrafterPool, DraftSession
+    from shared.proposer import Draft
+
+logger = logging.getLogger(__name__)
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    params = SamplingParams(
+        temperature=float(msg.temperature),
+        top_p=float(msg.top_p) if msg.top_p > 0 else 1.0,  # unset / 0 = off
+        top_k=int(msg.top_k),
+        seed=int(msg.seed) if msg.HasField("seed") else None,
+    )
+    params.validate()
+    return params
+
+
+def num_accepted_since(
+    draft_start: int, draft_ids: list[int], context: list[int]
+) -> int:
+    """How many of the last draft's tokens the new context kept at their positions."""
+    n = 0
+    for i, tok in enumerate(draft_ids):
+        pos = draft_start + i
+        if pos >= len(context) or context[pos] != tok:
+            break
+        n += 1
+    return n
+
+
+def candidates_message(epoch: int, start_position: int, draft: Draft) -> drafter_pb2.DraftResponse:
+    cand = drafter_pb2.Candidates(
+        epoch=epoch, start_position=start_position, token_ids=draft.token_ids
+    )
+    if draft.draft_probs is not None:
+        q = draft.draft_probs.detach().float().cpu().numpy()  # [k, vocab_size]
+        assert q.ndim == 2 and q.shape[0] == len(draft.token_ids), q.shape
+        cand.draft_probs = np.ascontiguousarray(q, dtype="<f4").tobytes()
+        cand.vocab_size = q.shape[1]
+    exits = draft.info.get("exit_layers") if draft.info else None
+    if exits is not None:
+        cand.exit_layers.extend(int(e) for e in exits)
+    return drafter_pb2.DraftResponse(candidates=cand)
+
+
+@dataclass(slots=True)
+class _StreamState:
+    """What the reader half has applied; the drafting half reads it."""
+
+    context: list[int]  # the verifier's accepted context (prompt + emitted tokens)
+    epoch: int = 0  # latest Commit's epoch (0 = none yet)
+    k: int = 0  # latest Commit's num_speculative_tokens
+    params: dict[str, float] = field(default_factory=dict)
+    ended: bool = False  # the verifier half-closed the stream
+    error: BaseException | None = None  # a bad Commit: ends the stream with its status
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
+    """Serves Draft streams from a `DrafterPool` (None until the models are loaded)."""
+
+    def __init__(self, pool: DrafterPool | None = None) -> None:
+        self.pool = pool
+        self.num_stale_dropped = 0  # drafts dropped because a newer Commit arrived
+        self.num_candidates_sent = 0
+
+    async def Draft(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        # NOTE: read()/write() on the context, not the iterator/generator API, so that the
+        # reader task and the drafting loop can run at the same time on one stream.
+        session: DraftSession | None = None
+        reader: asyncio.Task | None = None
+        try:
+            try:
+                first = await context.read()
+                session, state = await self._open(first)
+            except SpecdecError as e:
+                await context.abort(e.code, e.message)
+                return
+            await context.write(
+                drafter_pb2.DraftResponse(
+                    opened=drafter_pb2.Opened(drafter=session.drafter, protocol_version=PROTOCOL_VERSION)
+                )
+            )
+            reader = asyncio.create_task(self._read_commits(context, state))
+            await self._draft_loop(context, session, state)
+            if state.error is not None:
+                err = state.error
+                code = err.code if isinstance(err, SpecdecError) else grpc.StatusCode.INTERNAL
+                await context.abort(code, str(err))
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if session is not None:
+                await self._close(session)
+
+    async def _open(self, first) -> tuple[DraftSession, _StreamState]:
+        if self.pool is None:
+            raise UnavailableError("drafter models are still loading")
+        if first is grpc.aio.EOF or first.WhichOneof("request") != "open":
+            raise InvalidArgumentError("the first message of a Draft stream must be Open", field="open")
+        op = first.open
+        sampling = sampling_from_proto(op.sampling)
+        prompt = list(op.token_ids)
+        session = await self.pool.run(
+            self.pool.open_session,
+            op.target,
+            op.tokenizer_hash,
+            op.protocol_version,
+            op.method,
+            op.drafter,
+            prompt,
+            sampling,
+        )
+        return session, _StreamState(context=prompt)
+
+    @staticmethod
+    async def _read_commits(context: grpc.aio.ServicerContext, state: _StreamState) -> None:
+        try:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    state.ended = True
+                    return
+                if msg.WhichOneof("request") != "commit":
+                    raise InvalidArgumentError("only Commit may follow Open", field="commit")
+                c = msg.commit
+                if c.epoch <= state.epoch:
+                    raise InvalidArgumentError(
+                        f"commit epoch {c.epoch} does not increase (last {state.epoch})", field="epoch"
+                    )
+                if not 0 <= c.accepted_length <= len(state.context):
+                    raise InvalidArgumentError(
+                        f"accepted_length {c.accepted_length} outside [0, {len(state.context)}]",
+                        field="accepted_length",
+                    )
+                del state.context[c.accepted_length :]
+                state.context.extend(c.token_ids)
+                state.epoch = c.epoch
+                state.k = c.num_speculative_tokens
+                state.params = dict(c.params)
+                state.wake.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - bad input or a broken stream ends it
+            state.error = e
+        finally:
+            state.ended = True
+            state.wake.set()
+
+    async def _draft_loop(
+        self, context: grpc.aio.ServicerContext, session: DraftSession, state: _StreamState
+    ) -> None:
+        pool = self.pool
+        served_epoch = 0
+        last_start, last_draft_ids = 0, []  # the last draft sent, for update(num_accepted)
+        while True:
+            if state.epoch == served_epoch and not state.ended:
+                await self._wait_commit(state)
+            if state.ended:
+                return
+            epoch, k = state.epoch, state.k
+            served_epoch = epoch
+            if k <= 0:
+                continue
+            snapshot = list(state.context)  # the reader may edit the live list meanwhile
+            num_accepted = (
+                num_accepted_since(last_start, last_draft_ids, snapshot) if last_draft_ids else None
+            )
+            draft = await pool.run(_update_and_propose, session, snapshot, k, num_accepted)
+            if state.epoch != epoch:
+                self.num_stale_dropped += 1
+                continue
+            if len(draft.token_ids) > k:
+                draft.token_ids = draft.token_ids[:k]
+                if draft.draft_probs is not None:
+                    draft.draft_probs = draft.draft_probs[:k]
+            last_start, last_draft_ids = len(snapshot), list(draft.token_ids)
+            await context.write(candidates_message(epoch, len(snapshot), draft))
+            self.num_candidates_sent += 1
+
+    @staticmethod
+    async def _wait_commit(state: _StreamState) -> None:
+        # A poll-free wait: the reader sets `wake` after each commit and at the end.
+        state.wake.clear()
+        await state.wake.wait()
+
+    async def _close(self, session: DraftSession) -> None:
+        # NOTE: shielded so that a cancelled stream still waits for its last propose to
+        # finish (DraftSession's lock) and frees the session before the handler returns.
+        fut = asyncio.ensure_future(self.pool.run(session.close))
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await fut
+            raise
+        except Exception:  # noqa: BLE001
+            logger.exception("closing a draft session failed")
+
+
+def _update_and_propose(
+    session: DraftSession, context_ids: list[int], k: int, num_accepted: int | None
+) -> Draft:
+    if num_accepted is not None:
+        session.update(num_accepted)
+    return session.propose(context_ids, k)

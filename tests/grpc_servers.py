@@ -1,0 +1,103 @@
+"""In-process grpc.aio servers on 127.0.0.1 for service tests (real servicers, real models)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.paths import PROJECT_ROOT
+from shared.pb.specdec.v1 import drafter_pb2_grpc, verifier_pb2_grpc
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    servicer: object
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+
+
+async def start_drafter_server(pool, port: int = 0) -> RunningServer:
+    from drafter_service.servicer import DrafterServicer
+
+    servicer = DrafterServicer(pool)
+    server = grpc.aio.server()
+    drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return RunningServer(server, bound, servicer)
+
+
+async def start_verifier_server(servicer, port: int = 0) -> RunningServer:
+    server = grpc.aio.server()
+    verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return RunningServer(server, bound, servicer)
+
+
+async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+def spawn_service(module: str, *args: str) -> tuple[subprocess.Popen, int]:
+    """`python -m module --port 0 ...`; returns the process and the port it announced."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--port", "0", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("LISTENING "):
+        proc.kill()
+        raise RuntimeError(f"{module} did not announce a port: {line!r} {proc.stderr.read()[-2000:]}")
+    return proc, int(line.split()[1])
+
+
+def health_status(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+
+
+def wait_serving(address: str, timeout: float = 60.0) -> list[int]:
+    """Poll health until SERVING; returns every status seen (NOT_SERVING first, usually)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = health_status(address)
+        except grpc.RpcError:
+            time.sleep(0.05)
+            continue
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return seen
+        time.sleep(0.05)
+    raise TimeoutError(f"{address} not SERVING after {timeout} s (seen {seen})")

@@ -1,0 +1,377 @@
+"""The verifier's side of `DrafterService.Draft`: a `Proposer` backed by the remote pool.
+
+The loop calls `propose(context_ids, k)` synchronously from its executor thread, so the
+client is synchronous too: one sync gRPC stream per session, requests fed from a queue
+(gRPC's own thread consumes the iterator) and responses drained by a reader thread into
+another queue. Per round:
+
+    Commit{epoch + 1, accepted_length = common prefix with what the drafter has,
+           token_ids = the new tail, num_speculative_tokens = k}  -> wait for that epoch's
+    Candidates at most `timeout_s`; older epochs are stale (a round that timed out) and dropped.
+
+Failures never fail the request (DESIGN: slower, never wrong): a timeout, an error or a
+drafter that is down makes `propose` return an empty draft (k = 0 for that round). A broken
+stream (or `max_consecutive_timeouts` timeouts in a row, e.g. a hung drafter) is dropped
+and the proposer is *degraded*: it reopens a new stream, with the whole current context as
+the prompt, at most every `retry_interval_s`, so speculation resumes once the drafter is
+back. Rejections that retrying cannot fix (FAILED_PRECONDITION: tokenizer or protocol
+mismatch; NOT_FOUND / INVALID_ARGUMENT: method or drafter not served) stop retrying.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+import torch
+
+from shared.pb.specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from shared.protocol import PROTOCOL_VERSION
+from shared.proposer import Draft
+
+if TYPE_CHECKING:
+    from shared.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Statuses that another attempt cannot fix: the drafter does not serve this session.
+PERMANENT_CODES = frozenset(
+    {
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+# NOTE: gRPC's default reconnect backoff grows to 120 s; a restarted drafter must be
+# reachable again within about one retry interval.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
+def make_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def sampling_to_proto(sampling: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
+    )
+    if sampling.seed is not None:
+        msg.seed = sampling.seed
+    return msg
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix (fast path: `b` extends `a`)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def decode_draft_probs(
+    data: bytes, num_tokens: int, vocab_size: int
+) -> torch.Tensor:  # [num_tokens, vocab_size], float32
+    """Candidates.draft_probs (little-endian float32, row-major) as a tensor."""
+    q = np.frombuffer(data, dtype="<f4")
+    if vocab_size <= 0 or q.size != num_tokens * vocab_size:
+        raise ValueError(f"draft_probs has {q.size} floats, expected {num_tokens} x {vocab_size}")
+    return torch.from_numpy(q.reshape(num_tokens, vocab_size).astype(np.float32, copy=True))
+
+
+class StreamBroken(Exception):
+    """The Draft stream ended (drafter down, rejected the session, or sent an error)."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(f"{code.name if code else 'CLOSED'}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(slots=True)
+class _End:
+    error: StreamBroken
+
+
+class _DraftStream:
+    """One Draft call: a request queue in, a response queue out (reader thread)."""
+
+    def __init__(self, stub: drafter_pb2_grpc.DrafterServiceStub, open_msg: drafter_pb2.Open) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.responses: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests.put(drafter_pb2.DraftRequest(open=open_msg))
+        self._call = stub.Draft(self._request_iter(), wait_for_ready=False)
+        self._reader = threading.Thread(target=self._read, name="draft-stream-reader", daemon=True)
+        self._reader.start()
+
+    def _request_iter(self):
+        while True:
+            msg = self._requests.get()
+            if msg is None:
+                return  # half-close
+            yield msg
+
+    def _read(self) -> None:
+        try:
+            for resp in self._call:
+                self.responses.put(resp)
+            self.responses.put(_End(StreamBroken(None, "the drafter ended the stream")))
+        except grpc.RpcError as e:
+            self.responses.put(_End(StreamBroken(e.code(), e.details() or "")))
+        except Exception as e:  # noqa: BLE001 - never let the reader die silently
+            self.responses.put(_End(StreamBroken(grpc.StatusCode.INTERNAL, repr(e))))
+
+    def send(self, msg: drafter_pb2.DraftRequest) -> None:
+        self._requests.put(msg)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+
+
+class RemoteProposerFactory:
+    """Sessions of one method on one drafter pool (shares the channel between sessions)."""
+
+    def __init__(
+        self,
+        address: str,
+        target: str,
+        tokenizer_hash: str,
+        method: str,
+        *,
+        drafter: str = "",
+        timeout_s: float = 0.05,
+        retry_interval_s: float = 1.0,
+        max_consecutive_timeouts: int = 3,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.address = address
+        self.target = target
+        self.tokenizer_hash = tokenizer_hash
+        self.method = method
+        self.drafter = drafter
+        self.timeout_s = timeout_s
+        self.retry_interval_s = retry_interval_s
+        self.max_consecutive_timeouts = max_consecutive_timeouts
+        self._owns_channel = channel is None
+        self.channel = channel if channel is not None else make_channel(address)
+        self.stub = drafter_pb2_grpc.DrafterServiceStub(self.channel)
+        # The last rejection no retry can fix (None: the pool serves this method).
+        self.rejected: StreamBroken | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.rejected is None
+
+    def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> RemoteProposer:
+        return RemoteProposer(self, prompt_ids, sampling)
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self.channel.close()
+
+
+class RemoteProposer:
+    """One session's Draft stream; a `Proposer` that degrades to empty drafts on failure."""
+
+    def __init__(
+        self, factory: RemoteProposerFactory, prompt_ids: Sequence[int], sampling: SamplingParams
+    ) -> None:
+        self.factory = factory
+        self.sampling = sampling
+        self.timeout_s = factory.timeout_s
+        self._stream: _DraftStream | None = None
+        self._epoch = 0
+        self._drafter_context: list[int] = []  # what the drafter's session holds
+        self._retry_at = 0.0
+        self._permanent = False
+        self._consecutive_timeouts = 0
+        self._closed = False
+        self.degraded = False
+        self.drafter_name = ""
+        # Counters (per session; tests and logs).
+        self.num_proposals = 0
+        self.num_timeouts = 0
+        self.num_stale_dropped = 0
+        self.num_failures = 0
+        self.num_reopens = 0
+        self._open(list(prompt_ids))
+
+    # ---------------------------------------------------------------- stream lifecycle
+
+    def _open(self, context: list[int]) -> None:
+        # NOTE: Open is sent at session start, without waiting for Opened: the drafter sets
+        # up its session while the target prefills, and the first Candidates confirm it.
+        f = self.factory
+        open_msg = drafter_pb2.Open(
+            protocol_version=PROTOCOL_VERSION,
+            target=f.target,
+            tokenizer_hash=f.tokenizer_hash,
+            token_ids=context,
+            method=f.method,
+            sampling=sampling_to_proto(self.sampling),
+            drafter=f.drafter,
+        )
+        try:
+            self._stream = _DraftStream(f.stub, open_msg)
+        except Exception as e:  # noqa: BLE001 - e.g. the channel was closed
+            self._fail(StreamBroken(grpc.StatusCode.UNAVAILABLE, repr(e)))
+            return
+        self._drafter_context = context
+        self._epoch = 0
+
+    def _fail(self, err: StreamBroken) -> None:
+        """Drop the stream; retry later unless the drafter refused this session for good."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self.num_failures += 1
+        if not self.degraded:
+            logger.warning(
+                "drafter %s (%s) failed for target %s: %s; decoding with k = 0 until it is back",
+                self.factory.address, self.factory.method, self.factory.target, err,
+            )
+        self.degraded = True
+        if err.code in PERMANENT_CODES:
+            self._permanent = True
+            self.factory.rejected = err
+        else:
+            self._retry_at = time.monotonic() + self.factory.retry_interval_s
+
+    # ---------------------------------------------------------------- Proposer
+
+    def propose(self, context_ids: Sequence[int], k: int) -> Draft:
+        if k <= 0 or self._closed:
+            return Draft(token_ids=[])
+        context = context_ids if isinstance(context_ids, list) else list(context_ids)
+        if self._stream is None:
+            if self._permanent or time.monotonic() < self._retry_at:
+                return Draft(token_ids=[])
+            self.num_reopens += 1
+            self._open(list(context))
+            if self._stream is None:
+                return Draft(token_ids=[])
+        stream = self._stream
+
+        keep = common_prefix_len(self._drafter_context, context)
+        self._epoch += 1
+        epoch = self._epoch
+        deadline = time.monotonic() + self.timeout_s
+        stream.send(
+            drafter_pb2.DraftRequest(
+                commit=drafter_pb2.Commit(
+                    epoch=epoch,
+                    accepted_length=keep,
+                    token_ids=context[keep:],
+                    num_speculative_tokens=k,
+                )
+            )
+        )
+        del self._drafter_context[keep:]
+        self._drafter_context.extend(context[keep:])
+        self.num_proposals += 1
+
+        try:
+            cand = self._wait(stream, epoch, deadline)
+        except StreamBroken as err:
+            self._fail(err)
+            return Draft(token_ids=[])
+        if cand is None:
+            self.num_timeouts += 1
+            self._consecutive_timeouts += 1
+            if self._consecutive_timeouts >= self.factory.max_consecutive_timeouts:
+                self._consecutive_timeouts = 0
+                self._fail(StreamBroken(grpc.StatusCode.DEADLINE_EXCEEDED, "drafter too slow"))
+            return Draft(token_ids=[])
+        self._consecutive_timeouts = 0
+        if self.degraded:
+            logger.info("drafter %s is back for target %s", self.factory.address, self.factory.target)
+            self.degraded = False
+        return self._decode(cand, len(context), k)
+
+    def _wait(
+        self, stream: _DraftStream, epoch: int, deadline: float
+    ) -> drafter_pb2.Candidates | None:
+        """The Candidates of `epoch`, or None at the deadline; raises StreamBroken."""
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining > 0:
+                    resp = stream.responses.get(timeout=remaining)
+                else:
+                    resp = stream.responses.get_nowait()  # what already arrived still counts
+            except queue.Empty:
+                return None
+            if isinstance(resp, _End):
+                raise resp.error
+            kind = resp.WhichOneof("response")
+            if kind == "candidates":
+                cand = resp.candidates
+                if cand.epoch == epoch:
+                    return cand
+                if cand.epoch < epoch:
+                    self.num_stale_dropped += 1
+                    continue
+                raise StreamBroken(grpc.StatusCode.INTERNAL, f"candidates for future epoch {cand.epoch}")
+            if kind == "opened":
+                self.drafter_name = resp.opened.drafter
+                continue
+            if kind == "error":
+                raise StreamBroken(status_from_int(resp.error.code), resp.error.message)
+
+    def _decode(self, cand: drafter_pb2.Candidates, context_len: int, k: int) -> Draft:
+        if cand.start_position != context_len:
+            logger.warning("candidates start at %d, context has %d tokens: dropped", cand.start_position, context_len)
+            return Draft(token_ids=[])
+        token_ids = list(cand.token_ids)
+        draft_probs = None
+        if cand.draft_probs:
+            try:
+                draft_probs = decode_draft_probs(cand.draft_probs, len(token_ids), cand.vocab_size)
+            except ValueError as e:
+                logger.warning("malformed candidates dropped: %s", e)
+                return Draft(token_ids=[])
+        info: dict[str, float] = {}
+        if cand.exit_layers:
+            info["mean_exit_layer"] = float(sum(cand.exit_layers)) / len(cand.exit_layers)
+        if len(token_ids) > k:
+            token_ids = token_ids[:k]
+            draft_probs = draft_probs[:k] if draft_probs is not None else None
+        return Draft(token_ids=token_ids, draft_probs=draft_probs, info=info)
+
+    def update(self, num_accepted: int) -> None:
+        pass  # the next Commit carries the accepted context itself
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+def status_from_int(code: int) -> grpc.StatusCode:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.UNKNOWN
