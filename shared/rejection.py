@@ -59,8 +59,10 @@ def rejection_sample(
     p = target_probs[positions, draft_ids]  # [k]
     q = draft_probs[positions, draft_ids] if draft_probs is not None else torch.ones_like(p)
     u = torch.rand(k, generator=generator, device=target_probs.device)
-    # accept x with probability min(1, p/q)  <=>  u * q <= p  (no division by q)
-    accepted = (u * q <= p).tolist()  # host sync
+    # accept x with probability min(1, p/q)  <=>  u * q < p  (no division by q).
+    # NOTE: strict, because u is in [0, 1) and can be exactly 0: with <= a token the target
+    # gives p(x) = 0 (cut by top-k/top-p) would be accepted whenever u == 0.
+    accepted = (u * q < p).tolist()  # host sync
     num_accepted = accepted.index(False) if False in accepted else k
 
     if num_accepted == k:
