@@ -146,7 +146,7 @@ class SpecDecodeLoop:
                     for pos in range(num_accepted):
                         per_pos[pos] += 1
                     proposer.update(num_accepted)
-                policy.update(num_draft, num_accepted, time.perf_counter() - t_draft)
+                policy.update(num_draft, num_accepted, t_verify - t_draft, t_accept - t_verify)
                 stats.other_time_s += time.perf_counter() - t_accept
         finally:
             if proposer is not None:

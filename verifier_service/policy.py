@@ -1,17 +1,20 @@
 """How many draft tokens to ask for each round (the verifier owns k; k = 0 allowed).
 
 `AdaptiveKPolicy` starts from Hugging Face assisted generation's ±2/−1 rule (all drafts
-accepted → k += 2, else k −= 1, within [1, max]) and adds a cost guard that turns
-speculation off (k = 0) when it does not pay:
+accepted → k += 2, else k −= 1) for its first rounds, then picks the k that maximises
+expected tokens per second under a cost model fitted online from the loop's own timings:
 
-    spec_rate  = EMA(tokens emitted per speculative round) / EMA(speculative round time)
-    plain_rate = 1 / EMA(time of a k = 0 round)
+    tokens(k) = 1 + α₁ + α₁α₂ + … + α₁⋯α_k     (α_j: decayed acceptance rate of position j
+                                               given j − 1 accepted; acceptance is bursty, so
+                                               α_j grows with j and one α would undersell k)
+    time(k)   = verify(k) + draft(k)
+    verify(k) = v0 · (1 + β·k)                 (v0: a k = 0 step; β: extra cost per verified token)
+    draft(k)  = d · k                          (d: EMA of drafting seconds per draft token)
 
-If spec_rate < plain_rate the policy runs k = 0 for a cool-down (doubling on each repeat
-failure, reset on success), then probes again. A k = 0 round is also run every
-`probe_every` speculative rounds so plain_rate stays measured on the same machine load.
-Round times are wall-clock seconds the loop measured (draft + verify), so the guard
-sees the real cost on whatever hardware it runs on.
+k = 0 (plain decoding, tokens/time = 1/v0) wins whenever speculation does not pay, so
+speculation turns itself off. While off, it probes k = 1 every `probe_every` rounds so it
+notices when the drafts get better; while on, it runs one k = 0 round every `probe_every`
+rounds to keep v0 measured under the current machine load.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class _Ema:
-    alpha: float = 0.2
+    alpha: float = 0.15
     value: float | None = None
 
     def add(self, x: float) -> None:
         self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+
+    def get(self, default: float) -> float:
+        return default if self.value is None else self.value
 
 
 class FixedKPolicy:
@@ -37,7 +43,7 @@ class FixedKPolicy:
     def next_k(self) -> int:
         return self.k
 
-    def update(self, k: int, num_accepted: int, round_time_s: float) -> None:
+    def update(self, k: int, num_accepted: int, draft_time_s: float, verify_time_s: float) -> None:
         pass
 
     def summary(self) -> dict[str, float]:
@@ -45,63 +51,94 @@ class FixedKPolicy:
 
 
 class AdaptiveKPolicy:
-    def __init__(
-        self,
-        initial_k: int,
-        max_k: int,
-        probe_every: int = 32,
-        min_cooldown: int = 8,
-        max_cooldown: int = 256,
-    ) -> None:
-        self.k = max(1, min(initial_k, max_k)) if max_k > 0 else 0
+    WARMUP_ROUNDS = 4
+    PRIOR_ACCEPTANCE = 0.6
+    PRIOR_VERIFY_SLOPE = 0.08
+    PRIOR_WEIGHT = 1.0
+    DECAY = 0.95
+    MIN_EVIDENCE = 2.0  # decayed tries before a position's own rate is trusted
+
+    def __init__(self, initial_k: int, max_k: int, probe_every: int = 16) -> None:
         self.max_k = max_k
+        self.k = max(1, min(initial_k, max_k)) if max_k > 0 else 0
         self.probe_every = probe_every
-        self.min_cooldown = min_cooldown
-        self.max_cooldown = max_cooldown
-        self._cooldown = min_cooldown
-        self._off_rounds_left = 0
-        self._spec_rounds_since_probe = 0
-        self._spec_tokens = _Ema()
-        self._spec_time = _Ema()
-        self._plain_time = _Ema()
-        self._num_spec_samples = 0
+        self._num_spec_rounds = 0
+        self._rounds_since_probe = 0
+        # decayed counts per draft position j (index j - 1): tried = reached, accepted = passed
+        self._tried = [self.PRIOR_WEIGHT] * max_k
+        self._accepted = [self.PRIOR_WEIGHT * self.PRIOR_ACCEPTANCE] * max_k
+        self._plain_step = _Ema()  # v0
+        self._verify_slope = _Ema()  # β
+        self._draft_per_token = _Ema()  # d
         self.num_off_rounds = 0
+
+    # ------------------------------------------------------------------ model
+
+    def acceptance(self, position: int) -> float:
+        """α_j for draft position j = position + 1 (positions never reached: the deepest seen)."""
+        j = min(position, self.max_k - 1)
+        while j > 0 and self._tried[j] < self.MIN_EVIDENCE:
+            j -= 1  # too little evidence here: extrapolate from the deepest position tried
+        return min(0.99, self._accepted[j] / self._tried[j])
+
+    def expected_rate(self, k: int) -> float:
+        """Expected tokens per second with k drafts per round (relative units before v0 is known)."""
+        tokens, reach = 1.0, 1.0
+        for j in range(k):
+            reach *= self.acceptance(j)
+            tokens += reach
+        v0 = self._plain_step.get(1.0)
+        time = v0 * (1 + self._verify_slope.get(self.PRIOR_VERIFY_SLOPE) * k)
+        time += self._draft_per_token.get(0.0) * k
+        return tokens / time
+
+    def _best_k(self) -> int:
+        return max(range(self.max_k + 1), key=self.expected_rate)
+
+    # ------------------------------------------------------------------ policy
 
     def next_k(self) -> int:
         if self.max_k == 0:
             return 0
-        if self._off_rounds_left > 0:
-            return 0
-        if self._plain_time.value is None or self._spec_rounds_since_probe >= self.probe_every:
-            return 0  # measure plain decoding (one ordinary step, never wasted)
+        self._rounds_since_probe += 1
+        if self._plain_step.value is None or (self.k > 0 and self._rounds_since_probe > self.probe_every):
+            return 0  # measure v0 (an ordinary step, never wasted)
+        if self.k == 0 and self._rounds_since_probe > self.probe_every:
+            return 1  # speculation is off: probe whether it pays again
         return self.k
 
-    def update(self, k: int, num_accepted: int, round_time_s: float) -> None:
+    def update(self, k: int, num_accepted: int, draft_time_s: float, verify_time_s: float) -> None:
         if k == 0:
-            self._plain_time.add(round_time_s)
-            self._spec_rounds_since_probe = 0
-            if self._off_rounds_left > 0:
-                self._off_rounds_left -= 1
+            self._plain_step.add(verify_time_s)
+            if self.k == 0:
                 self.num_off_rounds += 1
+            else:
+                self._rounds_since_probe = 0
             return
-        self._spec_rounds_since_probe += 1
-        self._spec_tokens.add(num_accepted + 1)
-        self._spec_time.add(round_time_s)
-        self._num_spec_samples += 1
-        # ±2/−1 rule (HF assisted generation's heuristic), floor 1 while speculating.
-        self.k = min(self.max_k, self.k + 2) if num_accepted == k else max(1, self.k - 1)
-        if self._plain_time.value is None or self._num_spec_samples < 4:
-            return  # too few samples to judge
-        spec_rate = self._spec_tokens.value / self._spec_time.value
-        plain_rate = 1.0 / self._plain_time.value
-        if spec_rate < plain_rate:
-            self._off_rounds_left = self._cooldown
-            self._cooldown = min(self.max_cooldown, self._cooldown * 2)
-            # restart the estimate after the cool-down instead of inheriting a stale bad one
-            self._spec_tokens, self._spec_time = _Ema(), _Ema()
-            self._num_spec_samples = 0
+        if self.k == 0:
+            self._rounds_since_probe = 0  # a probe round
+        self._num_spec_rounds += 1
+        for j in range(self.max_k):
+            self._tried[j] *= self.DECAY
+            self._accepted[j] *= self.DECAY
+        for j in range(min(k, num_accepted + 1)):
+            self._tried[j] += 1.0
+        for j in range(num_accepted):
+            self._accepted[j] += 1.0
+        self._draft_per_token.add(draft_time_s / k)
+        v0 = self._plain_step.value
+        if v0:
+            self._verify_slope.add(max(0.0, (verify_time_s / v0 - 1.0) / k))
+        if self._num_spec_rounds <= self.WARMUP_ROUNDS:
+            # ±2/−1 rule (HF assisted generation's heuristic) until the model has data.
+            self.k = min(self.max_k, k + 2) if num_accepted == k else max(1, k - 1)
         else:
-            self._cooldown = self.min_cooldown
+            self.k = self._best_k()
 
     def summary(self) -> dict[str, float]:
-        return {"k": float(self.k), "adaptive": 1.0, "num_off_rounds": float(self.num_off_rounds)}
+        return {
+            "k": float(self.k),
+            "adaptive": 1.0,
+            "acceptance_pos1": self.acceptance(0) if self.max_k else 0.0,
+            "num_off_rounds": float(self.num_off_rounds),
+        }
