@@ -100,6 +100,14 @@ class DraftSession:
             if not self._closed:
                 self.proposer.update(num_accepted)
 
+    def set_params(self, params: dict[str, float]) -> None:
+        """Per-session parameters from the verifier's policy (Commit.params), for proposers
+        that take them (`set_params`, e.g. sorted exit thresholds); ignored otherwise."""
+        with self._lock:
+            set_params = getattr(self.proposer, "set_params", None)
+            if not self._closed and set_params is not None:
+                set_params(params)
+
     def close(self) -> None:
         """Free the proposer's state; idempotent."""
         with self._lock:

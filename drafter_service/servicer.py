@@ -165,7 +165,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 state.context.extend(c.token_ids)
                 state.epoch = c.epoch
                 state.k = c.num_speculative_tokens
-                state.params = dict(c.params)
+                if c.params:  # sticky: a Commit carries only the parameters that change
+                    state.params = {**state.params, **c.params}
                 state.wake.set()
         except asyncio.CancelledError:
             raise
@@ -181,6 +182,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         pool = self.pool
         served_epoch = 0
         last_start, last_draft_ids = 0, []  # the last draft sent, for update(num_accepted)
+        applied_params: dict[str, float] = {}
         while True:
             if state.epoch == served_epoch and not state.ended:
                 await self._wait_commit(state)
@@ -194,7 +196,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             num_accepted = (
                 num_accepted_since(last_start, last_draft_ids, snapshot) if last_draft_ids else None
             )
-            draft = await pool.run(_update_and_propose, session, snapshot, k, num_accepted)
+            params = None
+            if state.params != applied_params:
+                params = applied_params = state.params
+            draft = await pool.run(_update_and_propose, session, snapshot, k, num_accepted, params)
             if state.epoch != epoch:
                 self.num_stale_dropped += 1
                 continue
@@ -226,8 +231,15 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
 
 
 def _update_and_propose(
-    session: DraftSession, context_ids: list[int], k: int, num_accepted: int | None
+    session: DraftSession,
+    context_ids: list[int],
+    k: int,
+    num_accepted: int | None,
+    params: dict[str, float] | None,
 ) -> Draft:
+    """One executor call per round: feedback, new parameters (if changed), then the draft."""
     if num_accepted is not None:
         session.update(num_accepted)
+    if params is not None:
+        session.set_params(params)
     return session.propose(context_ids, k)

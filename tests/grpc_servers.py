@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -61,21 +62,26 @@ async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> b
 # ---------------------------------------------------------------- subprocesses
 
 
-def spawn_service(module: str, *args: str) -> tuple[subprocess.Popen, int]:
-    """`python -m module --port 0 ...`; returns the process and the port it announced."""
+def spawn_service(module: str, *args: str, port: int = 0) -> tuple[subprocess.Popen, int]:
+    """`python -m module --port PORT ...`; returns the process and the port it announced."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # NOTE: stderr goes to a file, not a pipe nobody drains (a full pipe would block the service).
+    log = tempfile.NamedTemporaryFile(prefix=f"{module}-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--port", "0", *args],
+        [sys.executable, "-m", module, "--port", str(port), *args],
         cwd=PROJECT_ROOT,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=log,
         text=True,
     )
+    proc.log_path = log.name
     line = proc.stdout.readline()
     if not line.startswith("LISTENING "):
         proc.kill()
-        raise RuntimeError(f"{module} did not announce a port: {line!r} {proc.stderr.read()[-2000:]}")
+        proc.wait()
+        with open(log.name) as f:
+            raise RuntimeError(f"{module} did not announce a port: {line!r}\n{f.read()[-2000:]}")
     return proc, int(line.split()[1])
 
 

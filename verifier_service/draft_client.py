@@ -303,6 +303,7 @@ class RemoteProposer:
                 self._fail(StreamBroken(grpc.StatusCode.DEADLINE_EXCEEDED, "drafter too slow"))
             return Draft(token_ids=[])
         self._consecutive_timeouts = 0
+        self.factory.rejected = None  # the pool serves this method (again)
         if self.degraded:
             logger.info("drafter %s is back for target %s", self.factory.address, self.factory.target)
             self.degraded = False

@@ -1,0 +1,112 @@
+"""`python -m verifier_service --target NAME [--config cfg.yaml] [--drafter HOST:PORT]
+[--host H] [--port P] [--metrics-port M] [--max-sessions N]`
+
+Runs one target's verifier replica as a grpc.aio server. Prints `LISTENING <port>` as soon
+as the port is bound (port 0 = any free port), reports NOT_SERVING on the health service
+until the target is loaded, and on SIGTERM stops taking requests and lets in-flight ones
+finish for `--grace` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+
+from shared.config import SpecdecConfig, default_config
+from shared.pb.specdec.v1 import verifier_pb2_grpc
+from shared.serving import HealthReporter, announce_port, configure_logging, stop_event
+
+logger = logging.getLogger("verifier_service")
+
+SERVICE_NAME = "specdec.v1.VerifierService"
+DEFAULT_PORT = 50071
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m verifier_service", description=__doc__.splitlines()[0])
+    p.add_argument("--target", required=True, help="target name from the config")
+    p.add_argument("--config", help="SpecdecConfig YAML (default: the embedded demo config)")
+    p.add_argument("--drafter", help="drafter pool address HOST:PORT (model-based methods)")
+    p.add_argument("--host", help="bind address (default: the config's host)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port; 0 = any free port")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (off if unset; 0 = any)")
+    p.add_argument("--max-sessions", type=int, help="default: the config's max_sessions_per_replica")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain requests on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def serve(
+    config: SpecdecConfig,
+    target: str,
+    host: str,
+    port: int,
+    *,
+    drafter: str | None = None,
+    metrics_port: int | None = None,
+    max_sessions: int | None = None,
+    grace: float = 30.0,
+) -> None:
+    from verifier_service.servicer import VerifierServicer
+
+    servicer = VerifierServicer(config, target, drafter_address=drafter, max_sessions=max_sessions)
+    server = grpc.aio.server()
+    verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
+    health = HealthReporter(server, [SERVICE_NAME])
+    await health.set(False)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    announce_port(bound)
+    if metrics_port is not None:
+        from shared.metrics import start_metrics_server
+
+        logger.info("metrics on http://%s:%d/metrics", host, start_metrics_server(metrics_port, host))
+    stop = stop_event()
+
+    load = asyncio.get_running_loop().run_in_executor(None, servicer.load)
+    done, _ = await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if load in done:
+        load.result()
+        await health.set(True)
+        logger.info(
+            "verifier of %r serving on %s:%d (methods %s, drafter %s, max sessions %d)",
+            target, host, bound, servicer.methods, drafter or "none", servicer.max_sessions,
+        )
+        await stop.wait()
+
+    logger.info("draining %d in-flight requests (grace %.1f s)", servicer.active_sessions, grace)
+    await health.set(False)
+    await server.stop(grace)
+    servicer.close()
+    logger.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    config = SpecdecConfig.from_yaml(args.config) if args.config else default_config()
+    try:
+        config.target(args.target)
+    except KeyError:
+        raise SystemExit(
+            f"target {args.target!r} is not in the config ({[t.name for t in config.targets]})"
+        ) from None
+    asyncio.run(
+        serve(
+            config,
+            args.target,
+            args.host or config.host,
+            args.port,
+            drafter=args.drafter,
+            metrics_port=args.metrics_port,
+            max_sessions=args.max_sessions,
+            grace=args.grace,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
