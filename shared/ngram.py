@@ -42,7 +42,9 @@ def find_ngram_draft(
       - n=3: suffix [4, 2, 3] occurs nowhere else.
       - n=2: suffix [2, 3] occurs at positions 2..3 and 6..7; the most recent is 6..7,
         followed by [4, 2, 3] -> the draft is [4, 2, 3].
-    If k were 5 the draft would still be [4, 2, 3]: it stops at the end of the context.
+    If k were 5 the draft would be [4, 2, 3, 4, 2]: a continuation that runs into the end
+    of the context repeats with the match's period (here 3), which is what a loop does next;
+    greedy decoding of small models loops often, and this drafts whole loop turns.
 
     Implementation: one boolean mask per n, `ok[e]` = "the n tokens ending at position e
     equal the suffix"; mask n+1 is mask n shifted by one AND one more column compare, so
@@ -70,7 +72,10 @@ def find_ngram_draft(
         return []
     # Most recent occurrence = the last True; its end position is index + (best_n - 1).
     end = best_ok.shape[0] - 1 - int(best_ok[::-1].argmax()) + best_n - 1
-    return context_ids[end + 1 : end + 1 + k].tolist()
+    continuation = context_ids[end + 1 : end + 1 + k]
+    if continuation.shape[0] < k:  # reached the end: period = last - end = len(continuation)
+        continuation = np.resize(continuation, k)  # tiles it
+    return continuation.tolist()
 
 
 class NgramProposer:
