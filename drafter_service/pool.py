@@ -2,8 +2,10 @@
 
 One pool per drafter process. It checks an Open against what it serves (protocol version,
 tokenizer hash, method, drafter name), makes per-session proposers, counts open sessions
-(`specdec:num_active_sessions{service="drafter"}`) and owns the executor every model
-forward runs in, so the servicer's event loop never blocks on torch.
+(`specdec:num_active_sessions{service="drafter"}`) and runs every model forward off the
+event loop under `torch.inference_mode()`: in its executor, one session per call, or, for
+a drafter whose factory has `propose_batch` (sorted), in that drafter's batcher thread,
+which drafts the rounds of every session waiting at that moment in one call.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -74,62 +77,214 @@ class _Drafter:
     tokenizer_hash: str
 
 
+@dataclass(slots=True)
+class ProposeCall:
+    """One round's work for one session (what a Commit asked for)."""
+
+    session: DraftSession
+    context_ids: list[int]  # [num_tokens] the verifier's accepted context
+    k: int
+    num_accepted: int | None = None  # how much of the last draft survived (feedback)
+    params: dict[str, float] | None = None  # changed Commit.params, None if unchanged
+
+
+@dataclass(slots=True)
+class DraftResult:
+    draft: Draft
+    exit_layers: list[int] = field(default_factory=list)  # per draft token (sorted drafters)
+
+
 class DraftSession:
     """One open session, itself a `Proposer`: the drafter's proposer behind a lock so
     propose and close never overlap (a cancelled stream may close while its last propose
-    still runs in an executor thread). Every method blocks: call them in the executor."""
+    still runs in a worker thread). Every method blocks: call them off the event loop."""
 
-    __slots__ = ("drafter", "target", "proposer", "_lock", "_closed", "_pool")
+    __slots__ = ("drafter", "target", "proposer", "lock", "closed", "_pool")
 
     def __init__(self, pool: DrafterPool, drafter: str, target: str, proposer: Proposer) -> None:
         self._pool = pool
         self.drafter = drafter
         self.target = target
         self.proposer = proposer
-        self._lock = threading.Lock()
-        self._closed = False
+        self.lock = threading.Lock()
+        self.closed = False
 
     def propose(self, context_ids: Sequence[int], k: int) -> Draft:
-        with self._lock:
-            if self._closed:
+        with self.lock:
+            if self.closed:
                 return EMPTY_DRAFT
             return self.proposer.propose(context_ids, k)
 
     def update(self, num_accepted: int) -> None:
-        with self._lock:
-            if not self._closed:
+        with self.lock:
+            if not self.closed:
                 self.proposer.update(num_accepted)
 
     def set_params(self, params: dict[str, float]) -> None:
-        """Per-session parameters from the verifier's policy (Commit.params), for proposers
-        that take them (`set_params`, e.g. sorted exit thresholds); ignored otherwise."""
-        with self._lock:
-            set_params = getattr(self.proposer, "set_params", None)
-            if not self._closed and set_params is not None:
-                set_params(params)
+        with self.lock:
+            if not self.closed:
+                self.apply_params_locked(params)
+
+    def prepare_locked(self, call: ProposeCall) -> None:
+        """Feedback and parameters before a propose (the caller holds `lock`)."""
+        if call.num_accepted is not None:
+            self.proposer.update(call.num_accepted)
+        if call.params is not None:
+            self.apply_params_locked(call.params)
+
+    def apply_params_locked(self, params: dict[str, float]) -> None:
+        """Commit.params (sticky per key) for proposers that take parameters:
+
+        - a proposer's own `set_params(dict)` gets them as they are;
+        - sorted drafters (`set_thresholds`): `fixed_exit` >= 0 pins every token to that exit,
+          else `threshold.<exit>` keys set per-exit confidence thresholds, else the defaults.
+        """
+        p = self.proposer
+        if hasattr(p, "set_params"):
+            p.set_params(params)
+        elif hasattr(p, "set_thresholds"):
+            fixed = params.get("fixed_exit", -1.0)
+            thresholds = {
+                int(key.split(".", 1)[1]): value
+                for key, value in params.items()
+                if key.startswith("threshold.")
+            }
+            if fixed >= 0:
+                p.set_fixed_exit(int(fixed))
+            elif thresholds:
+                p.set_thresholds(thresholds)
+            else:
+                p.reset_thresholds()
 
     def close(self) -> None:
         """Free the proposer's state; idempotent."""
-        with self._lock:
-            if self._closed:
+        with self.lock:
+            if self.closed:
                 return
-            self._closed = True
+            self.closed = True
             try:
                 self.proposer.close()
             finally:
                 self._pool._session_closed(self)
 
 
+def _exit_layers(proposer: Proposer) -> list[int]:
+    return [int(e) for e in getattr(proposer, "last_exit_layers", None) or []]
+
+
+def propose_one(call: ProposeCall) -> DraftResult:
+    """One session's round on its own (blocking; inference mode entered by the caller)."""
+    session = call.session
+    with session.lock:
+        if session.closed:
+            return DraftResult(EMPTY_DRAFT)
+        session.prepare_locked(call)
+        draft = session.proposer.propose(call.context_ids, call.k)
+        return DraftResult(draft, _exit_layers(session.proposer))
+
+
+class _Batcher:
+    """Opportunistic cross-session batching for a drafter whose factory has `propose_batch`.
+
+    One thread per drafter takes every round queued at the moment it is free and drafts
+    them in one batched call (no waiting window: a lone session is never delayed, and under
+    load the batch grows by itself). `specdec:drafter_batch_size` records the batch sizes.
+    """
+
+    def __init__(self, name: str, propose_batch: Callable, max_batch: int = 32) -> None:
+        self.name = name
+        self._propose_batch = propose_batch
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: ProposeCall) -> Future:
+        fut: Future = Future()
+        self._queue.put((call, fut))
+        return fut
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        deferred: list = []  # a session already in the batch being formed waits for the next
+        stopping = False
+        while not stopping:
+            item = deferred.pop(0) if deferred else self._queue.get()
+            if item is None:
+                return
+            batch, sessions = [item], {id(item[0].session)}
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                if id(nxt[0].session) in sessions:
+                    deferred.append(nxt)
+                    continue
+                batch.append(nxt)
+                sessions.add(id(nxt[0].session))
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[ProposeCall, Future]]) -> None:
+        locked: list[DraftSession] = []
+        todo: list[tuple[ProposeCall, Future]] = []
+        try:
+            with torch.inference_mode():
+                for call, fut in batch:
+                    if not fut.set_running_or_notify_cancel():
+                        continue  # the stream went away before its turn
+                    session = call.session
+                    session.lock.acquire()
+                    locked.append(session)
+                    if session.closed:
+                        fut.set_result(DraftResult(EMPTY_DRAFT))
+                        continue
+                    try:
+                        session.prepare_locked(call)
+                    except Exception as e:  # noqa: BLE001 - fails this stream only
+                        fut.set_exception(e)
+                        continue
+                    todo.append((call, fut))
+                if not todo:
+                    return
+                try:
+                    drafts = self._propose_batch(
+                        [(c.session.proposer, c.context_ids, c.k) for c, _ in todo]
+                    )
+                except Exception as e:  # noqa: BLE001
+                    for _, fut in todo:
+                        fut.set_exception(e)
+                    return
+                metrics.DRAFTER_BATCH_SIZE.labels(self.name).observe(len(todo))
+                for (call, fut), draft in zip(todo, drafts):
+                    fut.set_result(DraftResult(draft, _exit_layers(call.session.proposer)))
+        finally:
+            for session in locked:
+                session.lock.release()
+
+
 class DrafterPool:
     """Drafters by name; `open_session` validates an Open and makes a `DraftSession`."""
 
-    def __init__(self, drafters: Sequence[_Drafter], *, max_workers: int = 8) -> None:
+    def __init__(
+        self, drafters: Sequence[_Drafter], *, max_workers: int = 8, batching: bool = True
+    ) -> None:
         if not drafters:
             raise ValueError("a drafter pool needs at least one drafter")
         self._drafters: dict[str, _Drafter] = {d.name: d for d in drafters}
         if len(self._drafters) != len(drafters):
             raise ValueError(f"duplicate drafter names in {[d.name for d in drafters]}")
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="drafter")
+        self._batchers: dict[str, _Batcher] = {
+            d.name: _Batcher(d.name, d.factory.propose_batch)
+            for d in drafters
+            if batching and callable(getattr(d.factory, "propose_batch", None))
+        }
         self._lock = threading.Lock()
         self._active = 0
 
@@ -239,6 +394,9 @@ class DrafterPool:
     ) -> DraftSession:
         """Validate an Open and make its session (blocking: call it in the executor)."""
         chosen = self.resolve(protocol_version, tokenizer_hash, method, drafter)
+        attach = getattr(chosen.factory, "attach_target", None)  # per-target stats (sorted)
+        if attach is not None and target not in getattr(chosen.factory, "targets", {}):
+            attach(target, tokenizer_hash)
         proposer = chosen.factory.new_session(prompt_ids, sampling)
         session = DraftSession(self, chosen.name, target, proposer)
         with self._lock:
@@ -258,5 +416,15 @@ class DrafterPool:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, _in_inference_mode, fn, *args)
 
+    async def propose(self, call: ProposeCall) -> DraftResult:
+        """One round for one session, off the event loop: batched with other sessions of
+        the same drafter where its factory supports it, else in the executor."""
+        batcher = self._batchers.get(call.session.drafter)
+        if batcher is None:
+            return await self.run(propose_one, call)
+        return await asyncio.wrap_future(batcher.submit(call))
+
     def shutdown(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

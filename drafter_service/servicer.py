@@ -25,6 +25,8 @@ from shared.pb.specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
 from shared.sampling import SamplingParams
 
+from drafter_service.pool import ProposeCall
+
 if TYPE_CHECKING:
     from drafter_service.pool import DrafterPool, DraftSession
     from shared.proposer import Draft
@@ -56,7 +58,9 @@ def num_accepted_since(
     return n
 
 
-def candidates_message(epoch: int, start_position: int, draft: Draft) -> drafter_pb2.DraftResponse:
+def candidates_message(
+    epoch: int, start_position: int, draft: Draft, exit_layers: list[int] | None = None
+) -> drafter_pb2.DraftResponse:
     cand = drafter_pb2.Candidates(
         epoch=epoch, start_position=start_position, token_ids=draft.token_ids
     )
@@ -65,9 +69,8 @@ def candidates_message(epoch: int, start_position: int, draft: Draft) -> drafter
         assert q.ndim == 2 and q.shape[0] == len(draft.token_ids), q.shape
         cand.draft_probs = np.ascontiguousarray(q, dtype="<f4").tobytes()
         cand.vocab_size = q.shape[1]
-    exits = draft.info.get("exit_layers") if draft.info else None
-    if exits is not None:
-        cand.exit_layers.extend(int(e) for e in exits)
+    if exit_layers:
+        cand.exit_layers.extend(exit_layers[: len(draft.token_ids)])
     return drafter_pb2.DraftResponse(candidates=cand)
 
 
@@ -199,7 +202,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             params = None
             if state.params != applied_params:
                 params = applied_params = state.params
-            draft = await pool.run(_update_and_propose, session, snapshot, k, num_accepted, params)
+            result = await pool.propose(ProposeCall(session, snapshot, k, num_accepted, params))
+            draft = result.draft
             if state.epoch != epoch:
                 self.num_stale_dropped += 1
                 continue
@@ -208,7 +212,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 if draft.draft_probs is not None:
                     draft.draft_probs = draft.draft_probs[:k]
             last_start, last_draft_ids = len(snapshot), list(draft.token_ids)
-            await context.write(candidates_message(epoch, len(snapshot), draft))
+            await context.write(candidates_message(epoch, len(snapshot), draft, result.exit_layers))
             self.num_candidates_sent += 1
 
     @staticmethod
@@ -228,18 +232,3 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             raise
         except Exception:  # noqa: BLE001
             logger.exception("closing a draft session failed")
-
-
-def _update_and_propose(
-    session: DraftSession,
-    context_ids: list[int],
-    k: int,
-    num_accepted: int | None,
-    params: dict[str, float] | None,
-) -> Draft:
-    """One executor call per round: feedback, new parameters (if changed), then the draft."""
-    if num_accepted is not None:
-        session.update(num_accepted)
-    if params is not None:
-        session.set_params(params)
-    return session.propose(context_ids, k)

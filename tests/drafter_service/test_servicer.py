@@ -301,3 +301,61 @@ async def test_round_trip_latency(pool, drafter, prompts, record_property):
     print(f"k=1 propose: remote {remote_s * 1e3:.2f} ms, in process {local_s * 1e3:.2f} ms, "
           f"round trip {(remote_s - local_s) * 1e3:.2f} ms")
     assert remote_s - local_s < 0.05
+
+
+# ---------------------------------------------------------------- cross-session batching
+
+
+class _SequentialBatchFactory:
+    """The real draft_model factory plus a `propose_batch` that runs the batch one by one:
+    enough to drive the pool's batcher (used for drafters such as sorted)."""
+
+    method = "draft_model"
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.tokenizer_hash = inner.tokenizer_hash
+        self.batch_sizes: list[int] = []
+
+    def new_session(self, prompt_ids, sampling):
+        return self.inner.new_session(prompt_ids, sampling)
+
+    def propose_batch(self, requests):
+        self.batch_sizes.append(len(requests))
+        return [proposer.propose(context, k) for proposer, context, k in requests]
+
+
+async def test_batcher_serves_concurrent_sessions_exactly(pool, prompts):
+    import asyncio
+
+    factory = _SequentialBatchFactory(pool._drafters[DRAFTER.name].factory)
+    batching_pool = DrafterPool.from_factories({DRAFTER.name: factory}, {DRAFTER.name: pool.tokenizer_hash})
+    running = await start_drafter_server(batching_pool)
+    rounds = 6
+
+    async def session(prompt, stub):
+        call = stub.Draft()
+        await call.write(open_request(batching_pool, prompt))
+        await call.read()
+        context, got = list(prompt), []
+        for epoch in range(1, rounds + 1):
+            await call.write(commit(epoch, len(context), [epoch + 20], 3))
+            context.append(epoch + 20)
+            cand = (await call.read()).candidates
+            got.append((list(context), list(cand.token_ids)))
+        call.cancel()
+        return got
+
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            stub = drafter_pb2_grpc.DrafterServiceStub(channel)
+            results = await asyncio.gather(*(session(p, stub) for p in prompts * 2))
+        assert await wait_for(lambda: batching_pool.active_sessions == 0)
+    finally:
+        await running.stop(None)
+        batching_pool.shutdown()
+    for got in results:
+        for context, token_ids in got:
+            assert token_ids == in_process_draft(pool, context, 3).token_ids
+    assert sum(factory.batch_sizes) == rounds * len(results)
+    assert max(factory.batch_sizes) > 1, factory.batch_sizes  # rounds of several sessions at once
