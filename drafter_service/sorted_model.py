@@ -76,7 +76,9 @@ class SortedExitsConfig(BaseModel):
         description="Default confidence threshold per exit (missing: never exit there; the "
         "deepest exit always emits).",
     )
-    tokenizer_hash: str | None = Field(None, description="shared.loading.tokenizer_hash of the dir.")
+    tokenizer_hash: str | None = Field(
+        None, description="shared.loading.tokenizer_hash of the directory."
+    )
     matmul_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float16", description="Dtype of the projection/head weights in the lean forward."
     )
@@ -266,7 +268,8 @@ class SortedDrafter:
         self.matmul_dtype = matmul_dtype or p.dtype
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach().clone()  # [vocab, hidden]
-            self.head = model.lm_head.weight.detach().to(self.matmul_dtype).clone()  # [vocab, hidden]
+            # [vocab, hidden]; tied to `embed`, but kept in matmul_dtype
+            self.head = model.lm_head.weight.detach().to(self.matmul_dtype).clone()
             self.norm = inner.norm.weight.detach().clone()  # [hidden]
             self.layers = [self._pack(layer) for layer in inner.layers[: self.num_layers]]
             pos = torch.arange(self.max_positions, device=self.device).unsqueeze(0)
@@ -485,10 +488,3 @@ class SortedDrafter:
             st.hidden[p] = self.embed[token]
             st.token_ids.append(token)
 
-
-def load_sorted_llama(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """The HF model of a sorted drafter directory (weights are stored fp16, run fp32 on CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
-    return model.eval()

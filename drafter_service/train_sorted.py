@@ -59,7 +59,8 @@ class TrainSortedConfig(BaseModel):
         models_dir() / "codelm-target-s", description="Checkpoint whose layers seed the drafter."
     )
     init_layers: list[int] | None = Field(
-        None, description="Checkpoint layer indices to copy, one per drafter layer (default: first)."
+        None,
+        description="Checkpoint layer indices to copy, one per drafter layer (default: first).",
     )
     scratch_hidden_size: int = Field(256, gt=0, description="Scratch init: hidden size.")
     scratch_intermediate_size: int = Field(704, gt=0, description="Scratch init: MLP size.")
@@ -411,11 +412,11 @@ def train(cfg: TrainSortedConfig) -> dict:
         raise ValueError(f"init checkpoint {cfg.init_from} has another tokenizer than the targets")
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.targets[0]), local_files_only=True)
     targets = [
-        AutoModelForCausalLM.from_pretrained(str(t), dtype=torch.float32, local_files_only=True).eval()
+        AutoModelForCausalLM.from_pretrained(str(t), dtype=torch.float32, local_files_only=True)
         for t in cfg.targets
     ]
     for t in targets:
-        t.requires_grad_(False)
+        t.eval().requires_grad_(False)
     data = build_data(cfg, targets, tokenizer)
     t_data = time.time() - t_start
 
@@ -461,7 +462,9 @@ def train(cfg: TrainSortedConfig) -> dict:
             opt.step()
             step += 1
             cur = ces + kls
-            losses_ema = cur if losses_ema is None else [0.9 * a + 0.1 * b for a, b in zip(losses_ema, cur)]
+            if losses_ema is None:
+                losses_ema = cur
+            losses_ema = [0.9 * a + 0.1 * b for a, b in zip(losses_ema, cur)]
             n = len(cfg.exits)
             bar.set_postfix_str(
                 f"step {step} ep {epoch} lr {lr:.1e} "
@@ -489,7 +492,9 @@ def train(cfg: TrainSortedConfig) -> dict:
                  "num_sequences": len(data), "num_tokens": sum(map(len, data)),
                  "num_val_sequences": len(val)},
         "steps": step, "epochs_started": epoch, "batch_size": cfg.batch_size, "lr": cfg.lr,
-        "kd_weight": cfg.kd_weight, "final_ce_ema": dict(zip(map(str, cfg.exits), losses_ema or [])),
+        "kd_weight": cfg.kd_weight,
+        "final_ce_ema": dict(zip(map(str, cfg.exits), (losses_ema or [])[: len(cfg.exits)])),
+        "final_kl_ema": dict(zip(map(str, cfg.exits), (losses_ema or [])[len(cfg.exits) :])),
         "data_minutes": round(t_data / 60, 1), "train_minutes": round(t_train / 60, 1),
         **rates,
     }

@@ -159,10 +159,9 @@ def test_choose_exit_table(confidences, thresholds, expected):
 
 def test_exit_confidence_is_top_softmax_prob():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
-    torch.testing.assert_close(exit_confidence(logits, 0.0), torch.softmax(logits, -1).max(-1).values)
-    torch.testing.assert_close(
-        exit_confidence(logits, 0.5), torch.softmax(logits / 0.5, -1).max(-1).values
-    )
+    for temperature, scale in [(0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]:  # 0 = greedy: raw softmax
+        expected = torch.softmax(logits / scale, -1).max(-1).values
+        torch.testing.assert_close(exit_confidence(logits, temperature), expected)
 
 
 def test_thresholds_list_and_fixed_exit():
@@ -239,7 +238,8 @@ def _rounds(factory, sampling, thresholds, seed, num_rounds=12, k=4):
         num_accepted = rng.randrange(0, len(draft) + 1)
         session.update(num_accepted)
         if num_accepted < len(draft):  # recovered token differs from the rejected draft
-            correction = rng.choice([t for t in range(1, VOCAB) if t != draft.token_ids[num_accepted]])
+            rejected = draft.token_ids[num_accepted]
+            correction = rng.choice([t for t in range(1, VOCAB) if t != rejected])
         else:  # bonus token
             correction = rng.randrange(1, VOCAB)
         ctx = ctx + draft.token_ids[:num_accepted] + [correction]
@@ -334,9 +334,12 @@ def test_init_from_checkpoint_layers_and_save_roundtrip(tmp_path):
     )
     model = init_drafter(cfg)
     sd, ref = model.state_dict(), src.state_dict()
-    assert torch.equal(sd["model.layers.1.mlp.up_proj.weight"], ref["model.layers.3.mlp.up_proj.weight"])
-    assert torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], ref["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(sd["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
+    for new, old in [
+        ("model.layers.1.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+        ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
+        ("model.embed_tokens.weight", "model.embed_tokens.weight"),
+    ]:
+        assert torch.equal(sd[new], ref[old]), new
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
 
     save_drafter(model, cfg, {1: 0.6}, {"note": "test"})
@@ -387,7 +390,8 @@ DEMO = PROJECT_ROOT / "models" / "codelm-sorted"
 
 @pytest.mark.skipif(not (DEMO / "sorted.json").is_file(), reason="demo drafter not trained yet")
 def test_demo_drafter_serves_both_demo_targets():
-    factory = SortedProposerFactory(DrafterConfig(name="codelm-sorted", model_dir=DEMO, kind="sorted"))
+    config = DrafterConfig(name="codelm-sorted", model_dir=DEMO, kind="sorted")
+    factory = SortedProposerFactory(config)
     for name in ("codelm-target-m", "codelm-target-s"):
         factory.attach_target(name, tokenizer_hash(models_dir() / name))
     assert sum(f.stat().st_size for f in DEMO.iterdir()) <= 10_000_000
