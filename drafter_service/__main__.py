@@ -64,7 +64,8 @@ async def serve(
 
     loop = asyncio.get_running_loop()
     load = loop.run_in_executor(None, lambda: DrafterPool.load(config.drafters, max_workers=max_workers))
-    done, _ = await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    stopped = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
     if load in done:
         servicer.pool = load.result()
         await health.set(True)

@@ -309,7 +309,9 @@ class DrafterPool:
                 continue
             tok_hash = getattr(factory, "tokenizer_hash", None) or tokenizer_hash(config.model_dir)
             drafters.append(_Drafter(config.name, factory.method, factory, tok_hash))
-            logger.info("drafter %r loaded: method=%s tokenizer_hash=%s", config.name, factory.method, tok_hash)
+            logger.info(
+                "drafter %r loaded: method=%s tokenizer_hash=%s", config.name, factory.method, tok_hash
+            )
         return cls(drafters, **kwargs)
 
     # ---------------------------------------------------------------- what it serves

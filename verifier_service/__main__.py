@@ -67,7 +67,8 @@ async def serve(
     stop = stop_event()
 
     load = asyncio.get_running_loop().run_in_executor(None, servicer.load)
-    done, _ = await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    stopped = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
     if load in done:
         load.result()
         await health.set(True)

@@ -341,7 +341,9 @@ class RemoteProposer:
 
     def _decode(self, cand: drafter_pb2.Candidates, context_len: int, k: int) -> Draft:
         if cand.start_position != context_len:
-            logger.warning("candidates start at %d, context has %d tokens: dropped", cand.start_position, context_len)
+            logger.warning(
+                "candidates start at %d, context has %d tokens: dropped", cand.start_position, context_len
+            )
             return Draft(token_ids=[])
         token_ids = list(cand.token_ids)
         draft_probs = None

@@ -73,6 +73,10 @@ def commit(epoch, accepted_length, token_ids, k) -> drafter_pb2.DraftRequest:
     )
 
 
+def remote_factory(drafter, tok_hash, target="codelm-target-m"):
+    return RemoteProposerFactory(drafter.address, target, tok_hash, "draft_model", timeout_s=2.0)
+
+
 def in_process_draft(pool, context, k, sampling=SamplingParams()):
     factory = pool._drafters[DRAFTER.name].factory
     proposer = factory.new_session(context, sampling)
@@ -228,7 +232,7 @@ async def test_remote_proposer_drops_late_candidates(pool, drafter, prompts):
     """A round that timed out leaves its candidates in flight; the next round skips them."""
     import asyncio
 
-    factory = RemoteProposerFactory(drafter.address, "codelm-target-m", pool.tokenizer_hash, "draft_model", timeout_s=2.0)
+    factory = remote_factory(drafter, pool.tokenizer_hash)
     prompt = prompts[0]
     proposer = factory.new_session(prompt, SamplingParams())
     loop = asyncio.get_running_loop()
@@ -252,7 +256,7 @@ async def test_remote_proposer_drops_late_candidates(pool, drafter, prompts):
 async def test_remote_proposer_rejected_hash_degrades_for_good(pool, drafter, prompts):
     import asyncio
 
-    factory = RemoteProposerFactory(drafter.address, "other-target", "0123456789abcdef", "draft_model", timeout_s=2.0)
+    factory = remote_factory(drafter, "0123456789abcdef", target="other-target")
     proposer = factory.new_session(prompts[0], SamplingParams())
     loop = asyncio.get_running_loop()
     try:
@@ -273,7 +277,7 @@ async def test_round_trip_latency(pool, drafter, prompts, record_property):
     """Commit -> Candidates on loopback, minus the same propose run in process (k = 1)."""
     import asyncio
 
-    factory = RemoteProposerFactory(drafter.address, "codelm-target-m", pool.tokenizer_hash, "draft_model", timeout_s=2.0)
+    factory = remote_factory(drafter, pool.tokenizer_hash)
     prompt = prompts[0]
     proposer = factory.new_session(prompt, SamplingParams())
     local = pool._drafters[DRAFTER.name].factory.new_session(prompt, SamplingParams())

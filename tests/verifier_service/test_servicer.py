@@ -165,7 +165,11 @@ async def test_model_method_without_a_drafter_for_it_decodes_plainly(target, stu
         ({"prompt_token_ids": [5, 4096]}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         ({"prompt_token_ids": [5, -1]}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         ({"prompt_token_ids": [5] * 2048}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-        ({"prompt_token_ids": [5] * 2000, "max_new_tokens": 100}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (
+            {"prompt_token_ids": [5] * 2000, "max_new_tokens": 100},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_new_tokens",
+        ),
         ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
         ({"max_new_tokens": 1025}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
         ({"sampling": common_pb2.SamplingParams(temperature=-1)}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
