@@ -1,0 +1,115 @@
+"""The pool with a real (tiny, random) sorted drafter over gRPC: cross-session batching,
+exit depths in Candidates, Commit.params mapped to thresholds, pool-level checks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+import torch
+
+from drafter_service.pool import DrafterPool
+from drafter_service.sorted_model import SortedExitsConfig
+from shared import metrics
+from shared.config import DrafterConfig
+from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
+from shared.protocol import PROTOCOL_VERSION
+from shared.sampling import SamplingParams
+from tests.drafter_service.test_sorted import EXITS, VOCAB, tiny_model, write_fake_tokenizer
+from tests.grpc_servers import start_drafter_server, wait_for
+
+NAME = "tiny-sorted"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pool_sorted")
+    tiny_model().save_pretrained(str(path))
+    write_fake_tokenizer(path)
+    SortedExitsConfig(exits=EXITS, thresholds={1: 0.5, 2: 0.4}, matmul_dtype="float32").save(path)
+    pool = DrafterPool.load([DrafterConfig(name=NAME, model_dir=path, kind="sorted")])
+    yield pool
+    pool.shutdown()
+
+
+def from_scratch(pool, context, k, fixed_exit=None):
+    proposer = pool._drafters[NAME].factory.new_session(context, SamplingParams())
+    if fixed_exit is not None:
+        proposer.set_fixed_exit(fixed_exit)
+    with torch.inference_mode():
+        draft = proposer.propose(context, k)
+    return draft.token_ids, list(proposer.last_exit_layers)
+
+
+def test_resolve_table(pool):
+    h = pool.tokenizer_hash
+    assert pool.methods == ["sorted"] and pool.drafter_names == [NAME]
+    assert pool.resolve(PROTOCOL_VERSION, h, "sorted").name == NAME
+    assert pool.resolve(PROTOCOL_VERSION, h, "sorted", NAME).name == NAME
+    for args, error in [
+        ((PROTOCOL_VERSION + 1, h, "sorted"), FailedPreconditionError),
+        ((PROTOCOL_VERSION, "ffff", "sorted"), FailedPreconditionError),
+        ((PROTOCOL_VERSION, h, "draft_model"), NotFoundError),
+        ((PROTOCOL_VERSION, h, "ngram"), InvalidArgumentError),
+        ((PROTOCOL_VERSION, h, "sorted", "other"), NotFoundError),
+    ]:
+        with pytest.raises(error):
+            pool.resolve(*args)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_sorted_sessions_are_batched_and_exact(pool):
+    running = await start_drafter_server(pool)
+    batches = metrics.sample_value("specdec:drafter_batch_size_count", {"drafter": NAME}) or 0.0
+    rounds, k = 6, 4
+
+    async def session(stub, seed, fixed_exit):
+        rng = random.Random(seed)
+        context = [rng.randrange(1, VOCAB) for _ in range(12)]
+        call = stub.Draft()
+        await call.write(
+            drafter_pb2.DraftRequest(
+                open=drafter_pb2.Open(
+                    protocol_version=PROTOCOL_VERSION, target=f"target-{seed % 2}",
+                    tokenizer_hash=pool.tokenizer_hash, token_ids=context, method="sorted",
+                )
+            )
+        )  # fmt: skip
+        assert (await call.read()).opened.drafter == NAME
+        got = []
+        for epoch in range(1, rounds + 1):
+            params = {"fixed_exit": float(fixed_exit)} if fixed_exit is not None and epoch == 1 else {}
+            tail = [rng.randrange(1, VOCAB)]
+            commit = drafter_pb2.Commit(
+                epoch=epoch, accepted_length=len(context), token_ids=tail,
+                num_speculative_tokens=k, params=params,
+            )  # fmt: skip
+            await call.write(drafter_pb2.DraftRequest(commit=commit))
+            context = context + tail
+            cand = (await call.read()).candidates
+            got.append((context, list(cand.token_ids), list(cand.exit_layers)))
+        call.cancel()
+        return fixed_exit, got
+
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            stub = drafter_pb2_grpc.DrafterServiceStub(channel)
+            results = await asyncio.gather(
+                *(session(stub, seed, 1 if seed == 0 else None) for seed in range(4))
+            )
+        assert await wait_for(lambda: pool.active_sessions == 0)
+    finally:
+        await running.stop(None)
+    for fixed_exit, got in results:
+        for context, token_ids, exit_layers in got:
+            assert (token_ids, exit_layers) == from_scratch(pool, context, k, fixed_exit)
+            assert len(exit_layers) == len(token_ids)
+            if fixed_exit is not None:
+                assert set(exit_layers) == {fixed_exit}
+    num_batches = metrics.sample_value("specdec:drafter_batch_size_count", {"drafter": NAME}) - batches
+    assert 0 < num_batches <= rounds * len(results)
+    # Both targets were attached to the shared drafter on Open.
+    assert set(pool._drafters[NAME].factory.targets) == {"target-0", "target-1"}
