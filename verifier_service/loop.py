@@ -47,12 +47,17 @@ class SpecDecodeLoop:
         self.engine = engine
         self.tokenizer = tokenizer
         self.speculation = speculation
+        # method -> the last finished request's adaptive policy (forked by the next request)
+        self._learned: dict[str, AdaptiveKPolicy] = {}
 
     def make_policy(self, request: GenerationRequest) -> AdaptiveKPolicy | FixedKPolicy:
         if request.num_speculative_tokens is not None:
             return FixedKPolicy(request.num_speculative_tokens)
         if not self.speculation.adaptive:
             return FixedKPolicy(self.speculation.num_speculative_tokens)
+        learned = self._learned.get(request.method)
+        if learned is not None:
+            return learned.fork()
         return AdaptiveKPolicy(
             self.speculation.num_speculative_tokens, self.speculation.max_speculative_tokens
         )
@@ -152,6 +157,8 @@ class SpecDecodeLoop:
             if proposer is not None:
                 proposer.close()
             stats.policy = policy.summary()
+            if isinstance(policy, AdaptiveKPolicy):
+                self._learned[request.method] = policy
 
         yield GenerationResult(
             finish_reason=finish,

@@ -15,10 +15,16 @@ k = 0 (plain decoding, tokens/time = 1/v0) wins whenever speculation does not pa
 speculation turns itself off. While off, it probes k = 1 every `probe_every` rounds so it
 notices when the drafts get better; while on, it runs one k = 0 round every `probe_every`
 rounds to keep v0 measured under the current machine load.
+
+The loop keeps the last finished request's policy per method and forks it for the next
+request, so what one request learned about a target/drafter pair carries over (a 64-token
+request is too short to warm up from nothing), while each request still adapts to its own
+text (a loop accepts everything, fresh code much less).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 
@@ -72,6 +78,13 @@ class AdaptiveKPolicy:
         self._draft_per_token = _Ema()  # d
         self.num_off_rounds = 0
 
+    def fork(self) -> AdaptiveKPolicy:
+        """A new request's policy that starts from what this one learned (no warm-up)."""
+        child = copy.deepcopy(self)
+        child._rounds_since_probe = 0
+        child.num_off_rounds = 0
+        return child
+
     # ------------------------------------------------------------------ model
 
     def acceptance(self, position: int) -> float:
@@ -88,7 +101,7 @@ class AdaptiveKPolicy:
             reach *= self.acceptance(j)
             tokens += reach
         v0 = self._plain_step.get(1.0)
-        time = v0 * (1 + self._verify_slope.get(self.PRIOR_VERIFY_SLOPE) * k)
+        time = v0 * (1 + max(0.0, self._verify_slope.get(self.PRIOR_VERIFY_SLOPE)) * k)
         time += self._draft_per_token.get(0.0) * k
         return tokens / time
 
@@ -128,7 +141,8 @@ class AdaptiveKPolicy:
         self._draft_per_token.add(draft_time_s / k)
         v0 = self._plain_step.value
         if v0:
-            self._verify_slope.add(max(0.0, (verify_time_s / v0 - 1.0) / k))
+            # NOTE: no clipping at 0 here: timing noise is symmetric, clipping would bias β up.
+            self._verify_slope.add((verify_time_s / v0 - 1.0) / k)
         if self._num_spec_rounds <= self.WARMUP_ROUNDS:
             # ±2/−1 rule (HF assisted generation's heuristic) until the model has data.
             self.k = min(self.max_k, k + 2) if num_accepted == k else max(1, k - 1)
