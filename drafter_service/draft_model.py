@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from shared.loading import load_model, tokenizer_hash
-from shared.proposer import Draft
+from shared.proposer import Draft, common_prefix_len
 from shared.sampling import SamplingParams, logits_to_probs, make_generator, sample_from_probs
 
 if TYPE_CHECKING:
@@ -26,21 +26,6 @@ if TYPE_CHECKING:
 
 # Draft generators are seeded apart from the target's so the two streams of uniforms differ.
 DRAFT_SEED_OFFSET = 0x5EED
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix (fast path: `b` extends `a`)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 class DraftModelProposer:

@@ -44,6 +44,26 @@ class Draft:
 EMPTY_DRAFT = Draft(token_ids=[])
 
 
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix (fast path: `b` extends `a`).
+
+    Incremental proposers call this every round to reconcile their cached tokens with the
+    verifier's accepted context; slice compares run in C, so the usual case (`b` extends
+    `a`) costs one compare and a mismatch costs O(log n) of them.
+    """
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 @runtime_checkable
 class Proposer(Protocol):
     """Per-session drafter."""

@@ -34,7 +34,7 @@ import torch
 
 from shared.pb.specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
-from shared.proposer import Draft
+from shared.proposer import Draft, common_prefix_len
 
 if TYPE_CHECKING:
     from shared.sampling import SamplingParams
@@ -71,21 +71,6 @@ def sampling_to_proto(sampling: SamplingParams) -> common_pb2.SamplingParams:
     if sampling.seed is not None:
         msg.seed = sampling.seed
     return msg
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix (fast path: `b` extends `a`)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def decode_draft_probs(

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from drafter_service.draft_model import DraftModelProposerFactory, common_prefix_len
+from drafter_service.draft_model import DraftModelProposerFactory
+from shared.proposer import common_prefix_len
 from shared.config import default_config
 from shared.loading import load_tokenizer
 from shared.sampling import SamplingParams
