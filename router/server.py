@@ -392,19 +392,22 @@ class Router:
                 finish = "error"
                 yield _error_response(grpc.StatusCode.UNAVAILABLE, message)
         finally:
-            if call is not None:
-                if terminal:
+            try:
+                if call is not None and terminal:
                     # NOTE(router): hold the slot until the verifier's handler has returned
                     # (it leaves its own count after cleanup), so the router's admission
-                    # never runs ahead of the verifier's.
+                    # does not run ahead of the verifier's. A consumer cancelled here (an
+                    # HTTP client gone after [DONE]) skips the wait, never the release.
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(call.code(), _DRAIN_CALL_TIMEOUT_S)
+            finally:
                 # A client that cancelled (or a consumer that closed us) cancels upstream,
                 # which ends the verifier's loop and its drafter session.
-                call.cancel()
-            self.registry.release(replica)
-            recorder.finish(finish)
-            self._exit()
+                if call is not None:
+                    call.cancel()
+                self.registry.release(replica)
+                recorder.finish(finish)
+                self._exit()
 
     async def _open(
         self,

@@ -233,6 +233,8 @@ def test_greedy_exact_for_both_targets(stack, transport, method, record_property
                 _assert_exact(model, ids, gen.token_ids, label, ties)
         return ties, num_draft_tokens
 
+    for model in TARGETS:
+        load_reference_model(model)  # NOTE: transformers' lazy imports race across threads
     # Both targets at once: their verifiers are separate processes (2 cores).
     with ThreadPoolExecutor(len(TARGETS)) as pool:
         results = dict(zip(TARGETS, pool.map(run_target, TARGETS)))
@@ -374,6 +376,19 @@ def test_over_capacity_then_cancel_frees_sessions(stack):
     assert len(gen.token_ids) == 4
 
 
+def test_http_clients_closing_at_done_keep_no_slot(stack):
+    # Clients that hang up right after `data: [DONE]` (before the body's end) must not leave
+    # admission slots behind: more requests than the replica limit, one after another.
+    model = TARGETS[1]
+    body = {"model": model, "prompt": "def f(x):", "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=stack.http_url, timeout=30) as client:
+        for _ in range(MAX_SESSIONS_PER_REPLICA + 2):
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200, r.read()
+                assert sum(len(e["specdec"]["token_ids"]) for e in _sse_events(r)) == 4
+    assert _wait_until(lambda: _sessions(stack, model)[0] == 0, 10)
+
+
 def test_deadline_is_propagated_upstream(stack):
     model = TARGETS[1]
     stub = _stub(stack.grpc_address)
@@ -393,6 +408,8 @@ def test_concurrent_requests_to_both_targets(stack):
     prompts = humaneval_prompts(4, offset=20)
     jobs = [(TARGETS[i % 2], prompts[i]) for i in range(4)]  # 2 per target = the replica limit
     barrier = threading.Barrier(len(jobs))
+    for model in TARGETS:
+        load_reference_model(model)
 
     def run(job):
         model, prompt = job
