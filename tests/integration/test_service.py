@@ -523,6 +523,39 @@ def test_metrics_on_every_service(stack):
     assert metric_samples(drafter, "specdec:num_active_sessions", service="drafter")
 
 
+def test_router_alone_against_running_verifier(stack):
+    # `python -m router` with one --verifier: the stack's codelm-target-s replica.
+    model = TARGETS[1]
+    verifier = stack.child(model)["address"]
+    state = stack.workdir / "router-alone.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router", "--config", str(stack.config_path), "--port", "0",
+         "--http-port", "0", "--verifier", f"{model}={verifier}", "--state-file", str(state)],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("LISTENING "), proc.stderr.read() if proc.poll() is not None else line
+        address = f"127.0.0.1:{int(line.split()[1])}"
+        gen = grpc_generate(_stub(address), _request(model, method="ngram", max_new_tokens=8))
+        assert len(gen.token_ids) == 8
+        # The other target is configured but has no replica here.
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_generate(_stub(address), _request(TARGETS[0], max_new_tokens=8), timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        http_port = json.loads(state.read_text())["http_port"]
+        r = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=10)
+        replicas = {m["id"]: m["specdec"]["num_replicas"] for m in r.json()["data"]}
+        assert replicas == {model: 1, TARGETS[0]: 0}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # ---------------------------------------------------------------- shutdown (last)
 
 
