@@ -167,8 +167,6 @@ class Child:
 
 async def start_child(child: Child, timeout: float = CHILD_START_TIMEOUT_S) -> None:
     """Spawn the child, read its `LISTENING <port>` line, wait for health SERVING."""
-    from router.server import wait_for_health
-
     if not child.metrics_port:
         child.metrics_port = free_port()
     argv = [*child.argv, "--port", str(child.port), "--metrics-port", str(child.metrics_port)]
@@ -182,6 +180,19 @@ async def start_child(child: Child, timeout: float = CHILD_START_TIMEOUT_S) -> N
     )  # fmt: skip
     child.process = process
     child.pid = process.pid
+    try:
+        await _await_listening(child, process, timeout)
+    except BaseException:
+        # Startup failed or we were cancelled (shutdown during a restart): leave no orphan.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        raise
+    logger.info("%s %s serving on %s (pid %d)", child.role, child.name, child.address, child.pid)
+
+
+async def _await_listening(child: Child, process: asyncio.subprocess.Process, timeout: float) -> None:
+    from router.server import wait_for_health
+
     deadline = time.monotonic() + timeout
     port = None
     assert process.stdout is not None
@@ -190,8 +201,7 @@ async def start_child(child: Child, timeout: float = CHILD_START_TIMEOUT_S) -> N
         try:
             line = await asyncio.wait_for(process.stdout.readline(), max(remaining, 0.01))
         except asyncio.TimeoutError:
-            process.kill()
-            raise TimeoutError(f"{child.role} {child.name}: no LISTENING line after {timeout:.0f}s")
+            raise TimeoutError(f"{child.role} {child.name}: no LISTENING line after {timeout:.0f}s") from None
         if not line:
             rc = await process.wait()
             raise RuntimeError(f"{child.role} {child.name} exited with {rc} before LISTENING")
@@ -203,7 +213,6 @@ async def start_child(child: Child, timeout: float = CHILD_START_TIMEOUT_S) -> N
     child.port = port
     child.stdout_task = asyncio.get_running_loop().create_task(_pump(child, process.stdout))
     await wait_for_health(child.address, max(deadline - time.monotonic(), 1.0))
-    logger.info("%s %s serving on %s (pid %d)", child.role, child.name, child.address, child.pid)
 
 
 async def _pump(child: Child, stream: asyncio.StreamReader) -> None:
@@ -335,8 +344,12 @@ class ServeStack:
             self.stopping = True
             for task in self._supervisors:
                 task.cancel()
-            rcs = await asyncio.gather(*(stop_child(c) for c in self.children))
-            logger.info("children stopped: %s", dict(zip((c.name for c in self.children), rcs)))
+            # Verifiers first: they are the drafter pool's clients.
+            t0 = time.monotonic()
+            rcs = await asyncio.gather(*(stop_child(c) for c in self.verifiers))
+            rcs.append(await stop_child(self.drafter))
+            names = [*(c.name for c in self.verifiers), self.drafter.name]
+            logger.info("children stopped in %.1fs: %s", time.monotonic() - t0, dict(zip(names, rcs)))
 
 
 # ---------------------------------------------------------------- entry points
