@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,9 @@ import torch
 from shared.paths import data_dir, models_dir
 
 TIE_FACTOR = 10.0
+# NOTE: two threads importing transformers for the first time at once can crash; the
+# reference helpers are called from client threads in the concurrency tests.
+_LOAD_LOCK = threading.Lock()
 
 
 def humaneval_prompts(n: int, offset: int = 0) -> list[str]:
@@ -27,8 +31,13 @@ def humaneval_prompts(n: int, offset: int = 0) -> list[str]:
     return prompts[offset : offset + n]
 
 
-@functools.cache
 def load_reference_model(name: str):
+    with _LOAD_LOCK:
+        return _load_reference_model(name)
+
+
+@functools.cache
+def _load_reference_model(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = models_dir() / name
