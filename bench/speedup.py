@@ -2,6 +2,7 @@
 
     python -m bench.speedup                      # both targets, greedy and T=0.8 sampling
     python -m bench.speedup --num-prompts 10 --targets codelm-target-m --modes greedy
+    python -m bench.speedup --e2e                # + end to end through `specdec serve` (gRPC)
 
 Runs are interleaved prompt by prompt (every variant on prompt 0, then prompt 1, ...) so
 machine drift hits all variants alike. Each method family gets the same tuning effort
@@ -267,16 +268,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--e2e", action="store_true",
+                        help="also measure end to end through the real `specdec serve` stack (gRPC)")
+    parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end part")
     args = parser.parse_args(argv)
     set_num_threads(args.threads)
 
     results: dict = {}
-    for mode in args.modes:
-        results[mode] = {t: run_target(t, args, mode) for t in args.targets}
+    if not args.e2e_only:
+        for mode in args.modes:
+            results[mode] = {t: run_target(t, args, mode) for t in args.targets}
     env = environment()
-    markdown = to_markdown(results, env)
-    base = write_results("speedup", {"env": env, "args": vars(args), "results": results}, markdown)
-    plot(results, base.with_suffix(".png"))
+    markdown = to_markdown(results, env) if results else f"# Speedup benchmark ({env['time']})\n"
+    payload = {"env": env, "args": vars(args), "results": results}
+    if args.e2e or args.e2e_only:
+        from bench import e2e
+
+        payload["e2e"] = e2e.run_e2e(args)
+        markdown += e2e.to_markdown(payload["e2e"])
+    base = write_results("speedup", payload, markdown)
+    if results:
+        plot(results, base.with_suffix(".png"))
     print(markdown)
     print(f"results: {base}.{{json,md,png}}")
 

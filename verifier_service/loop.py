@@ -28,7 +28,7 @@ from shared.rejection import greedy_accept, rejection_sample
 from shared.sampling import logits_to_probs, make_generator, sample_from_probs
 from shared.stop import StopChecker
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult, SpecStats
-from verifier_service.policy import AdaptiveKPolicy, FixedKPolicy
+from verifier_service.policy import AdaptiveKPolicy, FixedKPolicy, HeuristicKPolicy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,17 +50,18 @@ class SpecDecodeLoop:
         # method -> the last finished request's adaptive policy (forked by the next request)
         self._learned: dict[str, AdaptiveKPolicy] = {}
 
-    def make_policy(self, request: GenerationRequest) -> AdaptiveKPolicy | FixedKPolicy:
+    def make_policy(self, request: GenerationRequest) -> AdaptiveKPolicy | FixedKPolicy | HeuristicKPolicy:
+        spec = self.speculation
         if request.num_speculative_tokens is not None:
             return FixedKPolicy(request.num_speculative_tokens)
-        if not self.speculation.adaptive:
-            return FixedKPolicy(self.speculation.num_speculative_tokens)
+        if not spec.adaptive:
+            return FixedKPolicy(spec.num_speculative_tokens)
+        if request.sampling.seed is not None and not request.sampling.greedy:
+            return HeuristicKPolicy(spec.num_speculative_tokens, spec.max_speculative_tokens)
         learned = self._learned.get(request.method)
         if learned is not None:
             return learned.fork()
-        return AdaptiveKPolicy(
-            self.speculation.num_speculative_tokens, self.speculation.max_speculative_tokens
-        )
+        return AdaptiveKPolicy(spec.num_speculative_tokens, spec.max_speculative_tokens)
 
     def generate(
         self, request: GenerationRequest, proposer: Proposer | None

@@ -40,6 +40,35 @@ class _Ema:
         return default if self.value is None else self.value
 
 
+def plus_two_minus_one(k: int, num_accepted: int, max_k: int) -> int:
+    """HF assisted generation's heuristic: all drafts accepted → k + 2, else k − 1 (floor 1)."""
+    return min(max_k, k + 2) if num_accepted == k else max(1, k - 1)
+
+
+class HeuristicKPolicy:
+    """The ±2/−1 rule alone, for seeded sampled requests.
+
+    NOTE: with rejection sampling the tokens a seed produces depend on the k of every
+    round (k decides which uniforms and draft draws are consumed where). The cost-model
+    policy reads wall-clock timings, so it would make a seeded request irreproducible;
+    this rule depends only on acceptance, which the seed itself determines.
+    """
+
+    def __init__(self, initial_k: int, max_k: int) -> None:
+        self.k = max(1, min(initial_k, max_k)) if max_k > 0 else 0
+        self.max_k = max_k
+
+    def next_k(self) -> int:
+        return self.k
+
+    def update(self, k: int, num_accepted: int, draft_time_s: float, verify_time_s: float) -> None:
+        if k > 0:
+            self.k = plus_two_minus_one(k, num_accepted, self.max_k)
+
+    def summary(self) -> dict[str, float]:
+        return {"k": float(self.k), "adaptive": 1.0, "seeded": 1.0}
+
+
 class FixedKPolicy:
     """Always k (the request asked for a fixed num_speculative_tokens)."""
 
@@ -144,8 +173,7 @@ class AdaptiveKPolicy:
             # NOTE: no clipping at 0 here: timing noise is symmetric, clipping would bias β up.
             self._verify_slope.add((verify_time_s / v0 - 1.0) / k)
         if self._num_spec_rounds <= self.WARMUP_ROUNDS:
-            # ±2/−1 rule (HF assisted generation's heuristic) until the model has data.
-            self.k = min(self.max_k, k + 2) if num_accepted == k else max(1, k - 1)
+            self.k = plus_two_minus_one(k, num_accepted, self.max_k)  # until the model has data
         else:
             self.k = self._best_k()
 

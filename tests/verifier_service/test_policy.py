@@ -64,3 +64,18 @@ def mean_spec_k(draft_s: float) -> float:
 def test_cheaper_drafts_buy_longer_drafts():
     # n-gram-like (free) drafts run deeper than drafts costing half a target step
     assert mean_spec_k(STEP_S / 500) > mean_spec_k(STEP_S / 2) + 1
+
+
+def test_heuristic_policy_depends_on_acceptance_only():
+    # same acceptance sequence, wildly different timings -> same k schedule
+    from verifier_service.policy import HeuristicKPolicy
+
+    def schedule(time_scale: float) -> list[int]:
+        policy, ks = HeuristicKPolicy(3, 10), []
+        for num_accepted in [3, 5, 0, 1, 6, 6, 2]:
+            k = policy.next_k()
+            ks.append(k)
+            policy.update(k, min(num_accepted, k), 0.01 * time_scale, 0.02 * time_scale)
+        return ks
+
+    assert schedule(1.0) == schedule(100.0) == [3, 5, 7, 6, 5, 7, 6]
