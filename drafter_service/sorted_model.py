@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 SORTED_CONFIG_FILE = "sorted.json"
 NEVER = math.inf  # a threshold no confidence clears
+MAX_SMALL_ROWS = 4  # matmuls of more rows run in the activation dtype (see SortedDrafter)
 
 
 # --------------------------------------------------------------------------- config
@@ -215,13 +216,25 @@ class DraftLane:
 
 
 @dataclass(slots=True)
+class _Mat:
+    """A weight matrix for `SortedDrafter._mm`: `small` in matmul_dtype for calls of a few
+    rows (bandwidth-bound), `big` = the same values upcast to the activation dtype for
+    calls of many rows (compute-bound), or None when the dtypes agree."""
+
+    small: torch.Tensor  # [out, in] matmul_dtype
+    big: torch.Tensor | None  # [out, in] activation dtype, == small exactly
+
+
+@dataclass(slots=True)
 class _LayerWeights:
-    ln1: torch.Tensor  # [hidden]
-    wqkv: torch.Tensor  # [(num_heads + 2 * num_kv_heads) * head_dim, hidden]
-    wo: torch.Tensor  # [hidden, num_heads * head_dim]
-    ln2: torch.Tensor  # [hidden]
-    wgu: torch.Tensor  # [2 * intermediate, hidden]
-    wdown: torch.Tensor  # [hidden, intermediate]
+    """One layer, packed for few ops: the RMSNorm weights are folded into the matmul that
+    follows each norm (W @ (w * n) == (W * w) @ n), q is pre-scaled by head_dim**-0.5
+    (RoPE is linear, so it commutes), QKV and gate/up are single matrices."""
+
+    wqkv: _Mat  # [(num_heads + 2 * num_kv_heads) * head_dim, hidden]
+    wo: _Mat  # [hidden, num_heads * head_dim]
+    wgu: _Mat  # [2 * intermediate, hidden]
+    wdown: _Mat  # [hidden, intermediate]
 
 
 class SortedDrafter:
@@ -240,9 +253,15 @@ class SortedDrafter:
         """`matmul_dtype` (default: the model's dtype) is the dtype the projection and head
         weights are kept in; activations, norms and the KV cache stay in the model's dtype.
         NOTE: a one-token step is bound by reading the weights from memory (the 3-layer
-        demo drafter is ~19 MB in fp32, beyond the L2 and shared L3 share here), so fp16
-        weights make a draft token ~2x cheaper on CPU; numerics move by ~1e-3 in the logits,
-        which only affects acceptance, never losslessness."""
+        demo drafter is ~19 MB in fp32, beyond the L2 and the shared L3 share here). Measured
+        in the draft loop on this CPU (1 thread, one-row matmul): fp16 54 us, bf16 108 us,
+        fp32 152 us; but CPU fp16 kernels collapse beyond a few rows (120-row prefill: fp16
+        66 ms vs fp32 15 ms for a token's 13 matmuls). So calls of more than
+        `MAX_SMALL_ROWS` rows (prefill, lazy fill after early exits, batched sessions) use
+        fp32 over the exactly upcast weights with fp16-rounded inputs and outputs: the same
+        numbers as the fp16 kernel (which accumulates in fp32) up to accumulation order
+        (measured: 99.9 % bit-equal, the rest 1 fp16 ulp). Versus fp32 weights the logits
+        move by ~1e-3, which only affects acceptance, never losslessness."""
         cfg = model.config
         self.exits = list(exits)
         if self.exits[-1] > cfg.num_hidden_layers:
@@ -268,9 +287,9 @@ class SortedDrafter:
         self.matmul_dtype = matmul_dtype or p.dtype
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach().clone()  # [vocab, hidden]
-            # [vocab, hidden]; tied to `embed`, but kept in matmul_dtype
-            self.head = model.lm_head.weight.detach().to(self.matmul_dtype).clone()
-            self.norm = inner.norm.weight.detach().clone()  # [hidden]
+            # [vocab, hidden]: the (tied) head with the final norm's weight folded in
+            head = model.lm_head.weight.detach().float() * inner.norm.weight.detach().float()
+            self.head = self._mat(head)
             self.layers = [self._pack(layer) for layer in inner.layers[: self.num_layers]]
             pos = torch.arange(self.max_positions, device=self.device).unsqueeze(0)
             cos, sin = inner.rotary_emb(self.embed[:1].unsqueeze(0), pos)
@@ -287,24 +306,38 @@ class SortedDrafter:
 
     def _pack(self, layer) -> _LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
-        mm = self.matmul_dtype
+        ln1 = layer.input_layernorm.weight.detach().float()
+        ln2 = layer.post_attention_layernorm.weight.detach().float()
+        q = attn.q_proj.weight.detach().float() * self.head_dim**-0.5
+        qkv = torch.cat([q, attn.k_proj.weight.float(), attn.v_proj.weight.float()]) * ln1
+        gu = torch.cat([mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()]) * ln2
         return _LayerWeights(
-            ln1=layer.input_layernorm.weight.detach().clone(),
-            wqkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(mm),
-            wo=attn.o_proj.weight.detach().to(mm).clone(),
-            ln2=layer.post_attention_layernorm.weight.detach().clone(),
-            wgu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(mm),
-            wdown=mlp.down_proj.weight.detach().to(mm).clone(),
+            wqkv=self._mat(qkv),
+            wo=self._mat(attn.o_proj.weight.detach().float()),
+            wgu=self._mat(gu),
+            wdown=self._mat(mlp.down_proj.weight.detach().float()),
         )
+
+    def _mat(self, w: torch.Tensor) -> _Mat:  # w: [out, in] float32
+        small = w.to(self.matmul_dtype).contiguous()
+        big = None if self.matmul_dtype == self.dtype else small.to(self.dtype)
+        return _Mat(small=small, big=big)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:  # [rows, hidden], weight folded away
+        return F.rms_norm(x, (self.hidden_size,), None, self.eps)
 
     def _mm(
         self,
-        x: torch.Tensor,  # [rows, in]
-        w: torch.Tensor,  # [out, in] in matmul_dtype
-    ) -> torch.Tensor:  # [rows, out] in the activation dtype
-        if w.dtype == x.dtype:
-            return F.linear(x, w)
-        return F.linear(x.to(w.dtype), w).to(x.dtype)
+        x: torch.Tensor,  # [rows, in] activation dtype
+        w: _Mat,
+    ) -> torch.Tensor:  # [rows, out] activation dtype
+        if w.big is None:
+            return F.linear(x, w.small)
+        low = w.small.dtype
+        if x.shape[0] <= MAX_SMALL_ROWS:
+            return F.linear(x.to(low), w.small).to(x.dtype)
+        # the small kernel's numbers: low-precision inputs and outputs, wide accumulation
+        return F.linear(x.to(low).to(x.dtype), w.big).to(low).to(x.dtype)
 
     # ------------------------------------------------------------------ state
 
@@ -358,38 +391,40 @@ class SortedDrafter:
         w = self.layers[li]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         group = nh // nkv
-        xs = [st.hidden[s:e] for st, s, e in segments]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [rows, hidden]
-        h = F.rms_norm(x, (self.hidden_size,), w.ln1, self.eps)
-        qkv = self._mm(h, w.wqkv)  # [rows, (nh + 2 nkv) hd]
+        if len(segments) == 1:
+            st, s, e = segments[0]
+            x = st.hidden[s:e]  # [rows, hidden]
+            cos, sin = self.cos[s:e], self.sin_signed[s:e]  # [rows, 1, hd]
+        else:
+            x = torch.cat([st.hidden[s:e] for st, s, e in segments])
+            pos = torch.cat([torch.arange(s, e) for _, s, e in segments]).to(self.device)
+            cos, sin = self.cos[pos], self.sin_signed[pos]
+        rows = x.shape[0]
+        qkv = self._mm(self._norm(x), w.wqkv)  # [rows, (nh + 2 nkv) hd], q pre-scaled
+        qk = qkv[:, : (nh + nkv) * hd].view(rows, nh + nkv, hd)
+        qk = qk * cos + qk[..., self.rot_perm] * sin  # RoPE on q and k at once
+        v = qkv[:, (nh + nkv) * hd :].view(rows, nkv, hd)
         outs = []
         off = 0
         for st, s, e in segments:
             t = e - s
-            seg = qkv[off : off + t]
+            q = qk[off : off + t, :nh]  # [t, nh, hd]
+            st.k[li, :, s:e] = qk[off : off + t, nh:].transpose(0, 1)
+            st.v[li, :, s:e] = v[off : off + t].transpose(0, 1)
             off += t
-            q = seg[:, : nh * hd].view(t, nh, hd)
-            k = seg[:, nh * hd : (nh + nkv) * hd].view(t, nkv, hd)
-            v = seg[:, (nh + nkv) * hd :].view(t, nkv, hd)
-            cos, sin = self.cos[s:e], self.sin_signed[s:e]  # [t, 1, hd]
-            q = q * cos + q[..., self.rot_perm] * sin
-            k = k * cos + k[..., self.rot_perm] * sin
-            st.k[li, :, s:e] = k.transpose(0, 1)
-            st.v[li, :, s:e] = v.transpose(0, 1)
             keys, values = st.k[li, :, :e], st.v[li, :, :e]  # [nkv, e, hd]
             # heads g*j .. g*j+g-1 share kv head j (HF repeat_kv): fold them into the rows
             qh = q.transpose(0, 1).reshape(nkv, group * t, hd)
-            mask = None
+            scores = torch.bmm(qh, keys.transpose(1, 2))  # [nkv, group t, e]
             if t > 1:
                 qpos = torch.arange(s, e, device=self.device).unsqueeze(1)  # [t, 1]
-                mask = torch.arange(e, device=self.device).unsqueeze(0) <= qpos  # [t, e]
-                mask = mask.repeat(group, 1)  # [group t, e]
-            o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask)
-            outs.append(o.reshape(nh, t, hd).transpose(0, 1).reshape(t, nh * hd))
+                future = torch.arange(e, device=self.device).unsqueeze(0) > qpos  # [t, e]
+                scores = scores.masked_fill(future.repeat(group, 1), float("-inf"))
+            o = torch.bmm(torch.softmax(scores, dim=-1), values)  # [nkv, group t, hd]
+            outs.append(o.view(nh, t, hd).transpose(0, 1).reshape(t, nh * hd))
         a = outs[0] if len(outs) == 1 else torch.cat(outs)  # [rows, nh hd]
         x = x + self._mm(a, w.wo)
-        h = F.rms_norm(x, (self.hidden_size,), w.ln2, self.eps)
-        gate, up = self._mm(h, w.wgu).split(self.intermediate, dim=-1)
+        gate, up = self._mm(self._norm(x), w.wgu).split(self.intermediate, dim=-1)
         x = x + self._mm(F.silu(gate) * up, w.wdown)
         off = 0
         for st, s, e in segments:
@@ -398,7 +433,7 @@ class SortedDrafter:
             st.filled[li] = e
 
     def _logits(self, rows: torch.Tensor) -> torch.Tensor:  # rows: [b, hidden] -> [b, vocab]
-        return self._mm(F.rms_norm(rows, (self.hidden_size,), self.norm, self.eps), self.head)
+        return self._mm(self._norm(rows), self.head)
 
     def exit_logits_last(self, state: SortedKVState) -> list[torch.Tensor]:
         """Every exit's logits for the last position of `state` (runs all layers; for tests
@@ -425,6 +460,7 @@ class SortedDrafter:
         temps = [
             lane.sampling.temperature if not lane.sampling.greedy else 1.0 for lane in lanes
         ]
+        all_raw = all(t == 1.0 for t in temps)
         while True:
             pending = [i for i, lane in enumerate(lanes) if len(lane.token_ids) < lane.k]
             if not pending:
@@ -441,22 +477,32 @@ class SortedDrafter:
                 # exit `ei`: lanes with threshold <= 1 may leave here
                 testing = [i for i in pending if lanes[i].thresholds[ei] <= 1.0]
                 if testing:
-                    rows = torch.stack(
-                        [lanes[i].state.hidden[len(lanes[i].state.token_ids) - 1] for i in testing]
-                    )
+                    if len(testing) == 1:
+                        st = lanes[testing[0]].state
+                        p = len(st.token_ids) - 1
+                        rows = st.hidden[p : p + 1]
+                    else:
+                        rows = torch.stack(
+                            [lanes[i].state.hidden[len(lanes[i].state.token_ids) - 1]
+                             for i in testing]
+                        )
                     logits = self._logits(rows)  # [b, vocab]
-                    always = all(lanes[i].thresholds[ei] <= 0.0 for i in testing)
-                    if always:
+                    if all(lanes[i].thresholds[ei] <= 0.0 for i in testing):
                         leave = testing
                     else:
-                        temp = torch.tensor([temps[i] for i in testing], dtype=logits.dtype)
-                        conf = exit_confidence(logits / temp.unsqueeze(1), 1.0).tolist()
+                        scaled = logits
+                        if not all_raw:
+                            temp = torch.tensor([temps[i] for i in testing], dtype=logits.dtype)
+                            scaled = logits / temp.unsqueeze(1)
+                        # host sync: one per exit for the whole batch
+                        conf = torch.softmax(scaled, dim=-1).amax(dim=-1).tolist()
                         leave = [
                             i for j, i in enumerate(testing) if conf[j] >= lanes[i].thresholds[ei]
                         ]
                     if leave:
-                        rows = [testing.index(i) for i in leave]
-                        self._emit([lanes[i] for i in leave], logits[rows], self.exits[ei])
+                        if len(leave) < len(testing):
+                            logits = logits[[testing.index(i) for i in leave]]
+                        self._emit([lanes[i] for i in leave], logits, self.exits[ei])
                         pending = [i for i in pending if i not in leave]
                 ei += 1
                 if not pending:

@@ -97,10 +97,20 @@ class TrainSortedConfig(BaseModel):
     )
     seed: int = Field(0, description="Seed for data order, sampling and init.")
     val_fraction: float = Field(0.03, ge=0, lt=1, description="Held-out share of sequences.")
-    calibration_precision: float | None = Field(
-        None,
-        description="Default thresholds: lowest confidence where the exit is at least this "
-        "often right on held-out data (default: the deepest exit's overall match rate).",
+    calibration_agreement: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Default thresholds: per exit, the lowest confidence above which its "
+        "token equals the deepest exit's at least this often on held-out data.",
+    )
+    matmul_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="Weight dtype of the drafter's lean forward (saved in sorted.json)."
+    )
+    calibrate_only: bool = Field(
+        False,
+        description="Skip training: recalibrate the thresholds of the drafter already in "
+        "output_dir on the held-out split of the (cached) data and rewrite its sorted.json.",
     )
     eval_humaneval: int = Field(0, ge=0, description="After training, report match rates on "
                                 "the first N HumanEval prompts (evaluation only).")
@@ -335,25 +345,71 @@ def exit_predictions(model, exits: list[int], seqs: list[list[int]], batch_size:
 
 
 def calibrate_thresholds(
-    model, exits: list[int], seqs: list[list[int]], precision: float | None
+    model, exits: list[int], seqs: list[list[int]], agreement: float
 ) -> tuple[dict[int, float], dict[str, float]]:
-    """Per non-deepest exit: the lowest confidence above which the exit's argmax equals the
-    data's next token at least `precision` of the time (default: the deepest exit's rate)."""
+    """Default thresholds: per non-deepest exit, the lowest confidence above which the exit's
+    argmax equals the deepest exit's argmax at least `agreement` of the time on `seqs`.
+
+    Agreement with the deepest exit (not with the data) is the criterion because an early
+    exit should only skip layers that would not have changed the token: it bounds the
+    acceptance lost to early exits by 1 - agreement. Returns (thresholds, held-out stats:
+    per-exit match with the data's next token, and the adaptive rule's match and exit mix).
+    """
     preds = exit_predictions(model, exits, seqs)
     conf = torch.cat([c for c, _ in preds], dim=1)  # [exits, n]
-    arg = torch.cat([a for _, a in preds], dim=1)
+    arg = torch.cat([a for _, a in preds], dim=1)  # [exits, n]
     labels = torch.cat([torch.tensor(s[1:]) for s in seqs])  # [n]
-    right = arg == labels  # [exits, n]
-    rates = {f"val_match_exit{e}": float(right[i].float().mean()) for i, e in enumerate(exits)}
-    goal = precision if precision is not None else float(right[-1].float().mean())
+    stats = {f"val_match_exit{e}": round(float((arg[i] == labels).float().mean()), 4)
+             for i, e in enumerate(exits)}
     thresholds: dict[int, float] = {}
     for i, e in enumerate(exits[:-1]):
         c, order = conf[i].sort(descending=True)
-        hits = right[i][order].float().cumsum(0) / torch.arange(1, len(c) + 1)
-        ok = (hits >= goal).nonzero()
-        # the lowest confidence whose whole upper set still meets the goal
+        same = (arg[i] == arg[-1])[order].float()
+        upper_agreement = same.cumsum(0) / torch.arange(1, len(c) + 1)
+        ok = (upper_agreement >= agreement).nonzero()
+        # the lowest confidence whose whole upper set still agrees often enough
         thresholds[e] = round(float(c[ok[-1, 0]]), 4) if len(ok) else 1.01
-    return thresholds, rates
+    # the adaptive rule on the same positions
+    chosen = torch.full_like(labels, len(exits) - 1)
+    for i in reversed(range(len(exits) - 1)):
+        chosen = torch.where(conf[i] >= thresholds[exits[i]], i, chosen)
+    token = arg.gather(0, chosen.unsqueeze(0))[0]
+    stats["val_match_adaptive"] = round(float((token == labels).float().mean()), 4)
+    stats["val_adaptive_mean_exit"] = round(
+        float(torch.tensor(exits, dtype=torch.float)[chosen].mean()), 3
+    )
+    return thresholds, stats
+
+
+def split_data(
+    data: list[list[int]], cfg: TrainSortedConfig, rng: random.Random
+) -> tuple[list, list]:
+    """(held-out, training) sequences: a shuffle by `rng` (seeded: every run splits alike)."""
+    data = list(data)
+    rng.shuffle(data)
+    num_val = int(len(data) * cfg.val_fraction)
+    return data[:num_val], data[num_val:]
+
+
+def recalibrate(cfg: TrainSortedConfig, val: list[list[int]]) -> dict:
+    """Rewrite the thresholds of the drafter in cfg.output_dir (training record kept)."""
+    from transformers import AutoModelForCausalLM
+
+    saved = SortedExitsConfig.load(cfg.output_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(cfg.output_dir), dtype=torch.float32, local_files_only=True
+    ).eval()
+    thresholds, stats = calibrate_thresholds(model, saved.exits, val, cfg.calibration_agreement)
+    training = dict(saved.training or {})
+    training.update(stats)
+    training["calibration"] = {
+        "command": "python -m drafter_service.train_sorted " + " ".join(sys.argv[1:]),
+        "agreement": cfg.calibration_agreement,
+        "num_val_sequences": len(val),
+    }
+    update = {"thresholds": thresholds, "training": training, "matmul_dtype": cfg.matmul_dtype}
+    saved.model_copy(update=update).save(cfg.output_dir)
+    return {"thresholds": thresholds, **stats}
 
 
 def humaneval_match(model, exits, targets, tokenizer, num: int, new_tokens: int = 64):
@@ -395,7 +451,8 @@ def save_drafter(model, cfg: TrainSortedConfig, thresholds: dict[int, float], in
         if (Path(src) / name).is_file():
             shutil.copy(Path(src) / name, out / name)
     SortedExitsConfig(
-        exits=cfg.exits, thresholds=thresholds, tokenizer_hash=tokenizer_hash(out), training=info
+        exits=cfg.exits, thresholds=thresholds, tokenizer_hash=tokenizer_hash(out),
+        matmul_dtype=cfg.matmul_dtype, training=info,
     ).save(out)
 
 
@@ -419,11 +476,12 @@ def train(cfg: TrainSortedConfig) -> dict:
         t.eval().requires_grad_(False)
     data = build_data(cfg, targets, tokenizer)
     t_data = time.time() - t_start
-
-    rng = random.Random(cfg.seed)
-    rng.shuffle(data)
-    num_val = int(len(data) * cfg.val_fraction)
-    val, train_seqs = data[:num_val], data[num_val:]
+    rng = random.Random(cfg.seed)  # one stream: the split, then the batch order
+    val, train_seqs = split_data(data, cfg, rng)
+    if cfg.calibrate_only:
+        result = recalibrate(cfg, val)
+        print(json.dumps(result, indent=1))
+        return result
 
     model = init_drafter(cfg)
     model.train()
@@ -479,8 +537,9 @@ def train(cfg: TrainSortedConfig) -> dict:
     t_train = time.time() - t0
     model.eval()
 
-    thresholds, rates = calibrate_thresholds(model, cfg.exits, val, cfg.calibration_precision) \
-        if val else ({}, {})
+    thresholds, rates = ({}, {})
+    if val:
+        thresholds, rates = calibrate_thresholds(model, cfg.exits, val, cfg.calibration_agreement)
     info = {
         "command": "python -m drafter_service.train_sorted " + " ".join(sys.argv[1:]),
         "init": cfg.init if cfg.init == "scratch" else f"{Path(cfg.init_from).name} layers "
@@ -527,6 +586,10 @@ def parse_args(argv: list[str] | None = None) -> TrainSortedConfig:
             kwargs.update(type=lambda s: s.split(","), metavar="greedy,sample")
         elif name == "init":
             kwargs.update(choices=["checkpoint", "scratch"])
+        elif name == "matmul_dtype":
+            kwargs.update(choices=["float32", "float16", "bfloat16"])
+        elif ann is bool:
+            kwargs.update(action="store_true", default=None)
         elif ann in (int, int | None):
             kwargs["type"] = int
         elif ann in (float, float | None):
