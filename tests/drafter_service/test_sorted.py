@@ -34,6 +34,7 @@ from drafter_service.train_sorted import (
     save_drafter,
     sorted_loss,
     target_log_probs,
+    train,
 )
 from shared.config import DrafterConfig
 from shared.loading import tokenizer_hash
@@ -362,6 +363,54 @@ def test_init_from_checkpoint_layers_and_save_roundtrip(tmp_path):
     assert factory.exits == [1, 2] and factory.default_thresholds == [0.6, 0.0]
     draft = factory.new_session([], SamplingParams()).propose(context(6), 3)
     assert len(draft) == 3
+
+
+def test_scratch_init_takes_vocab_from_the_target(tmp_path):
+    target_dir = tmp_path / "target"
+    tiny_model(2).save_pretrained(str(target_dir))
+    cfg = TrainSortedConfig(
+        output_dir=tmp_path / "out", exits=[1, 3], init="scratch", targets=[target_dir],
+        scratch_hidden_size=16, scratch_intermediate_size=24, scratch_num_heads=2,
+        scratch_num_kv_heads=1,
+    )
+    model = init_drafter(cfg)
+    assert model.config.num_hidden_layers == 3 and model.config.vocab_size == VOCAB
+    assert model.config.hidden_size == 16
+
+
+@pytest.mark.skipif(
+    not (models_dir() / "codelm-target-s" / "tokenizer.json").is_file(),
+    reason="needs the demo tokenizer",
+)
+def test_train_end_to_end_tiny(tmp_path):
+    # generate -> cache -> train -> calibrate -> save -> load, on a tiny 4096-vocab target
+    target_dir = tmp_path / "target"
+    torch.manual_seed(0)
+    config = tiny_config(2)
+    config.vocab_size = 4096
+    LlamaForCausalLM(config).save_pretrained(str(target_dir))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (target_dir / name).write_bytes((models_dir() / "codelm-target-s" / name).read_bytes())
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(
+        json.dumps({"prompt": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(8)
+    ))
+    cfg = TrainSortedConfig(
+        output_dir=tmp_path / "out", exits=[1, 2], init_from=target_dir, targets=[target_dir],
+        prompts=prompts, num_prompts=8, gen_modes=["greedy", "sample"], max_new_tokens=6,
+        gen_batch_size=4, cache_dir=tmp_path / "cache", batch_size=4, max_steps=3,
+        val_fraction=0.25,
+    )
+    info = train(cfg)
+    assert info["steps"] == 3 and info["data"]["num_sequences"] == 16
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one file per (target, mode)
+    saved = SortedExitsConfig.load(cfg.output_dir)
+    assert saved.exits == [1, 2] and set(saved.thresholds) == {1}
+    factory = SortedProposerFactory(
+        DrafterConfig(name="e2e", model_dir=cfg.output_dir, kind="sorted")
+    )
+    factory.attach_target("target", tokenizer_hash(target_dir))
+    assert len(factory.new_session([], SamplingParams()).propose([5, 6, 7], 2)) == 2
 
 
 def test_train_config_rejects_bad_exits(tmp_path):
