@@ -2,14 +2,22 @@
 
 One `DraftModelProposerFactory` holds the weights; each session has its own KV cache.
 `propose(context, k)` first reconciles the cache with the verifier's accepted context
-(keep the longest common prefix, `crop` the rest, feed the new tail), then drafts k tokens
+(keep the longest common prefix, drop the rest, feed the new tail), then drafts k tokens
 autoregressively. Greedy sessions draft by argmax (deterministic: `draft_probs=None`, q is
 one-hot); sampled sessions draw from q (same temperature/top-p/top-k as the target) with a
 per-session seeded generator and return q for the rejection sampler.
+
+Two engines behind the same sessions:
+- lean (default for Llama-architecture drafters): a plain model is a nested drafter with a
+  single exit at its last layer, so it runs on `sorted_model.SortedDrafter` (fused fp16
+  one-row matmuls, preallocated cache, cross-session batching via `propose_batch`);
+- HF (`DraftModelProposer`): the generic `AutoModelForCausalLM` forward with a
+  `DynamicCache`, for architectures the lean forward does not cover.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,11 +32,16 @@ if TYPE_CHECKING:
 
     from shared.config import DrafterConfig
 
+log = logging.getLogger(__name__)
+
 # Draft generators are seeded apart from the target's so the two streams of uniforms differ.
 DRAFT_SEED_OFFSET = 0x5EED
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class DraftModelProposer:
+    """A session on HF's generic forward (fallback engine)."""
+
     def __init__(self, model: PreTrainedModel, sampling: SamplingParams) -> None:
         from transformers import DynamicCache
 
@@ -74,6 +87,9 @@ class DraftModelProposer:
     def update(self, num_accepted: int) -> None:
         pass  # the next propose() reconciles against the verifier's context
 
+    def set_params(self, params: dict[str, float]) -> None:
+        pass  # a plain draft model has no per-session knobs
+
     def close(self) -> None:
         self.cache = None
         self.cached_ids = []
@@ -84,8 +100,25 @@ class DraftModelProposerFactory:
 
     def __init__(self, config: DrafterConfig) -> None:
         self.config = config
-        self.model = load_model(config)
         self.tokenizer_hash = tokenizer_hash(config.model_dir)
+        model = load_model(config)
+        self.lean = None
+        if config.lean_forward:
+            from drafter_service.sorted_model import SortedDrafter
+            from drafter_service.sorted import SortedProposerFactory
 
-    def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> DraftModelProposer:
+            try:
+                drafter = SortedDrafter(
+                    model, [model.config.num_hidden_layers], _DTYPES[config.matmul_dtype]
+                )
+                self.lean = SortedProposerFactory.from_drafter(config, drafter, self.tokenizer_hash)
+            except ValueError as e:  # architecture the lean forward does not cover
+                log.warning("%s: lean forward unavailable (%s); using HF's forward", config.name, e)
+        self.model = None if self.lean is not None else model
+        if self.lean is not None:
+            self.propose_batch = self.lean.propose_batch
+
+    def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams):
+        if self.lean is not None:
+            return self.lean.new_session(prompt_ids, sampling)
         return DraftModelProposer(self.model, sampling)

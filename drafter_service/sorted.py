@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from drafter_service.draft_model import DRAFT_SEED_OFFSET, common_prefix_len
+from drafter_service.draft_model import DRAFT_SEED_OFFSET
+from shared.proposer import common_prefix_len
 from drafter_service.sorted_model import (
     DraftLane,
     SortedDrafter,
@@ -162,6 +163,21 @@ class SortedProposerFactory:
         self.exits = list(self.drafter.exits)
         self.default_thresholds = thresholds_list(self.exits, self.sorted_config.thresholds)
         self.targets: dict[str, str] = {}  # attached target name -> tokenizer hash
+
+    @classmethod
+    def from_drafter(
+        cls, config: DrafterConfig, drafter: SortedDrafter, tokenizer_hash_: str
+    ) -> SortedProposerFactory:
+        """A factory over an already built drafter (a plain draft model = one exit)."""
+        self = cls.__new__(cls)
+        self.config = config
+        self.sorted_config = SortedExitsConfig(exits=drafter.exits)
+        self.tokenizer_hash = tokenizer_hash_
+        self.drafter = drafter
+        self.exits = list(drafter.exits)
+        self.default_thresholds = thresholds_list(self.exits, {})
+        self.targets = {}
+        return self
 
     def attach_target(self, name: str, target_tokenizer_hash: str) -> None:
         """Register a target this drafter serves; a different tokenizer is a config error."""
