@@ -4,6 +4,10 @@ Runs the shared drafter pool as a grpc.aio server. Prints `LISTENING <port>` as 
 port is bound (port 0 = any free port), reports NOT_SERVING on the health service until
 every drafter is loaded, and on SIGTERM stops taking new streams and drains open ones for
 `--grace` seconds.
+
+Every drafter serves every configured target: a drafter whose tokenizer differs from a
+target's is a configuration error, reported (drafter, target, both tokenizer hashes) with
+exit status 2 before the port is bound.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ logger = logging.getLogger("drafter_service")
 
 SERVICE_NAME = "specdec.v1.DrafterService"
 DEFAULT_PORT = 50061
+CONFIG_ERROR_EXIT = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,11 +68,18 @@ async def serve(
     stop = stop_event()
 
     loop = asyncio.get_running_loop()
-    load = loop.run_in_executor(None, lambda: DrafterPool.load(config.drafters, max_workers=max_workers))
+    load = loop.run_in_executor(
+        None, lambda: DrafterPool.load(config.drafters, config.targets, max_workers=max_workers)
+    )
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
     if load in done:
-        servicer.pool = load.result()
+        try:
+            servicer.pool = load.result()
+        except ValueError as e:  # e.g. a tokenizer mismatch found while attaching targets
+            logger.error("configuration error: %s", e)
+            await server.stop(0)
+            raise SystemExit(CONFIG_ERROR_EXIT) from None
         await health.set(True)
         logger.info(
             "drafter pool serving on %s:%d: drafters %s, methods %s",
@@ -89,6 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     config = SpecdecConfig.from_yaml(args.config) if args.config else default_config()
     if not config.drafters:
         raise SystemExit("the config has no drafters")
+    from drafter_service.pool import check_tokenizers
+
+    try:
+        check_tokenizers(config.drafters, config.targets)
+    except ValueError as e:
+        logger.error("configuration error: %s", e)
+        raise SystemExit(CONFIG_ERROR_EXIT) from None
     asyncio.run(
         serve(
             config,

@@ -6,6 +6,10 @@ tokenizer hash, method, drafter name), makes per-session proposers, counts open 
 event loop under `torch.inference_mode()`: in its executor, one session per call, or, for
 a drafter whose factory has `propose_batch` (sorted), in that drafter's batcher thread,
 which drafts the rounds of every session waiting at that moment in one call.
+
+Every drafter serves every configured target, so `load` attaches them all at start-up and
+a drafter whose tokenizer differs from a target's is a configuration error there (a
+ValueError naming drafter, target and both hashes), not a rejected Open at request time.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from shared.protocol import PROTOCOL_VERSION
 from shared.proposer import EMPTY_DRAFT
 
 if TYPE_CHECKING:
-    from shared.config import DrafterConfig
+    from shared.config import DrafterConfig, TargetConfig
     from shared.proposer import Draft, Proposer, ProposerFactory
     from shared.sampling import SamplingParams
 
@@ -61,6 +65,20 @@ def load_factory(config: DrafterConfig) -> ProposerFactory | None:
         logger.warning("drafter %r skipped: kind %r is not available (%s)", config.name, config.kind, e)
         return None
     return getattr(module, class_name)(config)
+
+
+def check_tokenizers(drafters: Sequence[DrafterConfig], targets: Sequence[TargetConfig]) -> None:
+    """Start-up check from the config alone (tokenizer files, no weights): every drafter of
+    the pool serves every target, so each pair must share one tokenizer (ValueError naming
+    drafter, target and both hashes otherwise)."""
+    from drafter_service.sorted import check_tokenizer
+    from shared.loading import tokenizer_hash
+
+    target_hashes = {t.name: tokenizer_hash(t.model_dir) for t in targets}
+    for d in drafters:
+        drafter_hash = tokenizer_hash(d.model_dir)
+        for name, target_hash in target_hashes.items():
+            check_tokenizer(drafter_hash, target_hash, d.name, name)
 
 
 def _in_inference_mode(fn: Callable[..., T], *args) -> T:
@@ -133,28 +151,16 @@ class DraftSession:
             self.apply_params_locked(call.params)
 
     def apply_params_locked(self, params: dict[str, float]) -> None:
-        """Commit.params (sticky per key) for proposers that take parameters:
-
-        - a proposer's own `set_params(dict)` gets them as they are;
-        - sorted drafters (`set_thresholds`): `fixed_exit` >= 0 pins every token to that exit,
-          else `threshold.<exit>` keys set per-exit confidence thresholds, else the defaults.
-        """
-        p = self.proposer
-        if hasattr(p, "set_params"):
-            p.set_params(params)
-        elif hasattr(p, "set_thresholds"):
-            fixed = params.get("fixed_exit", -1.0)
-            thresholds = {
-                int(key.split(".", 1)[1]): value
-                for key, value in params.items()
-                if key.startswith("threshold.")
-            }
-            if fixed >= 0:
-                p.set_fixed_exit(int(fixed))
-            elif thresholds:
-                p.set_thresholds(thresholds)
-            else:
-                p.reset_thresholds()
+        """Commit.params (the stream's sticky merge) for proposers that take parameters
+        (`set_params`; sorted: `fixed_exit`, `threshold.<exit>`); others have none.
+        Parameters the proposer rejects are the verifier's bad input (INVALID_ARGUMENT)."""
+        set_params = getattr(self.proposer, "set_params", None)
+        if set_params is None:
+            return
+        try:
+            set_params(params)
+        except ValueError as e:
+            raise InvalidArgumentError(f"Commit.params: {e}", field="params") from e
 
     def close(self) -> None:
         """Free the proposer's state; idempotent."""
@@ -168,8 +174,8 @@ class DraftSession:
                 self._pool._session_closed(self)
 
 
-def _exit_layers(proposer: Proposer) -> list[int]:
-    return [int(e) for e in getattr(proposer, "last_exit_layers", None) or []]
+def _exit_layers(draft: Draft) -> list[int]:
+    return [int(e) for e in draft.exit_layers or []]
 
 
 def propose_one(call: ProposeCall) -> DraftResult:
@@ -180,7 +186,7 @@ def propose_one(call: ProposeCall) -> DraftResult:
             return DraftResult(EMPTY_DRAFT)
         session.prepare_locked(call)
         draft = session.proposer.propose(call.context_ids, call.k)
-        return DraftResult(draft, _exit_layers(session.proposer))
+        return DraftResult(draft, _exit_layers(draft))
 
 
 class _Batcher:
@@ -262,7 +268,7 @@ class _Batcher:
                     return
                 metrics.DRAFTER_BATCH_SIZE.labels(self.name).observe(len(todo))
                 for (call, fut), draft in zip(todo, drafts):
-                    fut.set_result(DraftResult(draft, _exit_layers(call.session.proposer)))
+                    fut.set_result(DraftResult(draft, _exit_layers(draft)))
         finally:
             for session in locked:
                 session.lock.release()
@@ -298,10 +304,17 @@ class DrafterPool:
         return cls(drafters, **kwargs)
 
     @classmethod
-    def load(cls, configs: Sequence[DrafterConfig], **kwargs) -> DrafterPool:
-        """Load every configured drafter (slow: run it off the event loop)."""
+    def load(
+        cls,
+        configs: Sequence[DrafterConfig],
+        targets: Sequence[TargetConfig] = (),
+        **kwargs,
+    ) -> DrafterPool:
+        """Load every configured drafter (slow: run it off the event loop) and attach every
+        configured target to each (ValueError on a tokenizer mismatch: a config error)."""
         from shared.loading import tokenizer_hash
 
+        check_tokenizers(configs, targets)  # before loading any weights: fail fast
         drafters = []
         for config in configs:
             factory = load_factory(config)
@@ -312,7 +325,22 @@ class DrafterPool:
             logger.info(
                 "drafter %r loaded: method=%s tokenizer_hash=%s", config.name, factory.method, tok_hash
             )
-        return cls(drafters, **kwargs)
+        pool = cls(drafters, **kwargs)
+        pool.attach_targets({t.name: tokenizer_hash(t.model_dir) for t in targets})
+        return pool
+
+    def attach_targets(self, target_hashes: Mapping[str, str]) -> None:
+        """Attach targets (name -> tokenizer hash) to every drafter: each drafter serves only
+        targets with its own tokenizer, so a mismatch raises ValueError naming both."""
+        from drafter_service.sorted import check_tokenizer
+
+        for target, target_hash in target_hashes.items():
+            for d in self._drafters.values():
+                attach = getattr(d.factory, "attach_target", None)
+                if attach is not None:
+                    attach(target, target_hash)
+                else:
+                    check_tokenizer(d.tokenizer_hash, target_hash, d.name, target)
 
     # ---------------------------------------------------------------- what it serves
 

@@ -113,7 +113,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 )
             )
             reader = asyncio.create_task(self._read_commits(context, state))
-            await self._draft_loop(context, session, state)
+            try:
+                await self._draft_loop(context, session, state)
+            except SpecdecError as e:  # e.g. Commit.params the proposer rejects
+                state.error = e
             if state.error is not None:
                 err = state.error
                 code = err.code if isinstance(err, SpecdecError) else grpc.StatusCode.INTERNAL

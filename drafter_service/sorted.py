@@ -12,9 +12,10 @@ tokens, each leaving at the shallowest exit whose confidence clears its threshol
 - sampled sessions draw from q = the emitting exit's distribution after the session's
   temperature/top-p/top-k, with a per-session seeded generator, and return q [k, vocab].
 
-Per-token exit depths are in `proposer.last_exit_layers`; `Draft.info` carries the mean
-exit depth and per-exit counts (it is `dict[str, float]`). Thresholds are per session
-(`set_thresholds`, `set_fixed_exit`), because the verifier's policy picks them per target.
+Per-token exit depths are in `Draft.exit_layers` (and `proposer.last_exit_layers`);
+`Draft.info` carries the mean exit depth and per-exit counts. Thresholds are per session
+(`set_params` with the `fixed_exit` / `threshold.<exit>` keys of `shared.proposer`, or
+`set_thresholds` / `set_fixed_exit`), because the verifier's policy picks them per target.
 `propose_batch` drafts for several sessions in one set of layer calls (rows of all
 sessions share each matmul; only attention runs per session).
 """
@@ -66,6 +67,7 @@ class SortedProposer:
         self.generator = make_generator(seed, self.drafter.device)
         self.state = self.drafter.new_state()
         self.thresholds = list(factory.default_thresholds)  # [num_exits], deepest = 0
+        self.params: dict[str, float] = {}  # sticky set_params keys applied so far
         self.last_exit_layers: list[int] = []  # exit depth of each token of the last draft
         self.num_drafted = {e: 0 for e in self.drafter.exits}  # per exit, this session
         self.num_accepted = {e: 0 for e in self.drafter.exits}
@@ -82,6 +84,35 @@ class SortedProposer:
 
     def reset_thresholds(self) -> None:
         self.thresholds = list(self.factory.default_thresholds)
+        self.params = {}
+
+    def set_params(self, params: dict[str, float]) -> None:
+        """The verifier policy's parameters (sticky per key; see `shared.proposer.Proposer`):
+        `fixed_exit` >= 0 pins the exit, else `threshold.<exit>` keys override the default
+        thresholds of their exits. Raises ValueError for an unknown key or exit (and then
+        changes nothing)."""
+        merged = {**self.params, **params}
+        exits = self.drafter.exits
+        thresholds = dict(zip(exits, self.factory.default_thresholds))
+        fixed = -1
+        for key, value in merged.items():
+            if key == "fixed_exit":
+                fixed = int(value)
+                if fixed >= 0 and fixed not in exits:
+                    raise ValueError(f"fixed_exit {fixed} is not one of the exits {exits}")
+                continue
+            name, _, exit_layer = key.partition(".")
+            if name != "threshold" or not exit_layer.isdigit() or int(exit_layer) not in exits:
+                raise ValueError(
+                    f"unknown sorted drafter parameter {key!r} (keys: fixed_exit, "
+                    f"threshold.<exit> with exits {exits})"
+                )
+            thresholds[int(exit_layer)] = float(value)
+        if fixed >= 0:
+            self.set_fixed_exit(fixed)
+        else:
+            self.set_thresholds(thresholds)
+        self.params = merged
 
     # ------------------------------------------------------------------ Proposer
 
@@ -121,7 +152,10 @@ class SortedProposer:
             self.num_drafted[e] += n
             info[f"num_exit_{e}"] = float(n)
         probs = torch.stack(lane.draft_probs) if lane.draft_probs else None
-        return Draft(token_ids=lane.token_ids, draft_probs=probs, info=info)
+        return Draft(
+            token_ids=lane.token_ids, draft_probs=probs, info=info,
+            exit_layers=list(lane.exit_layers),
+        )
 
 
 def propose_batch(

@@ -101,6 +101,9 @@ class NgramProposer:
     def update(self, num_accepted: int) -> None:
         pass  # stateless apart from the context, which `propose` receives in full
 
+    def set_params(self, params: dict[str, float]) -> None:
+        pass  # prompt lookup has no per-session knobs
+
     def close(self) -> None:
         pass
 

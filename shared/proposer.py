@@ -3,6 +3,7 @@
 A proposer is per session (one generation request). Its factory (`ProposerFactory`) holds
 what sessions share: model weights, tables. The verifier's loop calls, once per round:
 
+    proposer.set_params(params)                # only when the policy changed them (sorted)
     draft = proposer.propose(context_ids, k)   # context = prompt + every token emitted so far
     ... verify ...
     proposer.update(num_accepted)              # feedback only; context carries the truth
@@ -31,11 +32,14 @@ class Draft:
 
     `draft_probs is None` means the draft was chosen deterministically (argmax, n-gram,
     top-K tree node): its q is one-hot, whatever probability the drafter computed.
+    `exit_layers` (nested drafters) is the exit depth each token left at; the verifier's
+    exit policy learns per-exit acceptance from it.
     """
 
     token_ids: list[int]  # [k]
     draft_probs: torch.Tensor | None = None  # [k, vocab_size], q after temperature/top-p/top-k
     info: dict[str, float] = field(default_factory=dict)  # proposer-specific stats (exit depths)
+    exit_layers: list[int] | None = None  # [k] exit depth per draft token (sorted), else None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -74,6 +78,22 @@ class Proposer(Protocol):
 
     def update(self, num_accepted: int) -> None:
         """How many of the last draft's tokens the target accepted."""
+        ...
+
+    def set_params(self, params: dict[str, float]) -> None:
+        """Per-session drafter parameters chosen by the verifier's policy; **sticky**: a key
+        keeps its value until it is set again, so callers pass only what changed (passing
+        everything again is harmless). Keys (nested `sorted` drafters):
+
+        - `fixed_exit`: >= 0 pins every draft token to that exit (deeper layers never run);
+          < 0 unpins it (the thresholds decide again);
+        - `threshold.<exit>`: confidence threshold of that exit (the top probability of the
+          exit's distribution must reach it; > 1 = never leave there). Exits without a key
+          keep the drafter's default; the deepest exit always emits.
+
+        Proposers without parameters (n-gram, draft model) ignore them (a no-op); one that
+        takes parameters raises ValueError for a key or exit it does not know.
+        """
         ...
 
     def close(self) -> None:

@@ -9,6 +9,9 @@ another queue. Per round:
            token_ids = the new tail, num_speculative_tokens = k}  -> wait for that epoch's
     Candidates at most `timeout_s`; older epochs are stale (a round that timed out) and dropped.
 
+`set_params` (the policy's exit thresholds) is sticky on both ends: each Commit carries
+only the keys whose value the drafter's stream does not have yet.
+
 Failures never fail the request (DESIGN: slower, never wrong): a timeout, an error or a
 drafter that is down makes `propose` return an empty draft (k = 0 for that round). A broken
 stream (or `max_consecutive_timeouts` timeouts in a row, e.g. a hung drafter) is dropped
@@ -199,6 +202,10 @@ class RemoteProposer:
         self.num_stale_dropped = 0
         self.num_failures = 0
         self.num_reopens = 0
+        # set_params: what the policy wants, and what the current stream already has (the
+        # drafter keeps Commit.params sticky per stream; a reopened stream starts empty).
+        self._params: dict[str, float] = {}
+        self._sent_params: dict[str, float] = {}
         self._open(list(prompt_ids))
 
     # ---------------------------------------------------------------- stream lifecycle
@@ -223,6 +230,7 @@ class RemoteProposer:
             return
         self._drafter_context = context
         self._epoch = 0
+        self._sent_params = {}
 
     def _fail(self, err: StreamBroken) -> None:
         """Drop the stream; retry later unless the drafter refused this session for good."""
@@ -261,6 +269,9 @@ class RemoteProposer:
         self._epoch += 1
         epoch = self._epoch
         deadline = time.monotonic() + self.timeout_s
+        changed = {
+            key: value for key, value in self._params.items() if self._sent_params.get(key) != value
+        }
         stream.send(
             drafter_pb2.DraftRequest(
                 commit=drafter_pb2.Commit(
@@ -268,9 +279,11 @@ class RemoteProposer:
                     accepted_length=keep,
                     token_ids=context[keep:],
                     num_speculative_tokens=k,
+                    params=changed,
                 )
             )
         )
+        self._sent_params.update(changed)
         del self._drafter_context[keep:]
         self._drafter_context.extend(context[keep:])
         self.num_proposals += 1
@@ -339,15 +352,31 @@ class RemoteProposer:
                 logger.warning("malformed candidates dropped: %s", e)
                 return Draft(token_ids=[])
         info: dict[str, float] = {}
+        exit_layers = None
         if cand.exit_layers:
-            info["mean_exit_layer"] = float(sum(cand.exit_layers)) / len(cand.exit_layers)
+            if len(cand.exit_layers) != len(token_ids):
+                logger.warning(
+                    "candidates with %d exit layers for %d tokens dropped",
+                    len(cand.exit_layers), len(token_ids),
+                )
+                return Draft(token_ids=[])
+            exit_layers = list(cand.exit_layers)
+            info["mean_exit_layer"] = float(sum(exit_layers)) / len(exit_layers)
         if len(token_ids) > k:
             token_ids = token_ids[:k]
             draft_probs = draft_probs[:k] if draft_probs is not None else None
-        return Draft(token_ids=token_ids, draft_probs=draft_probs, info=info)
+            exit_layers = exit_layers[:k] if exit_layers is not None else None
+        return Draft(
+            token_ids=token_ids, draft_probs=draft_probs, info=info, exit_layers=exit_layers
+        )
 
     def update(self, num_accepted: int) -> None:
         pass  # the next Commit carries the accepted context itself
+
+    def set_params(self, params: dict[str, float]) -> None:
+        """Sticky drafter parameters: the changed keys ride on the next Commit (all of them
+        again after a reopen)."""
+        self._params.update(params)
 
     def close(self) -> None:
         if self._closed:

@@ -220,6 +220,27 @@ def test_fixed_exit_drafts_only_at_that_exit(factory, exit_layer):
     assert session.last_exit_layers == [exit_layer] * 6
 
 
+def test_set_params_keys_are_sticky_and_map_to_thresholds(factory):
+    session = factory.new_session([], SamplingParams())
+    default = list(factory.default_thresholds)  # exits 1, 2, 4: [0.5, 0.4, 0]
+    session.set_params({"threshold.1": 0.9})  # exit 2 keeps its default
+    assert session.thresholds == [0.9, default[1], 0.0]
+    session.set_params({"threshold.2": 2.0})  # sticky: threshold.1 stays 0.9
+    assert session.thresholds == [0.9, 2.0, 0.0]
+    session.set_params({"fixed_exit": 2.0})  # pinned: exit 1 never, exit 2 always
+    assert session.thresholds == [NEVER, 0.0, 0.0]
+    draft = session.propose(context(10), 3)
+    assert draft.exit_layers == session.last_exit_layers == [2, 2, 2]
+    session.set_params({"fixed_exit": -1.0})  # unpinned: the sticky thresholds again
+    assert session.thresholds == [0.9, 2.0, 0.0]
+    for bad in ({"threshold.3": 0.5}, {"fixed_exit": 3.0}, {"temperature": 1.0}, {"threshold.x": 1}):
+        with pytest.raises(ValueError):
+            session.set_params(bad)
+    assert session.thresholds == [0.9, 2.0, 0.0]  # a rejected call changes nothing
+    session.reset_thresholds()
+    assert session.thresholds == default and session.params == {}
+
+
 # ============================================================== incremental == from scratch
 
 
