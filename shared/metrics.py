@@ -69,6 +69,15 @@ class SpecDecodingProm:
       sum by (model, method, position) (rate(specdec:num_accepted_tokens_per_pos_total[$interval]))
       / on (model, method) group_left
       sum by (model, method) (rate(specdec:num_drafts_total[$interval]))
+
+    Nested (`sorted`) drafters, per exit depth (label `exit`): acceptance rate of the draft
+    tokens that left at each exit, and the thresholds the verifier's exit policy chose last
+    (gauge; 2 = never leave there, 0 = always):
+
+      sum by (model, exit) (rate(specdec:num_accepted_tokens_per_exit_total[$interval]))
+      / sum by (model, exit) (rate(specdec:num_draft_tokens_per_exit_total[$interval]))
+
+      specdec:sorted_exit_threshold{model="codelm-target-m"}
     """
 
     def __init__(self) -> None:
@@ -93,6 +102,22 @@ class SpecDecodingProm:
             "Target forwards after prefill (k = 0 rounds included).",
             _SPEC_LABELS,
         )
+        self.num_draft_tokens_per_exit = Counter(
+            "specdec:num_draft_tokens_per_exit",
+            "Draft tokens of nested (sorted) drafters by the exit depth they left at.",
+            ["model", "exit"],
+        )
+        self.num_accepted_tokens_per_exit = Counter(
+            "specdec:num_accepted_tokens_per_exit",
+            "Accepted draft tokens of nested (sorted) drafters by exit depth.",
+            ["model", "exit"],
+        )
+        self.sorted_exit_threshold = Gauge(
+            "specdec:sorted_exit_threshold",
+            "Confidence threshold per exit the verifier's exit policy chose for the target "
+            "(at the end of its last sorted request; 2 = never leave there).",
+            ["model", "exit"],
+        )
 
     def observe(self, model: str, method: str, stats: SpecStats) -> None:
         """Add one finished (or aborted) request's `SpecStats`."""
@@ -103,6 +128,16 @@ class SpecDecodingProm:
         for pos, count in enumerate(stats.num_accepted_per_pos):
             if count:
                 self.num_accepted_tokens_per_pos.labels(model, method, str(pos)).inc(count)
+        if method != "sorted":
+            return
+        for exit_layer, count in stats.num_draft_tokens_per_exit.items():
+            self.num_draft_tokens_per_exit.labels(model, str(exit_layer)).inc(count)
+            accepted = stats.num_accepted_tokens_per_exit.get(exit_layer, 0)
+            # NOTE: inc(0) too, so an exit whose tokens were all rejected still has a series
+            self.num_accepted_tokens_per_exit.labels(model, str(exit_layer)).inc(accepted)
+        for key, value in stats.policy.items():
+            if key.startswith("threshold."):
+                self.sorted_exit_threshold.labels(model, key.split(".", 1)[1]).set(value)
 
 
 SPEC_DECODING = SpecDecodingProm()

@@ -23,6 +23,10 @@ class GenerationRequest:
     method: str = "none"
     num_speculative_tokens: int | None = None  # None: the policy's default; fixed when given
     request_id: str = ""
+    # Drafter parameters pinned for the whole request (sorted: `fixed_exit`,
+    # `threshold.<exit>`; see `shared.proposer.Proposer.set_params`); the policy then adapts
+    # k only. Empty: the policy chooses them.
+    drafter_params: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -38,6 +42,17 @@ class SpecStats:
     draft_time_s: float = 0.0  # proposer calls
     other_time_s: float = 0.0  # everything else in the loop (accept, detok, stop checks)
     policy: dict[str, float] = field(default_factory=dict)  # what the policy chose (k, exits)
+    # nested drafters: draft tokens per exit depth, and how many of them were accepted
+    num_draft_tokens_per_exit: dict[int, int] = field(default_factory=dict)
+    num_accepted_tokens_per_exit: dict[int, int] = field(default_factory=dict)
+
+    def observe_exits(self, exit_layers: list[int], num_accepted: int) -> None:
+        """One round's draft tokens by exit depth; the first `num_accepted` were accepted."""
+        drafted, accepted = self.num_draft_tokens_per_exit, self.num_accepted_tokens_per_exit
+        for i, e in enumerate(exit_layers):
+            drafted[e] = drafted.get(e, 0) + 1
+            if i < num_accepted:
+                accepted[e] = accepted.get(e, 0) + 1
 
     @property
     def mean_acceptance_length(self) -> float:

@@ -28,13 +28,18 @@ from shared.rejection import greedy_accept, rejection_sample
 from shared.sampling import logits_to_probs, make_generator, sample_from_probs
 from shared.stop import StopChecker
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult, SpecStats
-from verifier_service.policy import AdaptiveKPolicy, FixedKPolicy, HeuristicKPolicy
+from verifier_service.exit_policy import SortedExitPolicy
+from verifier_service.policy import AdaptiveKPolicy, FixedKPolicy, HeuristicKPolicy, ParamsPolicy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from shared.config import SpeculationConfig
     from verifier_service.engine import TargetEngine
+    from verifier_service.exit_policy import ExitSetup
+
+Policy = AdaptiveKPolicy | FixedKPolicy | HeuristicKPolicy | ParamsPolicy | SortedExitPolicy
+_Learnable = (AdaptiveKPolicy, SortedExitPolicy)
 
 
 class SpecDecodeLoop:
@@ -43,25 +48,51 @@ class SpecDecodeLoop:
         engine: TargetEngine,
         tokenizer: PreTrainedTokenizerBase,
         speculation: SpeculationConfig,
+        *,
+        exit_setup: ExitSetup | None = None,
     ) -> None:
+        """`exit_setup`: what this target's verifier knows about the sorted drafter (exits,
+        calibrated threshold vectors); None: method `sorted` adapts k only."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.speculation = speculation
-        # method -> the last finished request's adaptive policy (forked by the next request)
-        self._learned: dict[str, AdaptiveKPolicy] = {}
+        self.exit_setup = exit_setup
+        # (method, pinned drafter params) -> the last finished request's adaptive policy,
+        # forked by the next request with the same key
+        self._learned: dict[tuple, AdaptiveKPolicy | SortedExitPolicy] = {}
 
-    def make_policy(self, request: GenerationRequest) -> AdaptiveKPolicy | FixedKPolicy | HeuristicKPolicy:
+    def make_policy(self, request: GenerationRequest) -> Policy:
+        return self._make_policy(request)[0]
+
+    def _make_policy(self, request: GenerationRequest) -> tuple[Policy, tuple | None]:
+        """(the request's policy, the key its learned state is kept under; None: not kept)."""
         spec = self.speculation
+        pinned = dict(request.drafter_params)
+        setup = self.exit_setup if request.method == "sorted" else None
+        start = pinned or (setup.start_params if setup is not None else {})
+        initial_k = spec.num_speculative_tokens
+        if setup is not None and setup.initial_k is not None:
+            initial_k = min(setup.initial_k, spec.max_speculative_tokens)
+
+        def with_params(policy):
+            return ParamsPolicy(policy, start) if start else policy
+
         if request.num_speculative_tokens is not None:
-            return FixedKPolicy(request.num_speculative_tokens)
+            return with_params(FixedKPolicy(request.num_speculative_tokens)), None
         if not spec.adaptive:
-            return FixedKPolicy(spec.num_speculative_tokens)
+            return with_params(FixedKPolicy(spec.num_speculative_tokens)), None
         if request.sampling.seed is not None and not request.sampling.greedy:
-            return HeuristicKPolicy(spec.num_speculative_tokens, spec.max_speculative_tokens)
-        learned = self._learned.get(request.method)
+            # NOTE: timings must not steer a seeded request: k by acceptance, fixed thresholds
+            return with_params(HeuristicKPolicy(initial_k, spec.max_speculative_tokens)), None
+        key = (request.method, tuple(sorted(pinned.items())))
+        learned = self._learned.get(key)
         if learned is not None:
-            return learned.fork()
-        return AdaptiveKPolicy(spec.num_speculative_tokens, spec.max_speculative_tokens)
+            policy = learned.fork()
+        elif setup is not None and not pinned:
+            policy = SortedExitPolicy(setup, initial_k, spec.max_speculative_tokens)
+        else:
+            policy = AdaptiveKPolicy(initial_k, spec.max_speculative_tokens)
+        return (ParamsPolicy(policy, pinned) if pinned else policy), key
 
     def generate(
         self, request: GenerationRequest, proposer: Proposer | None
@@ -75,7 +106,8 @@ class SpecDecodeLoop:
         engine = self.engine
         sampling = request.sampling
         generator = make_generator(sampling.seed, engine.device)
-        policy = self.make_policy(request) if proposer is not None else FixedKPolicy(0)
+        policy, learn_key = self._make_policy(request) if proposer is not None else (FixedKPolicy(0), None)
+        applied_params: dict[str, float] | None = None  # the params object last given to the proposer
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stop = StopChecker(request.stop)
         stats = SpecStats()
@@ -122,7 +154,15 @@ class SpecDecodeLoop:
                 t_draft = time.perf_counter()
                 # The verify forward writes len(tokens) + k positions; emitted tokens stop at max_total.
                 k = min(policy.next_k(), max_total - len(tokens) - 1)
-                draft = proposer.propose(tokens, k) if (proposer is not None and k > 0) else EMPTY_DRAFT
+                if proposer is not None and k > 0:
+                    params = policy.params()
+                    if params is not applied_params:  # the policy changed them (rare)
+                        if params:
+                            proposer.set_params(params)
+                        applied_params = params
+                    draft = proposer.propose(tokens, k)
+                else:
+                    draft = EMPTY_DRAFT
                 draft_ids = draft.token_ids[:k] if k > 0 else []
                 t_verify = time.perf_counter()
                 stats.draft_time_s += t_verify - t_draft
@@ -142,6 +182,7 @@ class SpecDecodeLoop:
                 # --- bookkeeping
                 num_draft = len(draft_ids)
                 stats.num_rounds += 1
+                exit_layers = None
                 if num_draft:
                     stats.num_spec_rounds += 1
                     stats.num_draft_tokens += num_draft
@@ -151,15 +192,21 @@ class SpecDecodeLoop:
                         per_pos.extend([0] * (num_draft - len(per_pos)))
                     for pos in range(num_accepted):
                         per_pos[pos] += 1
+                    if draft.exit_layers:
+                        exit_layers = draft.exit_layers[:num_draft]
+                        stats.observe_exits(exit_layers, num_accepted)
                     proposer.update(num_accepted)
-                policy.update(num_draft, num_accepted, t_verify - t_draft, t_accept - t_verify)
+                policy.update(
+                    num_draft, num_accepted, t_verify - t_draft, t_accept - t_verify, exit_layers
+                )
                 stats.other_time_s += time.perf_counter() - t_accept
         finally:
             if proposer is not None:
                 proposer.close()
             stats.policy = policy.summary()
-            if isinstance(policy, AdaptiveKPolicy):
-                self._learned[request.method] = policy
+            learned = policy.kpolicy if isinstance(policy, ParamsPolicy) else policy
+            if learn_key is not None and isinstance(learned, _Learnable):
+                self._learned[learn_key] = learned
 
         yield GenerationResult(
             finish_reason=finish,

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from shared.config import SpecdecConfig
     from shared.proposer import Proposer, ProposerFactory
     from shared.types import SpecStats
+    from verifier_service.exit_policy import ExitSetup
     from verifier_service.loop import SpecDecodeLoop
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,24 @@ def error_to_proto(err: SpecdecError) -> common_pb2.GenerateResponse:
     return common_pb2.GenerateResponse(
         error=common_pb2.Error(code=err.code.value[0], message=err.message, field=err.field or "")
     )
+
+
+def exit_setup_for(config: SpecdecConfig, target: str) -> ExitSetup | None:
+    """The sorted drafter's exits and this target's calibrated thresholds, read from the
+    (first) sorted drafter's directory; None without a sorted drafter or its files."""
+    from verifier_service.exit_policy import load_exit_setup
+
+    for drafter in config.drafters:
+        if drafter.kind == "sorted":
+            setup = load_exit_setup(drafter.model_dir, target)
+            if setup is not None:
+                logger.info(
+                    "sorted exit policy for %s: %d threshold vectors from %s (start %s, k %s)",
+                    target, len(setup.arms), setup.source, setup.arms[0].thresholds,
+                    setup.initial_k,
+                )  # fmt: skip
+            return setup
+    return None
 
 
 # ---------------------------------------------------------------- executor steps
@@ -166,8 +185,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         )
 
     def attach(self, spec_loop: SpecDecodeLoop, tokenizer_hash: str) -> None:
-        """Serve with an already loaded loop; connect the model-based methods' drafter."""
+        """Serve with an already loaded loop; connect the model-based methods' drafter and
+        give the loop this target's sorted exit setup (calibration) if it has none."""
         self.tokenizer_hash = tokenizer_hash
+        if spec_loop.exit_setup is None:
+            spec_loop.exit_setup = exit_setup_for(self.config, self.target.name)
         if self.drafter_address:
             self._channel = make_channel(self.drafter_address)
             kinds = {d.kind for d in self.config.drafters} & set(MODEL_METHODS)
