@@ -263,7 +263,7 @@ class SortedExitPolicy:
         self,
         k: int,
         num_accepted: int,
-        draft_time_s: float,
+        draft_time_s: float | None,
         verify_time_s: float,
         exit_layers: Sequence[int] | None = None,
     ) -> None:

@@ -108,6 +108,7 @@ class SpecDecodeLoop:
         generator = make_generator(sampling.seed, engine.device)
         policy, learn_key = self._make_policy(request) if proposer is not None else (FixedKPolicy(0), None)
         applied_params: dict[str, float] | None = None  # the params object last given to the proposer
+        drafter_caught_up = False  # the last round drafted: the drafter's cache is current
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stop = StopChecker(request.stop)
         stats = SpecStats()
@@ -196,9 +197,11 @@ class SpecDecodeLoop:
                         exit_layers = draft.exit_layers[:num_draft]
                         stats.observe_exits(exit_layers, num_accepted)
                     proposer.update(num_accepted)
-                policy.update(
-                    num_draft, num_accepted, t_verify - t_draft, t_accept - t_verify, exit_layers
-                )
+                # NOTE: the first drafting round after k = 0 rounds (or of the request) also
+                # prefilled the drafter on the new context: not a per-token cost sample
+                draft_time = (t_verify - t_draft) if drafter_caught_up else None
+                drafter_caught_up = num_draft > 0
+                policy.update(num_draft, num_accepted, draft_time, t_accept - t_verify, exit_layers)
                 stats.other_time_s += time.perf_counter() - t_accept
         finally:
             if proposer is not None:

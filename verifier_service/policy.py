@@ -3,7 +3,11 @@
 Every policy answers, per round: `params()` (drafter parameters for `Proposer.set_params`;
 the same object until they change, empty for k-only policies), `next_k()`, then
 `update(k, num_accepted, draft_time_s, verify_time_s, exit_layers)` and, at the end,
-`summary()` (what it chose, for `SpecStats.policy`). The exit thresholds of nested drafters
+`summary()` (what it chose, for `SpecStats.policy`). `draft_time_s` is None for a round
+whose drafting included catching up on context the drafter had not seen (the first
+speculative round of a request: the drafter's prompt prefill, ~15 ms for a 150-token
+prompt; the first after k = 0 rounds): charged to its k draft tokens it would make
+drafting look several times dearer than it is and switch speculation off. The exit thresholds of nested drafters
 are chosen by `exit_policy.SortedExitPolicy`, which drives an `AdaptiveKPolicy` for k.
 
 `AdaptiveKPolicy` starts from Hugging Face assisted generation's ±2/−1 rule (all drafts
@@ -14,7 +18,8 @@ expected tokens per second under a cost model fitted online from the loop's own 
                                                given j − 1 accepted; acceptance is bursty, so
                                                α_j grows with j and one α would undersell k)
     time(k)   = verify(k) + draft(k)
-    verify(k) = v0 · (1 + β·k)                 (v0: a k = 0 step; β: extra cost per verified token)
+    verify(k) = v0 · r_k                       (v0: a k = 0 step; r_k: EMA of verify / v0 for
+                                               rounds with k drafts, prior 1 + β₀·k, monotone)
     draft(k)  = d · k                          (d: EMA of drafting seconds per draft token)
 
 k = 0 (plain decoding, tokens/time = 1/v0) wins whenever speculation does not pay, so
@@ -169,8 +174,9 @@ class DraftStats:
             return self.draft_cost_ratio * v0
         return 0.0
 
-    def observe(self, k: int, num_accepted: int, draft_time_s: float) -> None:
-        """One speculative round (k > 0) drafted this way."""
+    def observe(self, k: int, num_accepted: int, draft_time_s: float | None) -> None:
+        """One speculative round (k > 0) drafted this way (`draft_time_s` None: the round's
+        drafting time is not representative, e.g. the drafter caught up on a prompt)."""
         self.num_rounds += 1
         for j in range(len(self.tried)):
             self.tried[j] *= self.decay
@@ -179,7 +185,8 @@ class DraftStats:
             self.tried[j] += 1.0
         for j in range(min(num_accepted, len(self.tried))):
             self.accepted[j] += 1.0
-        self.draft_per_token.add(draft_time_s / k)
+        if draft_time_s is not None:
+            self.draft_per_token.add(draft_time_s / k)
 
 
 class AdaptiveKPolicy:
@@ -198,7 +205,9 @@ class AdaptiveKPolicy:
         # the drafting side of the cost model (swapped by the exit policy per threshold vector)
         self.draft = draft if draft is not None else DraftStats.prior(max_k, self.PRIOR_ACCEPTANCE)
         self._plain_step = _Ema()  # v0
-        self._verify_slope = _Ema()  # β
+        # verify(k) / v0 per k (index k): measured, not a line: on CPU the first extra token
+        # costs far more than the next ones (HF builds a causal mask once q_len > 1)
+        self._verify_ratio = [_Ema() for _ in range(max_k + 1)]
         self.num_off_rounds = 0
 
     def fork(self) -> AdaptiveKPolicy:
@@ -228,15 +237,27 @@ class AdaptiveKPolicy:
         drafting as `draft` says (default: the current drafting stats); one pass."""
         draft = draft if draft is not None else self.draft
         v0 = self._plain_step.get(1.0)
-        per_token = v0 * max(0.0, self._verify_slope.get(self.PRIOR_VERIFY_SLOPE))
-        per_token += draft.draft_seconds(self._plain_step.value)
+        d = draft.draft_seconds(self._plain_step.value)
+        ratios = self.verify_ratios()
         rates = [1.0 / v0]
         tokens, reach = 1.0, 1.0
         for k, alpha in enumerate(draft.acceptances()[: self.max_k], start=1):
             reach *= alpha
             tokens += reach
-            rates.append(tokens / (v0 + per_token * k))
+            rates.append(tokens / (v0 * ratios[k] + d * k))
         return rates
+
+    def verify_ratios(self) -> list[float]:
+        """verify(k) / v0 for k = 0 .. max_k: measured where k ran, else the prior line
+        1 + β₀·k, never below a smaller k's (a longer verify is not cheaper). Unmeasured k
+        look cheap, so the policy tries them and learns their real cost."""
+        out, floor = [1.0], 1.0
+        for k in range(1, self.max_k + 1):
+            measured = self._verify_ratio[k].value
+            r = measured if measured is not None else 1.0 + self.PRIOR_VERIFY_SLOPE * k
+            floor = max(floor, r)
+            out.append(floor)
+        return out
 
     def expected_rate(self, k: int, draft: DraftStats | None = None) -> float:
         """Expected tokens per second with k drafts per round (see `expected_rates`)."""
@@ -271,7 +292,7 @@ class AdaptiveKPolicy:
         self,
         k: int,
         num_accepted: int,
-        draft_time_s: float,
+        draft_time_s: float | None,
         verify_time_s: float,
         exit_layers: Sequence[int] | None = None,
     ) -> None:
@@ -287,9 +308,8 @@ class AdaptiveKPolicy:
         self._num_spec_rounds += 1
         self.draft.observe(k, num_accepted, draft_time_s)
         v0 = self._plain_step.value
-        if v0:
-            # NOTE: no clipping at 0 here: timing noise is symmetric, clipping would bias β up.
-            self._verify_slope.add((verify_time_s / v0 - 1.0) / k)
+        if v0 and k < len(self._verify_ratio):
+            self._verify_ratio[k].add(verify_time_s / v0)
         if self._num_spec_rounds <= self.WARMUP_ROUNDS:
             self.k = plus_two_minus_one(k, num_accepted, self.max_k)  # until the model has data
         else:
