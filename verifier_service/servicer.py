@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import grpc
@@ -40,7 +40,7 @@ from shared.types import FinishReason, GenerationChunk, GenerationRequest, Gener
 from verifier_service.draft_client import RemoteProposerFactory, make_channel
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from shared.config import SpecdecConfig
     from shared.proposer import Proposer, ProposerFactory
@@ -122,27 +122,40 @@ def exit_setup_for(config: SpecdecConfig, target: str) -> ExitSetup | None:
     return None
 
 
-# ---------------------------------------------------------------- executor steps
+# ---------------------------------------------------------------- producer thread
 
 _DONE = object()
 
 
-def _next_round(gen: Iterator) -> object:
-    # NOTE: inference_mode is thread-local and consecutive rounds may run on different
-    # executor threads, so every step enters it in its own thread.
-    with torch.inference_mode():
-        return next(gen, _DONE)
+def _produce(
+    gen: Iterator,
+    proposer: Proposer | None,
+    cancel: threading.Event,
+    emit: Callable[[object], None],
+) -> None:
+    """Run the loop to its end in this executor thread, handing every item to `emit`.
 
-
-def _finish(gen: Iterator, proposer: Proposer | None) -> None:
-    """Abort the loop (its finally closes the proposer) and close the proposer in case the
-    generator never started."""
+    Rounds run back to back: the event loop writes chunk n while round n + 1 computes, so
+    no thread hop or stream write sits between two target forwards. `cancel` stops it
+    after the current round; the generator and the proposer are always closed here, in
+    the thread that ran them (inference_mode is thread-local).
+    """
     try:
         with torch.inference_mode():
-            gen.close()
+            for item in gen:
+                emit(item)
+                if cancel.is_set():
+                    break
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, in-band
+        emit(e)
     finally:
-        if proposer is not None:
-            proposer.close()
+        try:
+            with torch.inference_mode():
+                gen.close()
+        finally:
+            if proposer is not None:
+                proposer.close()
+    emit(_DONE)
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
@@ -337,12 +350,23 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         proposer = factory.new_session(request.prompt_ids, request.sampling) if factory else None
         gen = self.spec_loop.generate(request, proposer)
         recorder = metrics.TokenLatencyRecorder("verifier", self.target.name)
-        step: Future | None = None
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody to tell
+                cancel.set()
+
+        producer = loop.run_in_executor(self.executor, _produce, gen, proposer, cancel, emit)
         finish = "abort"
         try:
             while True:
-                step = self.executor.submit(_next_round, gen)
-                item = await asyncio.wrap_future(step)
+                item = await items.get()
+                if isinstance(item, BaseException):
+                    raise item
                 if item is _DONE:
                     raise RuntimeError("the loop ended without a result")
                 if isinstance(item, GenerationChunk):
@@ -362,32 +386,26 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         except Exception as e:  # noqa: BLE001 - in-band, the stream already started
             finish = "error"
             logger.exception("request %s failed", request.request_id or "-")
-            await context.write(
-                error_to_proto(SpecdecError(f"internal error: {e!r}"))
-            )
+            await context.write(error_to_proto(SpecdecError(f"internal error: {e!r}")))
         finally:
             recorder.finish(finish)
-            await self._cleanup(step, gen, proposer)
+            cancel.set()
+            await _wait_shielded(producer)
 
-    async def _cleanup(self, step: Future | None, gen, proposer: Proposer | None) -> None:
-        # NOTE: a cancelled stream's round may still run in its thread; the generator cannot
-        # be closed until it yields, so wait for it (shielded from a second cancel) first.
-        async def _run() -> None:
-            if step is not None and not step.done():
-                try:
-                    await asyncio.wrap_future(step)
-                except BaseException:  # noqa: BLE001 - its outcome no longer matters
-                    pass
-            await asyncio.wrap_future(self.executor.submit(_finish, gen, proposer))
 
-        task = asyncio.ensure_future(_run())
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
-        except Exception:  # noqa: BLE001
-            logger.exception("cleanup of a generation failed")
+async def _wait_shielded(fut: asyncio.Future) -> None:
+    """Wait for the producer to close the loop and the proposer, even when cancelled again.
+
+    A cancelled stream's round may still be running; the session (and the drafter's) is
+    freed only when it ends, so the caller leaves the active count after this.
+    """
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await fut
+        raise
+    except Exception:  # noqa: BLE001
+        logger.exception("cleanup of a generation failed")
 
 
 async def _abort(context, err: SpecdecError) -> None:
