@@ -1,4 +1,4 @@
-"""`python -m verifier_service.calibrate --target NAME [--drafter codelm-sorted] [--num-prompts N]`
+"""`python -m verifier_service.calibrate --target NAME [--drafter codelm-sorted | --drafter-dir DIR] [--num-prompts N]`
 
 Calibrates the exit thresholds and the initial k of a nested (`sorted`) drafter for one
 target and writes them into the drafter's `calibration.json`, keyed by target name; the
@@ -10,21 +10,22 @@ the demo drafter was not trained on: the seed-0 shuffle after its first 1000, ne
 benchmark prompt):
 
 1. the target's greedy continuation of every prompt (the verifier's own loop, k = 0), and
-   its costs: a one-token step v0 and the extra cost β per verified token (`forward` of
-   1 and k + 1 tokens);
+   its costs: a one-token step v0 and a verify forward of k + 1 tokens, r_k = verify / v0;
 2. per draft position and exit, teacher-forced along that continuation: the exit's
    confidence (top probability) and whether its argmax is the target's token. In greedy
    decoding a draft token is judged only if the earlier ones were accepted, i.e. equal the
    target's tokens, so these per-position matches give the exact accepted length of every
    round: rounds with any (thresholds, k) are *simulated* exactly from one pass;
-3. drafting cost per token of each fixed exit and of an exit test (head + softmax) with the
-   lean drafter the pool runs, then measured directly for the chosen vectors.
+3. drafting seconds per draft token c(θ) of every threshold vector θ of a grid (0, 0.1,
+   0.2, 0.3, 0.4, 0.6, 0.8, 0.9, never per non-deepest exit), measured with the lean drafter
+   the pool runs, in greedy rounds along the continuations. Measured, not modelled from
+   per-exit costs: a deep token after shallow ones also fills the deeper layers of those
+   (lazy fill, more rows per matmul), so mixed vectors cost more than their exit mix.
 
-It then picks the threshold vector and k maximising simulated tokens/s,
-`tokens per round / (v0 (1 + β k) + k · c(θ))`, over a grid (0, 0.05, ..., 0.95, never) per
-non-deepest exit, and also the optimal vectors were drafting twice as cheap and twice as
-dear (machine load moves that ratio; the online policy picks among them by measured
-tokens/s). Written per target: the chosen thresholds and k, every arm (those three and each
+It then picks the vector and k maximising simulated tokens/s,
+`tokens per round / (v0 · r_k + k · c(θ))`, and also the best vectors were drafting twice
+as cheap and twice as dear (machine load moves that ratio; the online policy picks among
+them by measured tokens/s). Written per target: the chosen thresholds and k, every arm (those three and each
 fixed exit) with its simulated per-position acceptance α_j, drafting cost over v0, τ and
 predicted speedup, and the per-exit match rates and costs.
 """
@@ -48,7 +49,8 @@ from verifier_service.exit_policy import CALIBRATION_FILE, NEVER_EXIT, fixed_exi
 
 logger = logging.getLogger("verifier_service.calibrate")
 
-GRID = [round(0.05 * i, 2) for i in range(20)] + [NEVER_EXIT]
+# Thresholds tried per non-deepest exit (each vector's drafting cost is measured, so coarse)
+GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 0.9, NEVER_EXIT]
 COST_SCALES = {"calibrated": 1.0, "cheap_drafting": 0.5, "dear_drafting": 2.0}
 PROMPT_SKIP = 1000  # the drafter's training took the first 640 of the same shuffle
 MAX_PROMPT_TOKENS = 128
@@ -67,9 +69,7 @@ class Sequence_:
 @dataclass
 class Costs:
     v0_s: float  # one-token target step
-    verify_slope: float  # β
-    exit_s: list[float]  # drafting seconds per token, fixed exit (per exit)
-    test_s: float  # one failed exit test (head + softmax)
+    verify_ratio: list[float]  # [max_k + 1] verify forward of k + 1 tokens over v0 (index k)
 
 
 # ------------------------------------------------------------------ simulation (pure)
@@ -142,19 +142,9 @@ def simulate(seqs: list[Sequence_], thresholds: list[float], k: int) -> SimResul
     return res
 
 
-def token_costs(thresholds: list[float], costs: Costs, scale: float = 1.0) -> list[float]:
-    """Modelled drafting seconds of a token leaving at each exit under `thresholds`:
-    the fixed-exit cost plus one test per earlier exit that is tested (threshold <= 1)."""
-    out = []
-    for i, c in enumerate(costs.exit_s):
-        tested_before = sum(1 for t in thresholds[:i] if t <= 1.0)
-        out.append(scale * (c + tested_before * costs.test_s))
-    return out
-
-
 def rate(tau: float, k: int, costs: Costs, draft_s_per_token: float) -> float:
     """Tokens per second of rounds with mean τ (the policy's cost model)."""
-    return tau / (costs.v0_s * (1 + costs.verify_slope * k) + k * draft_s_per_token)
+    return tau / (costs.v0_s * costs.verify_ratio[k] + k * draft_s_per_token)
 
 
 def grid_vectors(num_exits: int) -> list[list[float]]:
@@ -174,20 +164,21 @@ def grid_vectors(num_exits: int) -> list[list[float]]:
 
 
 def best_vectors(
-    seqs: list[Sequence_], vectors: list[list[float]], costs: Costs, scales: dict[str, float],
+    seqs: list[Sequence_], draft_s: dict[tuple, float], costs: Costs, scales: dict[str, float],
     max_k: int,
 ) -> dict[str, tuple[list[float], int, float]]:  # fmt: skip
-    """Per cost scale: (vector, k, modelled tokens/s) with drafting `scale` x as dear."""
+    """Per cost scale: (vector, k, tokens/s) with drafting `scale` x as dear, over the
+    vectors of `draft_s` (vector -> measured drafting seconds per draft token)."""
     best = {name: ([], 0, 0.0) for name in scales}
-    for v in vectors:
+    for v, d in draft_s.items():
         for k in range(1, max_k + 1):
-            sim = simulate(seqs, v, k)
+            sim = simulate(seqs, list(v), k)
             if not sim.rounds:
                 continue
             for name, scale in scales.items():
-                r = rate(sim.tau, k, costs, sim.draft_s_per_token(token_costs(v, costs, scale)))
+                r = rate(sim.tau, k, costs, d * scale)
                 if r > best[name][2]:
-                    best[name] = (v, k, r)
+                    best[name] = (list(v), k, r)
     return best
 
 
@@ -224,23 +215,29 @@ def target_continuations(loop, prompts: list[list[int]], max_new_tokens: int) ->
 
 
 @torch.inference_mode()
-def measure_target_costs(engine, prompts: list[list[int]], reps: int = 12) -> tuple[float, float]:
-    """(v0 seconds, β): medians over prompts of a 1-token and (k+1)-token verify forward."""
-    steps, slopes = [], []
+def measure_target_costs(engine, prompts: list[list[int]], max_k: int, reps: int = 8) -> tuple[float, list[float]]:
+    """(v0 seconds, verify(k) / v0 for k = 0 .. max_k): per prompt the best of 3 forwards of
+    1 and k + 1 tokens after its prefill, median over prompts; made non-decreasing in k."""
+    steps, ratios = [], [[] for _ in range(max_k + 1)]
     for p in prompts[:reps]:
         session = engine.new_session()
         engine.forward(session, p, last_only=True)
         n = len(p)
-        times = {}
-        for k in (0, 4, 8, 0, 4, 8):
-            t0 = time.perf_counter()
-            engine.forward(session, [p[-1]] * (k + 1))
-            times.setdefault(k, []).append(time.perf_counter() - t0)
-            engine.rollback(session, n)
-        v0 = min(times[0])
-        steps.append(v0)
-        slopes += [(min(times[k]) / v0 - 1.0) / k for k in (4, 8)]
-    return statistics.median(steps), max(0.0, statistics.median(slopes))
+        times = [math.inf] * (max_k + 1)
+        for _ in range(3):
+            for k in range(max_k + 1):
+                t0 = time.perf_counter()
+                engine.forward(session, [p[-1]] * (k + 1))
+                times[k] = min(times[k], time.perf_counter() - t0)
+                engine.rollback(session, n)
+        steps.append(times[0])
+        for k in range(max_k + 1):
+            ratios[k].append(times[k] / times[0])
+    out = [statistics.median(r) for r in ratios]
+    for k in range(1, len(out)):
+        out[k] = max(out[k], out[k - 1])
+    out[0] = 1.0
+    return statistics.median(steps), out
 
 
 @torch.inference_mode()
@@ -294,19 +291,6 @@ def measure_draft_cost(factory, seqs: list[Sequence_], thresholds: dict[int, flo
     return best, mean_exit
 
 
-@torch.inference_mode()
-def measure_test_cost(factory, reps: int = 300) -> float:
-    """Seconds of one exit test on one row: shared head + softmax + the host sync."""
-    d = factory.drafter
-    row = d.embed[:1].clone()
-    for _ in range(20):
-        torch.softmax(d._logits(row), dim=-1).amax(dim=-1).tolist()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        torch.softmax(d._logits(row), dim=-1).amax(dim=-1).tolist()
-    return (time.perf_counter() - t0) / reps
-
-
 # ------------------------------------------------------------------ calibration
 
 
@@ -331,7 +315,7 @@ def arm_entry(name: str, exits: list[int], vector: list[float], seqs, costs: Cos
     }
 
 
-def calibrate(target: str, drafter_name: str, num_prompts: int, max_new_tokens: int, max_k: int) -> dict:
+def calibrate(target: str, drafter_cfg, num_prompts: int, max_new_tokens: int, max_k: int) -> dict:
     from drafter_service.sorted import SortedProposerFactory
     from shared.config import default_config
     from shared.loading import load_model, set_num_threads, tokenizer_hash
@@ -341,9 +325,7 @@ def calibrate(target: str, drafter_name: str, num_prompts: int, max_new_tokens: 
     set_num_threads(1)
     config = default_config()
     target_cfg = config.target(target)
-    drafter_cfg = next((d for d in config.drafters if d.name == drafter_name), None)
-    if drafter_cfg is None or drafter_cfg.kind != "sorted":
-        raise SystemExit(f"{drafter_name!r} is not a sorted drafter of the config")
+    drafter_name = drafter_cfg.name
     if tokenizer_hash(drafter_cfg.model_dir) != tokenizer_hash(target_cfg.model_dir):
         raise SystemExit(f"{drafter_name!r} and {target!r} do not share a tokenizer")
     t_start = time.perf_counter()
@@ -357,43 +339,39 @@ def calibrate(target: str, drafter_name: str, num_prompts: int, max_new_tokens: 
     logger.info("%s: %d prompts, greedy continuations of %d tokens", target, len(prompts), max_new_tokens)
     continuations = target_continuations(loop, prompts, max_new_tokens)
     seqs = exit_views(drafter_model, exits, prompts, continuations)
-    v0, slope = measure_target_costs(engine, prompts)
-    cost_seqs = seqs[: min(len(seqs), 12)]
-    exit_costs, exit_means = [], []
-    for e in exits:
-        c, m = measure_draft_cost(factory, cost_seqs, fixed_exit_vector(exits, e))
-        exit_costs.append(c)
-        exit_means.append(m)
-    costs = Costs(v0, slope, exit_costs, measure_test_cost(factory))
+    v0, verify_ratio = measure_target_costs(engine, prompts, max_k)
+    costs = Costs(v0, verify_ratio)
+    cost_seqs = seqs[: min(len(seqs), 8)]
+    vectors = grid_vectors(len(exits))
+    measured = {tuple(v): measure_draft_cost(factory, cost_seqs, dict(zip(exits[:-1], v)), reps=2)
+                for v in vectors}  # fmt: skip
+    draft_s = {v: c for v, (c, _) in measured.items()}
+    fixed = {e: tuple(fixed_exit_vector(exits, e)[x] for x in exits[:-1]) for e in exits}
     logger.info(
-        "%s: v0 %.2f ms, beta %.3f, draft ms/token per exit %s, exit test %.3f ms", target,
-        1e3 * v0, slope, [round(1e3 * c, 3) for c in exit_costs], 1e3 * costs.test_s,
+        "%s: v0 %.2f ms, verify(k)/v0 %s, draft ms/token per fixed exit %s (%d vectors measured)",
+        target, 1e3 * v0, [round(r, 2) for r in verify_ratio],
+        [round(1e3 * draft_s[fixed[e]], 3) for e in exits], len(vectors),
     )  # fmt: skip
 
-    vectors = grid_vectors(len(exits))
-    picks = best_vectors(seqs, vectors, costs, COST_SCALES, max_k)
-    logger.info("%s: modelled picks %s", target, picks)
+    picks = best_vectors(seqs, draft_s, costs, COST_SCALES, max_k)
+    logger.info("%s: picks %s", target, picks)
     arms, seen = [], set()
-    for name, (vector, _, _) in picks.items():
-        if tuple(vector) in seen:
-            continue
-        seen.add(tuple(vector))
-        draft_s, mean_exit = measure_draft_cost(factory, cost_seqs, dict(zip(exits[:-1], vector)))
-        arms.append(arm_entry(name, exits, vector, seqs, costs, draft_s, mean_exit, max_k))
-    for e, c, m in zip(exits, exit_costs, exit_means):
-        vector = [fixed_exit_vector(exits, e)[x] for x in exits[:-1]]
-        if tuple(vector) not in seen:
-            seen.add(tuple(vector))
-            arms.append(arm_entry(f"exit{e}", exits, vector, seqs, costs, c, m, max_k))
+    named = [(name, tuple(v)) for name, (v, _, _) in picks.items()]
+    named += [(f"exit{e}", fixed[e]) for e in exits]
+    for name, v in named:
+        if v not in seen:
+            seen.add(v)
+            c, mean_exit = measured[v]
+            arms.append(arm_entry(name, exits, list(v), seqs, costs, c, mean_exit, max_k))
     # the start: the best arm once its drafting cost is measured, not modelled
     start = max(range(len(arms)), key=lambda i: arms[i]["speedup"])
     arms.insert(0, arms.pop(start))
     per_exit = {
         str(e): {
             "match": round(float(np.mean(np.concatenate([s.match[i, 1:] for s in seqs]))), 4),
-            "draft_ms_per_token": round(1e3 * c, 3),
+            "draft_ms_per_token": round(1e3 * draft_s[fixed[e]], 3),
         }
-        for i, (e, c) in enumerate(zip(exits, exit_costs))
+        for i, e in enumerate(exits)
     }
     return {
         "drafter": drafter_name,
@@ -402,8 +380,14 @@ def calibrate(target: str, drafter_name: str, num_prompts: int, max_new_tokens: 
         "arms": arms,
         "per_exit": per_exit,
         "target_step_ms": round(1e3 * v0, 3),
-        "verify_slope": round(slope, 4),
-        "exit_test_ms": round(1e3 * costs.test_s, 4),
+        "verify_ratio": [round(r, 3) for r in verify_ratio],
+        # every grid vector: "θ_1,θ_2" -> [drafting ms per draft token, τ at the arm k]
+        "grid": {
+            ",".join(f"{t:g}" for t in v): [
+                round(1e3 * c, 3), round(simulate(seqs, list(v), arms[0]["best_k"]).tau, 3)
+            ]
+            for v, c in draft_s.items()
+        },
         "num_prompts": len(prompts),
         "num_draft_positions": int(sum(len(s.continuation) - 1 for s in seqs)),
         "max_new_tokens": max_new_tokens,
@@ -435,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m verifier_service.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("--target", required=True, help="target name from the config")
     p.add_argument("--drafter", default="codelm-sorted", help="sorted drafter name from the config")
+    p.add_argument("--drafter-dir", type=Path,
+                   help="a sorted drafter directory outside the config (e.g. one tuned for this "
+                   "target alone); its calibration.json is written there")  # fmt: skip
     p.add_argument("--num-prompts", type=int, default=40)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-k", type=int, default=None, help="default: the config's max_speculative_tokens")
@@ -444,8 +431,15 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level)
     config = default_config()
     max_k = args.max_k or config.speculation.max_speculative_tokens
-    entry = calibrate(args.target, args.drafter, args.num_prompts, args.max_new_tokens, max_k)
-    drafter = next(d for d in config.drafters if d.name == args.drafter)
+    if args.drafter_dir is not None:
+        from shared.config import DrafterConfig
+
+        drafter = DrafterConfig(name=args.drafter_dir.name, model_dir=args.drafter_dir, kind="sorted")
+    else:
+        drafter = next((d for d in config.drafters if d.name == args.drafter), None)
+        if drafter is None or drafter.kind != "sorted":
+            raise SystemExit(f"{args.drafter!r} is not a sorted drafter of the config")
+    entry = calibrate(args.target, drafter, args.num_prompts, args.max_new_tokens, max_k)
     path = args.output or Path(drafter.model_dir) / CALIBRATION_FILE
     write_entry(path, args.target, entry)
     print(json.dumps({args.target: {k: entry[k] for k in ("thresholds", "num_speculative_tokens")}}))

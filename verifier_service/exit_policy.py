@@ -92,6 +92,7 @@ class ExitSetup:
     arms: list[ArmSpec]  # [0] = the starting vector
     initial_k: int | None = None  # calibrated k, None: the config's default
     source: str = "drafter defaults"  # or the calibration file
+    verify_ratio: list[float] | None = None  # calibrated verify(k) / v0, index k
 
     @property
     def start_params(self) -> dict[str, float]:
@@ -169,9 +170,11 @@ def setup_from_calibration(exits: Sequence[int], entry: dict, source: str = "") 
         ArmSpec(f"exit{e}", fixed_exit_vector(exits, e)) for e in exits if f"exit{e}" not in names
     ]
     k = entry.get("num_speculative_tokens")
+    ratios = entry.get("verify_ratio")
     return ExitSetup(
         exits=exits, arms=_dedupe(arms), initial_k=int(k) if k else None,
         source=source or "calibration",
+        verify_ratio=[float(r) for r in ratios] if ratios else None,
     )  # fmt: skip
 
 
@@ -219,6 +222,8 @@ class SortedExitPolicy:
             )
         self.current = 0
         self.kpolicy = AdaptiveKPolicy(initial_k, max_k, draft=self.arms[0].draft)
+        if setup.verify_ratio:
+            self.kpolicy.seed_verify_ratios(setup.verify_ratio)
         self.exit_counts = _ExitCounts()
         self.num_switches = 0  # this request
 

@@ -247,6 +247,11 @@ class AdaptiveKPolicy:
             rates.append(tokens / (v0 * ratios[k] + d * k))
         return rates
 
+    def seed_verify_ratios(self, ratios: Sequence[float]) -> None:
+        """Start verify(k) / v0 from measured values (calibration; index k), not the prior."""
+        for k in range(1, min(len(ratios), self.max_k + 1)):
+            self._verify_ratio[k].value = float(ratios[k])
+
     def verify_ratios(self) -> list[float]:
         """verify(k) / v0 for k = 0 .. max_k: measured where k ran, else the prior line
         1 + β₀·k, never below a smaller k's (a longer verify is not cheaper). Unmeasured k

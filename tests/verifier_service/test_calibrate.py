@@ -17,7 +17,6 @@ from verifier_service.calibrate import (
     rate,
     run_lengths,
     simulate,
-    token_costs,
     write_entry,
 )
 from verifier_service.exit_policy import NEVER_EXIT, setup_from_calibration
@@ -70,33 +69,37 @@ def test_drafted_tokens_are_counted_by_exit_including_redrafts():
     assert sim.draft_s_per_token([1.0, 2.0]) == pytest.approx(11 / 7)
 
 
-def test_token_costs_add_failed_tests_before_the_exit():
-    costs = Costs(v0_s=0.01, verify_slope=0.1, exit_s=[1.0, 2.0, 3.0], test_s=0.5)
-    assert token_costs([0.4, 0.3], costs) == [1.0, 2.5, 4.0]
-    assert token_costs([NEVER_EXIT, 0.3], costs) == [1.0, 2.0, 3.5]  # exit 0 never tested
-    assert token_costs([NEVER_EXIT, NEVER_EXIT], costs, scale=2.0) == [2.0, 4.0, 6.0]
+def test_rate_is_the_policy_cost_model():
+    costs = Costs(v0_s=0.01, verify_ratio=[1 + 0.1 * k for k in range(11)])
     assert rate(2.0, 4, costs, 0.001) == pytest.approx(2.0 / (0.01 * 1.4 + 0.004))
 
 
 def test_grid_lists_vectors_that_act_alike_once():
     vectors = grid_vectors(3)
-    assert [0.0, NEVER_EXIT] in vectors and [0.0, 0.5] not in vectors
-    assert len(vectors) == len({tuple(v) for v in vectors}) == 21 * 21 - 20
+    assert [0.0, NEVER_EXIT] in vectors and [0.0, 0.4] not in vectors
+    assert len(vectors) == len({tuple(v) for v in vectors}) == 9 * 9 - 8
 
 
 def _costs():
-    return Costs(v0_s=0.008, verify_slope=0.08, exit_s=[0.0005, 0.0009, 0.0013], test_s=0.0002)
+    return Costs(v0_s=0.008, verify_ratio=[1 + 0.08 * k for k in range(11)])
+
+
+# per vector: drafting seconds per token (exit 1 cheap, deep exit dear, a mix in between)
+_DRAFT_S = {(0.0, NEVER_EXIT): 0.0005, (NEVER_EXIT, 0.0): 0.0009,
+            (NEVER_EXIT, NEVER_EXIT): 0.0013, (0.5, 0.5): 0.0011}  # fmt: skip
 
 
 def test_picks_the_cheap_exit_when_exits_agree_and_the_deep_one_when_they_do_not():
     agree = [seq([[0.9] * 40, [0.9] * 40, [0.9] * 40], [[1] * 40] * 3)]
-    picks = best_vectors(agree, grid_vectors(3), _costs(), {"x": 1.0}, max_k=10)
-    assert picks["x"][0][0] == 0.0 and picks["x"][1] >= 8  # exit 1 always, long drafts
+    picks = best_vectors(agree, _DRAFT_S, _costs(), {"x": 1.0}, max_k=10)
+    assert picks["x"][0] == [0.0, NEVER_EXIT] and picks["x"][1] >= 8  # exit 1, long drafts
     rng = np.random.default_rng(0)
-    shallow_wrong = (rng.random(40) < 0.3).astype(int)  # exit 1 matches 30 %
+    shallow_wrong = (rng.random(40) < 0.3).astype(int)  # exits 1 and 2 match 30 %
     deep = [seq([[0.9] * 40, [0.9] * 40, [0.9] * 40], [shallow_wrong, shallow_wrong, [1] * 40])]
-    picks = best_vectors(deep, grid_vectors(3), _costs(), {"x": 1.0}, max_k=10)
+    picks = best_vectors(deep, _DRAFT_S, _costs(), {"x": 1.0, "dear": 50.0}, max_k=10)
     assert picks["x"][0] == [NEVER_EXIT, NEVER_EXIT]
+    # drafting 50x dearer: short drafts from the cheap exit
+    assert picks["dear"][0] == [0.0, NEVER_EXIT] and picks["dear"][1] <= 2
 
 
 def test_calibration_entry_round_trips_into_the_exit_policy_setup(tmp_path):
@@ -105,6 +108,7 @@ def test_calibration_entry_round_trips_into_the_exit_policy_setup(tmp_path):
     entry = {
         "thresholds": {"1": 0.3, "2": 0.1},
         "num_speculative_tokens": 6,
+        "verify_ratio": [1.0, 1.3, 1.35],
         "arms": [{"name": "calibrated", "thresholds": {"1": 0.3, "2": 0.1},
                   "acceptance": [0.8, 0.9], "draft_cost_ratio": 0.1}],
     }  # fmt: skip
@@ -113,3 +117,8 @@ def test_calibration_entry_round_trips_into_the_exit_policy_setup(tmp_path):
     assert data["other"] == {"kept": True} and data["t"] == entry
     setup = setup_from_calibration([1, 2, 3], data["t"])
     assert setup.initial_k == 6 and setup.start_params == {"threshold.1": 0.3, "threshold.2": 0.1}
+    # the measured verify costs seed the k policy (unmeasured k: the prior line, monotone)
+    from verifier_service.exit_policy import SortedExitPolicy
+
+    ratios = SortedExitPolicy(setup, 6, 4).kpolicy.verify_ratios()
+    assert ratios[:3] == [1.0, 1.3, 1.35] and ratios[3] == ratios[4] == 1.35
