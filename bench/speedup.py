@@ -12,6 +12,16 @@ repeats HF greedy: its ratio to `hf_greedy` is the noise floor of the run.
 Projected GPU speedup (DESIGN.md, Cost model): tau / (1 + k_mean * c + r) with a verify
 forward ~ one step, c = 0.05 (draft/target cost) and r = 0 (no round trip).
 Results: bench/results/speedup-<time>.{json,md,png}.
+
+Method `sorted` (S2D, issue 4) runs four variants, all with the adaptive k policy: `adaptive`
+(the verifier's exit policy picks the thresholds, starting from the target's calibration)
+and fixed exits 1, 2, 3 (`drafter_params={"fixed_exit": e}`); each reports per-exit
+acceptance (accepted / drafted per exit), τ and drafting ms per draft token beside tokens/s.
+`--per-target-drafters DIR_M,DIR_S` adds, per target, the adaptive run of a drafter tuned
+for that target alone (same format as models/codelm-sorted), for the shared-vs-own τ line:
+
+    python -m bench.speedup --methods sorted draft_model --modes greedy \
+        --per-target-drafters .cache/per_target/sorted-m-only,.cache/per_target/sorted-s-only
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ from shared.types import GenerationRequest
 GPU_DRAFT_COST_RATIO = 0.05
 GPU_ROUND_TRIP_RATIO = 0.0
 OUR_FAMILIES = ("none", "ngram", "draft_model", "sorted", "card")
+PER_TARGET_FAMILY = "sorted_per_target"  # a drafter tuned for one target (comparison only)
+SORTED_FIXED_EXITS = (1, 2, 3)
+DEMO_TARGETS = ("codelm-target-m", "codelm-target-s")
 
 
 @dataclass
@@ -57,6 +70,9 @@ class Totals:
     target_time_s: float = 0.0
     draft_time_s: float = 0.0
     per_prompt_tps: list[float] = field(default_factory=list)
+    exit_drafted: dict[int, int] = field(default_factory=dict)  # sorted: draft tokens per exit
+    exit_accepted: dict[int, int] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)  # the policy's last choice
 
 
 def hf_variants(model, draft_model, sampling: SamplingParams, max_new_tokens: int) -> list[Variant]:
@@ -81,25 +97,71 @@ def hf_variants(model, draft_model, sampling: SamplingParams, max_new_tokens: in
     return variants
 
 
-def our_variants(loop, factories: dict, sampling: SamplingParams, max_new_tokens: int) -> list[Variant]:
-    def make(family: str, label: str, k: int | None) -> Variant:
-        factory = factories.get(family)
+def our_variants(loop, factories: dict, sampling: SamplingParams, max_new_tokens: int,
+                 own_sorted: tuple | None = None) -> list[Variant]:  # fmt: skip
+    """Our loop per family; `own_sorted` = (loop, factory) of a drafter tuned for this target."""
+
+    def make(family: str, label: str, k: int | None, drafter_params: dict | None = None,
+             factory=None, spec_loop=None) -> Variant:  # fmt: skip
+        factory = factory or factories.get(family)
+        spec_loop = spec_loop or loop
+        method = "sorted" if family == PER_TARGET_FAMILY else family
 
         def run(prompt: list[int], seed: int) -> tuple[list[int], dict]:
             params = SamplingParams(sampling.temperature, seed=None if sampling.greedy else seed)
             request = GenerationRequest(prompt_ids=prompt, max_new_tokens=max_new_tokens,
-                                        sampling=params, method=family, num_speculative_tokens=k)
+                                        sampling=params, method=method, num_speculative_tokens=k,
+                                        drafter_params=dict(drafter_params or {}))  # fmt: skip
             proposer = factory.new_session(prompt, params) if factory else None
-            *_, result = loop.generate(request, proposer)
+            *_, result = spec_loop.generate(request, proposer)
             return result.token_ids, result.stats.to_dict()
 
         return Variant(family, label, run, ours=True)
 
     variants = [make("none", "ours none", None)]
     for family in factories:
+        if family == "sorted":
+            # NOTE: each variant keeps its own learned k policy (the loop keys them by params)
+            variants.append(make(family, "ours sorted adaptive", None))
+            variants += [make(family, f"ours sorted exit {e}", None, {"fixed_exit": float(e)})
+                         for e in SORTED_FIXED_EXITS]  # fmt: skip
+            continue
         variants += [make(family, f"ours {family} adaptive", None),
                      make(family, f"ours {family} k=3", 3), make(family, f"ours {family} k=5", 5)]
+    if own_sorted is not None:
+        own_loop, own_factory = own_sorted
+        variants.append(make(PER_TARGET_FAMILY, "ours sorted own-drafter adaptive", None,
+                             factory=own_factory, spec_loop=own_loop))  # fmt: skip
     return variants
+
+
+def per_target_drafters(arg: str | None) -> dict[str, str]:
+    """`DIR_M,DIR_S` (the demo targets in order) or `NAME=DIR,...` -> {target: dir}."""
+    if not arg:
+        return {}
+    out = {}
+    for i, item in enumerate(x for x in arg.split(",") if x):
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = DEMO_TARGETS[i], item
+        out[name] = path
+    return out
+
+
+def own_sorted_drafter(engine, tokenizer, target_name: str, model_dir: str):
+    """(loop, factory) for a sorted drafter tuned for `target_name` alone: its own loop, so
+    its exit policy and k learn apart from the shared drafter's."""
+    from pathlib import Path
+
+    from drafter_service.sorted import SortedProposerFactory
+    from shared.config import DrafterConfig
+    from verifier_service.exit_policy import load_exit_setup
+    from verifier_service.loop import SpecDecodeLoop
+
+    config = DrafterConfig(name=f"{Path(model_dir).name}", model_dir=Path(model_dir), kind="sorted")
+    factory = SortedProposerFactory(config)
+    setup = load_exit_setup(model_dir, target_name)
+    return SpecDecodeLoop(engine, tokenizer, SpeculationConfig(), exit_setup=setup), factory
 
 
 def run_target(target_name: str, args, mode: str) -> dict:
@@ -108,17 +170,25 @@ def run_target(target_name: str, args, mode: str) -> dict:
     from verifier_service.engine import load_target
     from verifier_service.loop import SpecDecodeLoop
 
+    from shared.loading import load_model
+    from verifier_service.servicer import exit_setup_for
+
     config = default_config()
     engine, tokenizer = load_target(config.target(target_name))
-    loop = SpecDecodeLoop(engine, tokenizer, SpeculationConfig())
+    loop = SpecDecodeLoop(engine, tokenizer, SpeculationConfig(),
+                          exit_setup=exit_setup_for(config, target_name))  # fmt: skip
     draft_factory = DraftModelProposerFactory(config.drafters[0])
     factories = {"ngram": NgramProposerFactory(config.ngram), "draft_model": draft_factory}
     factories.update(extra_factories(config, args))
     sampling = SamplingParams() if mode == "greedy" else SamplingParams(temperature=args.temperature)
-    variants = hf_variants(engine.model, draft_factory.model, sampling, args.max_new_tokens)
-    variants += our_variants(loop, factories, sampling, args.max_new_tokens)
+    # NOTE: the lean draft_model path keeps no HF module; HF assisted needs one
+    hf_draft = getattr(draft_factory, "model", None) or load_model(config.drafters[0])
+    variants = hf_variants(engine.model, hf_draft, sampling, args.max_new_tokens)
+    own_dir = per_target_drafters(args.per_target_drafters).get(target_name)
+    own = own_sorted_drafter(engine, tokenizer, target_name, own_dir) if own_dir else None
+    variants += our_variants(loop, factories, sampling, args.max_new_tokens, own)
     if args.methods:
-        keep = {*args.methods, "none"}
+        keep = {*args.methods, "none", PER_TARGET_FAMILY}
         variants = [v for v in variants if v.family in keep or v.family.startswith("hf")]
     prompts = humaneval_prompts_that_fit(tokenizer, args.num_prompts, args.max_new_tokens)
 
@@ -147,6 +217,11 @@ def run_target(target_name: str, args, mode: str) -> dict:
                     t.accepted += stats["num_accepted_tokens"]
                     t.target_time_s += stats["target_time_s"]
                     t.draft_time_s += stats["draft_time_s"]
+                    for e, n in stats["num_draft_tokens_per_exit"].items():
+                        t.exit_drafted[e] = t.exit_drafted.get(e, 0) + n
+                    for e, n in stats["num_accepted_tokens_per_exit"].items():
+                        t.exit_accepted[e] = t.exit_accepted.get(e, 0) + n
+                    t.thresholds = {k: v for k, v in stats["policy"].items() if k.startswith("threshold.")}
             print(f"[{target_name} {mode}] prompt {i + 1}/{len(prompts)}", flush=True)
     return summarize(variants, totals, greedy=mode == "greedy")
 
@@ -174,7 +249,17 @@ def summarize(variants: list[Variant], totals: dict[str, Totals], greedy: bool) 
                 target_ms_per_round=1e3 * t.target_time_s / rounds,
                 projected_gpu_speedup=tau / (1 + k_mean * GPU_DRAFT_COST_RATIO + GPU_ROUND_TRIP_RATIO)
                 if t.spec_rounds else 1.0,
+                draft_ms_per_draft_token=1e3 * t.draft_time_s / t.draft_tokens if t.draft_tokens else None,
             )
+            if v.family in ("sorted", PER_TARGET_FAMILY) and t.exit_drafted:
+                drafted = sum(t.exit_drafted.values())
+                row.update(
+                    exit_acceptance={str(e): t.exit_accepted.get(e, 0) / n
+                                     for e, n in sorted(t.exit_drafted.items())},
+                    exit_share={str(e): n / drafted for e, n in sorted(t.exit_drafted.items())},
+                    mean_exit=sum(e * n for e, n in t.exit_drafted.items()) / drafted,
+                    thresholds=t.thresholds,
+                )  # fmt: skip
         rows.append(row)
     best: dict[str, dict] = {}
     for row in rows:
@@ -220,6 +305,79 @@ def targets_check(results: dict) -> list[str]:
     return lines
 
 
+def _check(name: str, ratio: float, goal: float) -> str:
+    if ratio != ratio:  # NaN: a variant is missing
+        return f"{name}: n/a (not run)"
+    return f"{name}: {ratio:.2f} ({'met' if ratio >= goal else 'NOT met'}, goal >= {goal})"
+
+
+def sorted_targets_check(results: dict) -> list[str]:
+    """Issue 4's targets per mode and target, as pass/fail lines."""
+    lines = []
+    nan = float("nan")
+    for mode, per_target in results.items():
+        for target, summary in per_target.items():
+            rows = {r["variant"]: r for r in summary["rows"]}
+            best = {f: rows[v] for f, v in summary["best"].items()}
+            adaptive = rows.get("ours sorted adaptive")
+            fixed = [rows[f"ours sorted exit {e}"] for e in SORTED_FIXED_EXITS
+                     if f"ours sorted exit {e}" in rows]  # fmt: skip
+            own = rows.get("ours sorted own-drafter adaptive")
+            sorted_best, draft_best = best.get("sorted"), best.get("draft_model")
+            tag = f"- [{mode}] {target}"
+            if sorted_best and draft_best:
+                lines.append(f"{tag} " + _check(
+                    f"sorted τ ({sorted_best['variant']}) / codelm-draft τ ({draft_best['variant']})",
+                    sorted_best["tau"] / draft_best["tau"], 1.0))  # fmt: skip
+                lines.append(f"{tag} " + _check(
+                    "codelm-draft / sorted drafting ms per draft token (no more cost: >= 1)",
+                    (draft_best["draft_ms_per_draft_token"] or nan)
+                    / (sorted_best["draft_ms_per_draft_token"] or nan), 1.0))  # fmt: skip
+            if adaptive and fixed:
+                top = max(fixed, key=lambda r: r["tokens_per_s"])
+                lines.append(f"{tag} " + _check(
+                    f"sorted adaptive / best fixed exit ({top['variant']}) tokens/s",
+                    adaptive["tokens_per_s"] / top["tokens_per_s"], 1.0))  # fmt: skip
+            if adaptive and own:
+                lines.append(f"{tag} " + _check(
+                    "shared drafter τ / per-target drafter τ (adaptive; within 10 %)",
+                    adaptive["tau"] / own["tau"], 0.9))  # fmt: skip
+            if target == "codelm-target-m" and sorted_best and draft_best:
+                lines.append(f"{tag} " + _check(
+                    "sorted / draft_model tokens/s (best variants)",
+                    sorted_best["tokens_per_s"] / draft_best["tokens_per_s"], 1.2))  # fmt: skip
+    return lines
+
+
+def sorted_markdown(results: dict) -> list[str]:
+    """Per target: the sorted variants (and codelm-draft) with per-exit acceptance."""
+    out = []
+    for mode, per_target in results.items():
+        for target, summary in per_target.items():
+            rows = [r for r in summary["rows"]
+                    if r["family"] in ("sorted", PER_TARGET_FAMILY, "draft_model")]  # fmt: skip
+            if not any(r["family"] == "sorted" for r in rows):
+                continue
+            out.append(f"\n## S2D sorted: {target}, {mode}\n")
+            out.append("| variant | tok/s | speedup | τ | k mean | draft ms / draft token | "
+                       "acceptance per exit (accepted / drafted) | exit share | mean exit | thresholds |")
+            out.append("|---|---|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                acc = " / ".join(f"e{e} {a:.2f}" for e, a in r.get("exit_acceptance", {}).items())
+                share = " / ".join(f"e{e} {a:.2f}" for e, a in r.get("exit_share", {}).items())
+                thr = ", ".join(f"{k.split('.')[1]}: {v:g}" for k, v in r.get("thresholds", {}).items())
+                dm = r.get("draft_ms_per_draft_token")
+                out.append(
+                    f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {r['tau']:.2f} | "
+                    f"{r['k_mean']:.2f} | {'' if dm is None else f'{dm:.3f}'} | {acc} | {share} | "
+                    f"{r.get('mean_exit', float('nan')):.2f} | {thr} |"
+                )
+    if out:
+        out.append("\n## Targets (issue 4, S2D sorted)\n")
+        out += sorted_targets_check(results)
+    return out
+
+
 def to_markdown(results: dict, env: dict) -> str:
     out = [f"# Speedup benchmark ({env['time']}, torch {env['torch']}, {env['threads']} thread)\n"]
     for mode, per_target in results.items():
@@ -236,6 +394,7 @@ def to_markdown(results: dict, env: dict) -> str:
                            f"{r['repetition_rate']:.2f} | {r['identical']} |")
     out.append("\n## Targets (codelm-target-m)\n")
     out += targets_check(results)
+    out += sorted_markdown(results)
     return "\n".join(out) + "\n"
 
 
@@ -271,6 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--e2e", action="store_true",
                         help="also measure end to end through the real `specdec serve` stack (gRPC)")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end part")
+    parser.add_argument("--per-target-drafters", metavar="DIR_M,DIR_S",
+                        help="sorted drafters tuned for one target each (codelm-target-m, "
+                        "codelm-target-s in that order, or NAME=DIR pairs): their adaptive τ "
+                        "beside the shared drafter's")  # fmt: skip
     args = parser.parse_args(argv)
     set_num_threads(args.threads)
 

@@ -7,36 +7,53 @@ the target accepts less often. Which trade pays depends on the target (how well 
 matches it) and on the machine (drafting cost relative to a target step), so the verifier
 of each target learns it, the same way `AdaptiveKPolicy` learns k.
 
-`SortedExitPolicy` is a small **discounted-UCB bandit over a few threshold vectors** ("arms"),
-each scored by the tokens/s the k policy's cost model predicts for it at its best k:
+`SortedExitPolicy` chooses among a few threshold vectors ("arms") by the tokens/s the k
+policy's cost model predicts for each at its best k (`score(a) = max_k rate_a(k) · v0`, a
+speedup over plain decoding; shared verify model v0, r_k). How it knows rate_a:
 
-    score(a)  = max_k rate_a(k) · v0               (speedup over plain decoding; rate_a from
-                                                    arm a's own per-position acceptance α_j and
-                                                    drafting seconds per token, shared v0, β)
-    index(a)  = score(a) + c · sqrt(log(Σ_b n_b) / n_a)
-    n_a       ← γ · n_a every speculative round, + 1 for the arm that ran it
+**Calibrated arms** (the target has an entry in `calibration.json`; the usual case): arm a's
+acceptance and cost come from calibration, which measured every arm on the *same* text, and
+online learning only moves what all arms share:
 
-and after each speculative round the arm with the highest index drafts the next one
-(D-UCB, Garivier & Moulines 2011: the discount γ makes an arm that has not run for a while
-look uncertain again, so the policy re-checks it and follows drift, e.g. in machine load).
-Why this and not a per-exit threshold controller: acceptance of tokens that left at exit e
-says nothing about what the same tokens would have scored deeper (the confident ones leave
-early), so per-exit rates cannot tell whether a threshold should move; measured tokens/s
-per vector can, and it is the objective itself. Because the exploration term shrinks with
-evidence, a clearly worse arm costs a few rounds per ~30-80 (≈ 1 % of throughput).
+    α_{a,j} = σ(logit α^cal_{a,j} + δ + ε_a)     d_a = exp(log κ + η_a) · ρ^cal_a · v0
+
+δ (the text's difficulty, in logits) and log κ (the machine's load on drafting) are fitted
+by SGD on every round of the running arm (logistic loss per judged draft position, log
+error of the drafting time), with ~10 rounds of memory, so each round re-ranks all arms on
+the current text and load. Why not per-arm acceptance measured online: each arm would be
+measured on different text (easy stretches make whichever arm ran there look best; seen on
+the demo targets) and comparing them needs exploration that costs throughput. Arm-specific
+calibration errors (ε_a, η_a) are identifiable only when another arm runs at the same δ, so
+every `PROBE_EVERY` rounds one plausible other arm drafts a block of `MIN_STAY` rounds with
+δ, κ frozen and only its own corrections learning.
+
+**Uncalibrated arms** (no calibration for this target): a discounted-UCB bandit (Garivier &
+Moulines 2011) over per-arm measured acceptance and cost:
+
+    index(a)  = score(a) + c · sqrt(log(Σ_b n_b) / n_a),   n_a ← γ · n_a per round (+1 if run)
+
+the discount makes an arm unseen for a while uncertain again, so it is re-checked.
+
+In both modes a chosen arm drafts at least `MIN_STAY` rounds and another must score
+`HYSTERESIS` better to take over, since a switch to deeper exits first fills those layers for
+every position drafted shallower meanwhile (the drafter's lazy fill); that round is no cost
+sample either. A per-exit threshold controller was rejected: acceptance of tokens that left
+at exit e says nothing about what the same tokens would have scored deeper (the confident
+ones leave early), so per-exit rates cannot tell whether a threshold should move.
 
 Arms (all expressed as thresholds; `NEVER_EXIT` = 2.0 > any confidence, JSON-safe):
   - the calibrated vectors of this target (`verifier_service.calibrate`: optimal under the
     measured drafting/target cost ratio, and under half and twice that ratio), the first
     being the starting point; their priors are the calibrated α_j and cost ratio;
   - without calibration, the drafter's default thresholds (`sorted.json`) instead;
-  - every fixed exit (all thresholds `NEVER_EXIT` below it, 0 at it), so the policy is never
-    worse than the best fixed exit by more than its exploration.
+  - every fixed exit (all thresholds `NEVER_EXIT` below it, 0 at it), so the best fixed
+    exit is always a candidate.
 
-Every arm has its own `DraftStats` (α_j, drafting seconds per token) and the k policy's
-verify model (v0, β) is shared: on a switch the k policy continues with the new arm's stats
-and that arm's best k. Per-exit acceptance (decayed: tokens the verifier judged, i.e. up to
-and including the first rejection) is kept for reporting (`acceptance.exit<e>`).
+k is the running arm's: the k policy (`AdaptiveKPolicy`, shared verify model) drafts with
+that arm's own short-memory `DraftStats` (α_j, drafting seconds per token), and on a switch
+continues with the new arm's stats and its best k. Per-exit acceptance (decayed, of the
+tokens the verifier judged: up to and including the first rejection) is kept for reporting
+(`acceptance.exit<e>`).
 
 Learning carries across requests like `AdaptiveKPolicy` (the loop forks the last finished
 request's policy). Seeded sampled requests keep the starting vector (`ParamsPolicy`), since
@@ -179,12 +196,32 @@ def setup_from_calibration(exits: Sequence[int], entry: dict, source: str = "") 
 
 
 @dataclass(slots=True)
+class _Calibrated:
+    """An arm as calibration saw it, plus slow corrections learned from its own rounds."""
+
+    base_logit: list[float]  # [max_k] logit of the calibrated α_j
+    cost_ratio: float  # calibrated drafting seconds per draft token over v0
+    acceptance_corr: float = 0.0  # ε_a (logit)
+    cost_corr: float = 0.0  # η_a (log)
+
+
+@dataclass(slots=True)
 class _Arm:
     spec: ArmSpec
     params: dict[str, float]  # set_params keys (one object per arm: the loop compares by identity)
     draft: DraftStats  # short memory (~20 rounds): k follows the text while the arm runs
     evidence: DraftStats  # long memory (~100 rounds): scores the arm against the others
     plays: float  # discounted number of speculative rounds it drafted
+    calibrated: _Calibrated | None = None
+
+
+def _logit(p: float) -> float:
+    p = min(0.98, max(0.02, p))
+    return math.log(p / (1.0 - p))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
 
 
 @dataclass(slots=True)
@@ -198,8 +235,14 @@ class SortedExitPolicy:
 
     GAMMA = 0.98  # discount of every arm's play count per speculative round
     EXPLORE = 0.1  # c: exploration weight, in units of speedup over plain decoding
-    CALIBRATED_PRIOR_WEIGHT = 4.0  # calibrated α_j count as this many rounds of evidence
-    INITIAL_PLAYS = 1.0  # calibrated arms start as if run once (uncalibrated: 0 = untried)
+    CALIBRATED_PRIOR_WEIGHT = 8.0  # calibrated α_j count as this many rounds of evidence
+    INITIAL_PLAYS = 2.0  # calibrated arms start as if run twice (uncalibrated: 0 = untried)
+    MIN_STAY = 4  # speculative rounds an arm keeps drafting once chosen (amortises catch-up)
+    HYSTERESIS = 0.01  # another arm must score this much (relative) better to take over
+    LEVEL_RATE = 0.15  # SGD step of the shared levels δ, log κ (~10 rounds of memory)
+    CORRECTION_RATE = 0.05  # SGD step of a probed arm's corrections ε_a, η_a
+    PROBE_EVERY = 64  # calibrated mode: exploiting rounds between two probe blocks
+    PROBE_MARGIN = 0.85  # ... of arms the model scores at least this share of the running one
     EXIT_DECAY = 0.98
     EVIDENCE_DECAY = 0.99  # per round of the arm: its score averages ~100 of its rounds
 
@@ -217,10 +260,23 @@ class SortedExitPolicy:
             def stats(decay: float) -> DraftStats:
                 return DraftStats.prior(max_k, acceptance, weight, spec.draft_cost_ratio, decay)
 
+            calibrated = None
+            if spec.acceptance and spec.draft_cost_ratio is not None:
+                rates = [spec.acceptance[min(j, len(spec.acceptance) - 1)] for j in range(max_k)]
+                calibrated = _Calibrated([_logit(a) for a in rates], float(spec.draft_cost_ratio))
             self.arms.append(
-                _Arm(spec, threshold_params(spec.thresholds), stats(0.95), stats(self.EVIDENCE_DECAY), plays)
+                _Arm(spec, threshold_params(spec.thresholds), stats(0.95), stats(self.EVIDENCE_DECAY),
+                     plays, calibrated)  # fmt: skip
             )
+        # every arm calibrated: score with the shared-level model (no exploration needed)
+        self.model_based = bool(self.arms) and all(a.calibrated is not None for a in self.arms)
+        self.acceptance_level = 0.0  # δ: shared logit offset (the text's difficulty)
+        self.cost_level = 0.0  # log κ: shared log cost scale (the machine's load on drafting)
+        self._probing = False  # the current block probes a non-best arm (calibrated mode)
+        self._since_probe = 0  # exploiting speculative rounds since the last probe block
+        self._next_probe = 0  # round-robin position over the arms
         self.current = 0
+        self._stay = 0  # rounds the current arm has drafted since it was chosen
         self.kpolicy = AdaptiveKPolicy(initial_k, max_k, draft=self.arms[0].draft)
         if setup.verify_ratio:
             self.kpolicy.seed_verify_ratios(setup.verify_ratio)
@@ -239,7 +295,44 @@ class SortedExitPolicy:
 
     def scores(self) -> list[tuple[float, int]]:
         """(predicted speedup over plain decoding, its k) per arm."""
-        return [self.kpolicy.best_speedup(arm.evidence) for arm in self.arms]
+        if not self.model_based:
+            return [self.kpolicy.best_speedup(arm.evidence) for arm in self.arms]
+        kp = self.kpolicy
+        v0 = kp.plain_step_s or 1.0
+        out = []
+        for arm in self.arms:
+            c = arm.calibrated
+            offset = self.acceptance_level + c.acceptance_corr
+            alphas = [min(0.99, _sigmoid(b + offset)) for b in c.base_logit]
+            draft_s = math.exp(self.cost_level + c.cost_corr) * c.cost_ratio * v0
+            rates = kp.rates_for(alphas, draft_s)
+            k = max(range(len(rates)), key=rates.__getitem__)
+            out.append((rates[k] * v0, k))
+        return out
+
+    def _learn_levels(self, k: int, num_accepted: int, draft_time_s: float | None) -> None:
+        """One round's evidence (logistic SGD on each judged position, log-cost SGD on the
+        drafting time): while exploiting it moves the shared levels δ, log κ (the running
+        arm is the anchor); while probing another arm it moves only that arm's corrections
+        ε_a, η_a at the level the anchor just set (text and load barely change in a few
+        rounds), which is what makes arm-specific errors identifiable at all."""
+        c = self.arms[self.current].calibrated
+        rate = self.CORRECTION_RATE if self._probing else self.LEVEL_RATE
+        for j in range(min(k, num_accepted + 1, len(c.base_logit))):
+            y = 1.0 if j < num_accepted else 0.0
+            g = y - _sigmoid(c.base_logit[j] + self.acceptance_level + c.acceptance_corr)
+            if self._probing:
+                c.acceptance_corr += rate * g
+            else:
+                self.acceptance_level += rate * g
+        v0 = self.kpolicy.plain_step_s
+        if draft_time_s is not None and draft_time_s > 0 and v0:
+            predicted = math.exp(self.cost_level + c.cost_corr) * c.cost_ratio
+            r = math.log(draft_time_s / k / v0) - math.log(max(predicted, 1e-9))
+            if self._probing:
+                c.cost_corr += rate * r
+            else:
+                self.cost_level += rate * r
 
     def _index(self, score: float, plays: float, total: float) -> float:
         if plays <= 1e-9:
@@ -247,14 +340,19 @@ class SortedExitPolicy:
         return score + self.EXPLORE * math.sqrt(math.log(max(total, math.e)) / plays)
 
     def _choose(self) -> tuple[int, int]:
-        """(arm with the highest D-UCB index, its best k)."""
-        total = sum(arm.plays for arm in self.arms)
-        best, best_index, best_k = self.current, -math.inf, self.kpolicy.k
-        for i, (arm, (score, k)) in enumerate(zip(self.arms, self.scores())):
-            index = self._index(score, arm.plays, total)
-            if index > best_index:
-                best, best_index, best_k = i, index, k
-        return best, best_k
+        """(arm with the highest index, its best k): the model's score (calibrated), else
+        the D-UCB index; the running arm keeps drafting unless another beats it by
+        `HYSTERESIS` (a switch to deeper exits costs a catch-up fill)."""
+        scores = self.scores()
+        if self.model_based:
+            index = [score for score, _ in scores]
+        else:
+            total = sum(arm.plays for arm in self.arms)
+            index = [self._index(score, arm.plays, total) for arm, (score, _) in zip(self.arms, scores)]
+        best = max(range(len(index)), key=index.__getitem__)
+        if index[best] <= index[self.current] * (1.0 + self.HYSTERESIS):
+            best = self.current
+        return best, scores[best][1]
 
     # ------------------------------------------------------------------ policy
 
@@ -273,23 +371,55 @@ class SortedExitPolicy:
         exit_layers: Sequence[int] | None = None,
     ) -> None:
         kp = self.kpolicy
+        if k > 0 and self._stay == 0 and self.num_switches:
+            # NOTE: the first round after a switch to deeper exits also ran those layers over
+            # every position drafted shallower since they last ran (lazy fill): a one-off
+            # catch-up, not this vector's per-token cost
+            draft_time_s = None
         kp.update(k, num_accepted, draft_time_s, verify_time_s)  # the current arm's draft stats
         if k == 0:
             return
         self.arms[self.current].evidence.observe(k, num_accepted, draft_time_s)
+        if self.model_based:
+            self._learn_levels(k, num_accepted, draft_time_s)
         if exit_layers:
             self._count_exits(exit_layers[:k], num_accepted)
         for arm in self.arms:
             arm.plays *= self.GAMMA
         self.arms[self.current].plays += 1.0
-        if kp.warming_up:
-            return  # the k warm-up (±2/−1) runs on the starting vector
+        self._stay += 1
+        if not self._probing:
+            self._since_probe += 1
+        if kp.warming_up or self._stay < self.MIN_STAY:
+            return  # the k warm-up (±2/−1) runs on the starting vector; switches come in blocks
+        if self.model_based and not self._probing and self._since_probe >= self.PROBE_EVERY:
+            self._start_probe()
+            return
+        self._probing = False
         best, best_k = self._choose()
         if best != self.current:
-            self.current = best
-            self.num_switches += 1
-            kp.draft = self.arms[best].draft
-            kp.k = best_k
+            self._switch(best, best_k)
+
+    def _switch(self, arm: int, k: int) -> None:
+        self.current = arm
+        self._stay = 0
+        self.num_switches += 1
+        self.kpolicy.draft = self.arms[arm].draft
+        self.kpolicy.k = k
+
+    def _start_probe(self) -> None:
+        """Calibrated mode: the next arm in turn drafts one block (MIN_STAY rounds); arms
+        the model scores far below the running one are not worth a block."""
+        scores = self.scores()
+        floor = self.PROBE_MARGIN * scores[self.current][0]
+        others = [i for i in range(len(self.arms)) if i != self.current and scores[i][0] >= floor]
+        self._since_probe = 0
+        if not others:
+            return
+        arm = others[self._next_probe % len(others)]
+        self._next_probe += 1
+        self._probing = True
+        self._switch(arm, self.scores()[arm][1])
 
     def _count_exits(self, exit_layers: Sequence[int], num_accepted: int) -> None:
         c = self.exit_counts
@@ -320,6 +450,9 @@ class SortedExitPolicy:
         }
         for e, rate in self.exit_acceptance().items():
             out[f"acceptance.exit{e}"] = rate
+        if self.model_based:
+            out["acceptance_level"] = self.acceptance_level
+            out["draft_cost_level"] = self.cost_level
         return out
 
     @property

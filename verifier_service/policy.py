@@ -236,15 +236,19 @@ class AdaptiveKPolicy:
         """Expected tokens per second for k = 0 .. max_k (relative units before v0 is known),
         drafting as `draft` says (default: the current drafting stats); one pass."""
         draft = draft if draft is not None else self.draft
+        return self.rates_for(draft.acceptances(), draft.draft_seconds(self._plain_step.value))
+
+    def rates_for(self, acceptances: Sequence[float], draft_s: float) -> list[float]:
+        """Expected tokens per second for k = 0 .. max_k given α_1.. and drafting seconds
+        per draft token (the shared verify model: v0, r_k)."""
         v0 = self._plain_step.get(1.0)
-        d = draft.draft_seconds(self._plain_step.value)
         ratios = self.verify_ratios()
         rates = [1.0 / v0]
         tokens, reach = 1.0, 1.0
-        for k, alpha in enumerate(draft.acceptances()[: self.max_k], start=1):
+        for k, alpha in enumerate(acceptances[: self.max_k], start=1):
             reach *= alpha
             tokens += reach
-            rates.append(tokens / (v0 * ratios[k] + d * k))
+            rates.append(tokens / (v0 * ratios[k] + draft_s * k))
         return rates
 
     def seed_verify_ratios(self, ratios: Sequence[float]) -> None:

@@ -272,3 +272,103 @@ def test_pinned_drafter_params_adapt_k_only_and_learn_apart():
     policy, key = loop._make_policy(request)
     assert isinstance(policy, ParamsPolicy) and policy.params() == {"fixed_exit": 1.0}
     assert key == ("sorted", (("fixed_exit", 1.0),))
+
+
+# ============================================================== calibrated: the shared-level model
+
+
+def _sigmoid(x: float) -> float:
+    import math
+
+    return 1 / (1 + math.exp(-x))
+
+
+def _logit(p: float) -> float:
+    import math
+
+    return math.log(p / (1 - p))
+
+
+def calibrated_setup(acceptance: dict[tuple, float], draft_s: dict[tuple, float],
+                     first: tuple | None = None) -> ExitSetup:  # fmt: skip
+    """Calibration that measured each vector's acceptance and cost (cost over STEP_S);
+    `first`: the starting vector (default: the first)."""
+    arms = []
+    order = sorted(acceptance, key=lambda key: key != first) if first else list(acceptance)
+    for i, key in enumerate(order):
+        alpha = acceptance[key]
+        thresholds = {int(k.split(".")[1]): v for k, v in key}
+        arms.append({"name": f"arm{i}", "thresholds": {str(e): t for e, t in thresholds.items()},
+                     "acceptance": [alpha] * 10, "draft_cost_ratio": draft_s[key] / STEP_S})  # fmt: skip
+    return setup_from_calibration(EXITS, {"num_speculative_tokens": 5, "arms": arms})
+
+
+def simulate_shifting(policy, worlds, rounds, shift_of_round, seed=0, cost_scale=1.0):
+    """Like `simulate`, with every arm's acceptance moved by a shared logit shift (the text)."""
+    shifted = {}
+    rng_state = random.Random(seed)
+    chosen, tokens, seconds = [], 0, 0.0
+    for r in range(rounds):
+        shift = shift_of_round(r)
+        for key, w in worlds.items():
+            shifted[key] = World(_sigmoid(_logit(w.acceptance) + shift), w.draft_s, w.exit_mix)
+        c, t, s = simulate(policy, shifted, 1, seed=rng_state.randrange(1 << 30), cost_scale=cost_scale)
+        chosen += c
+        tokens += t
+        seconds += s
+    return chosen, tokens, seconds
+
+
+def _oracle_rate(worlds, shift, cost_scale=1.0) -> float:
+    return max(best_rate(World(_sigmoid(_logit(w.acceptance) + shift), w.draft_s * cost_scale, w.exit_mix))
+               for w in worlds.values())  # fmt: skip
+
+
+def test_calibrated_model_is_not_fooled_by_text_difficulty():
+    # the text alternates between hard and easy stretches: every arm's acceptance moves
+    # together, so the arm measured on easy text must not look better than the others
+    worlds = worlds_for((0.55, 0.70, 0.78), 0.80)  # the calibrated mix is best throughout
+    setup = calibrated_setup({k: w.acceptance for k, w in worlds.items()},
+                             {k: w.draft_s for k, w in worlds.items()})  # fmt: skip
+    policy = SortedExitPolicy(setup, initial_k=5, max_k=10)
+
+    def shift(r):
+        return -1.0 if (r // 60) % 2 == 0 else 1.0
+
+    chosen, tokens, seconds = simulate_shifting(policy, worlds, 2400, shift)
+    share = chosen.count(params_key(CALIBRATED)) / len(chosen)
+    assert share > 0.8, share
+    oracle = sum(_oracle_rate(worlds, shift(r)) for r in range(2400)) / 2400
+    assert tokens / seconds > 0.9 * oracle
+
+
+def test_calibrated_model_follows_load_with_little_exploration():
+    worlds = worlds_for((0.60, 0.70, 0.85), 0.72)
+    setup = calibrated_setup({k: w.acceptance for k, w in worlds.items()},
+                             {k: w.draft_s for k, w in worlds.items()})  # fmt: skip
+    deep, cheap = params_key(fixed_exit_vector(EXITS, 3)), params_key(fixed_exit_vector(EXITS, 1))
+    policy = SortedExitPolicy(setup, initial_k=5, max_k=10)
+    assert policy.model_based
+    chosen, _, _ = simulate(policy, worlds, 800)
+    # only probe blocks (MIN_STAY rounds every PROBE_EVERY, at most one more block if a
+    # probe looked better by chance) run other vectors
+    off = 2 * SortedExitPolicy.MIN_STAY / SortedExitPolicy.PROBE_EVERY
+    assert chosen[-400:].count(deep) >= 400 * (1 - off)
+    chosen, _, _ = simulate(policy, worlds, 800, seed=3, cost_scale=4.0)
+    late = chosen[-400:]
+    # cheap vectors now (exit 1 1.20, calibrated mix 1.16: which one moves with the text)
+    assert late.count(cheap) + late.count(params_key(CALIBRATED)) > 360 and late.count(deep) < 20
+    assert policy.summary()["draft_cost_level"] > 1.0  # log 4 = 1.39: the load was learned
+
+
+def test_calibrated_model_corrects_a_wrong_calibration_slowly():
+    # calibration overrated the deep exit (0.85; really 0.62 here): its own rounds lower it
+    worlds = worlds_for((0.60, 0.70, 0.62), 0.72)
+    believed = {k: w.acceptance for k, w in worlds.items()}
+    believed[params_key(fixed_exit_vector(EXITS, 3))] = 0.85
+    deep = params_key(fixed_exit_vector(EXITS, 3))
+    setup = calibrated_setup(believed, {k: w.draft_s for k, w in worlds.items()}, first=deep)
+    policy = SortedExitPolicy(setup, initial_k=5, max_k=10)
+    assert policy.params() == threshold_params(fixed_exit_vector(EXITS, 3))
+    chosen, _, _ = simulate(policy, worlds, 3000)
+    assert chosen[-500:].count(deep) < 100
