@@ -213,7 +213,9 @@ class AdaptiveKPolicy:
     def fork(self) -> AdaptiveKPolicy:
         """A new request's policy that starts from what this one learned (no warm-up)."""
         child = copy.deepcopy(self)
-        child._rounds_since_probe = 0
+        # A request that inherits "speculation off" probes at once: its text may suit the
+        # drafter better than the last one's, and a short request would never reach a probe.
+        child._rounds_since_probe = child.probe_every if child.k == 0 else 0
         child.num_off_rounds = 0
         return child
 

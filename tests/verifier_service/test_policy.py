@@ -79,3 +79,11 @@ def test_heuristic_policy_depends_on_acceptance_only():
         return ks
 
     assert schedule(1.0) == schedule(100.0) == [3, 5, 7, 6, 5, 7, 6]
+
+
+def test_fork_of_an_off_policy_probes_first():
+    # a new request inheriting k = 0 tries speculation in its first round
+    policy = AdaptiveKPolicy(5, 10)
+    simulate(policy, 200, 0.02, 0.02, STEP_S / 4)
+    assert policy.k == 0
+    assert policy.fork().next_k() == 1
