@@ -58,3 +58,29 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, event.set)
     return event
+
+
+async def start_server(
+    server: grpc.aio.Server,
+    service_name: str,
+    host: str,
+    port: int,
+    metrics_port: int | None,
+) -> tuple[HealthReporter, int, asyncio.Event]:
+    """Health at NOT_SERVING, bind, start, announce the port, metrics, SIGTERM event.
+
+    Returns (health, bound port, stop event); the caller loads its models, sets health
+    to serving, waits for the event and drains.
+    """
+    health = HealthReporter(server, [service_name])
+    await health.set(False)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    announce_port(bound)
+    if metrics_port is not None:
+        from shared.metrics import start_metrics_server
+
+        logging.getLogger(service_name).info(
+            "metrics on http://%s:%d/metrics", host, start_metrics_server(metrics_port, host)
+        )
+    return health, bound, stop_event()

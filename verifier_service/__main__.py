@@ -17,7 +17,7 @@ import grpc
 
 from shared.config import SpecdecConfig, default_config
 from shared.pb.specdec.v1 import verifier_pb2_grpc
-from shared.serving import HealthReporter, announce_port, configure_logging, stop_event
+from shared.serving import configure_logging, start_server
 
 logger = logging.getLogger("verifier_service")
 
@@ -55,16 +55,7 @@ async def serve(
     servicer = VerifierServicer(config, target, drafter_address=drafter, max_sessions=max_sessions)
     server = grpc.aio.server()
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
-    health = HealthReporter(server, [SERVICE_NAME])
-    await health.set(False)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    announce_port(bound)
-    if metrics_port is not None:
-        from shared.metrics import start_metrics_server
-
-        logger.info("metrics on http://%s:%d/metrics", host, start_metrics_server(metrics_port, host))
-    stop = stop_event()
+    health, bound, stop = await start_server(server, SERVICE_NAME, host, port, metrics_port)
 
     load = asyncio.get_running_loop().run_in_executor(None, servicer.load)
     stopped = asyncio.ensure_future(stop.wait())
