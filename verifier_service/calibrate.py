@@ -1,4 +1,4 @@
-"""`python -m verifier_service.calibrate --target NAME [--drafter codelm-sorted | --drafter-dir DIR] [--num-prompts N]`
+"""`python -m verifier_service.calibrate --target NAME [--drafter NAME | --drafter-dir DIR] [--num-prompts N]`
 
 Calibrates the exit thresholds and the initial k of a nested (`sorted`) drafter for one
 target and writes them into the drafter's `calibration.json`, keyed by target name; the
@@ -185,7 +185,9 @@ def best_vectors(
 # ------------------------------------------------------------------ measurement
 
 
-def load_calibration_prompts(tokenizer, num: int, max_new_tokens: int, max_total: int = 256) -> list[list[int]]:
+def load_calibration_prompts(
+    tokenizer, num: int, max_new_tokens: int, max_total: int = 256
+) -> list[list[int]]:
     from shared.paths import data_dir
 
     path = data_dir() / "train_prompts" / "code_prompts.jsonl"
@@ -215,7 +217,9 @@ def target_continuations(loop, prompts: list[list[int]], max_new_tokens: int) ->
 
 
 @torch.inference_mode()
-def measure_target_costs(engine, prompts: list[list[int]], max_k: int, reps: int = 8) -> tuple[float, list[float]]:
+def measure_target_costs(
+    engine, prompts: list[list[int]], max_k: int, reps: int = 8
+) -> tuple[float, list[float]]:
     """(v0 seconds, verify(k) / v0 for k = 0 .. max_k): per prompt the best of 3 forwards of
     1 and k + 1 tokens after its prefill, median over prompts; made non-decreasing in k."""
     steps, ratios = [], [[] for _ in range(max_k + 1)]
@@ -251,7 +255,10 @@ def exit_views(drafter_model, exits: list[int], prompts, continuations) -> list[
         hidden = sorted_exit_hidden(drafter_model, ids, exits)
         # position len(p) - 1 + i predicts c_i
         start = len(p) - 1
-        probs = [torch.softmax(drafter_model.lm_head(h[0, start : start + len(c)]).float(), -1) for h in hidden]
+        probs = [
+            torch.softmax(drafter_model.lm_head(h[0, start : start + len(c)]).float(), -1)
+            for h in hidden
+        ]
         conf = np.stack([pr.max(-1).values.numpy() for pr in probs])
         arg = np.stack([pr.argmax(-1).numpy() for pr in probs])
         match = arg == np.asarray(c)[None, :]
@@ -416,7 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     from shared.config import default_config
     from shared.serving import configure_logging
 
-    p = argparse.ArgumentParser(prog="python -m verifier_service.calibrate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m verifier_service.calibrate", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--target", required=True, help="target name from the config")
     p.add_argument("--drafter", default="codelm-sorted", help="sorted drafter name from the config")
     p.add_argument("--drafter-dir", type=Path,

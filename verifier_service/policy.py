@@ -7,8 +7,9 @@ the same object until they change, empty for k-only policies), `next_k()`, then
 whose drafting included catching up on context the drafter had not seen (the first
 speculative round of a request: the drafter's prompt prefill, ~15 ms for a 150-token
 prompt; the first after k = 0 rounds): charged to its k draft tokens it would make
-drafting look several times dearer than it is and switch speculation off. The exit thresholds of nested drafters
-are chosen by `exit_policy.SortedExitPolicy`, which drives an `AdaptiveKPolicy` for k.
+drafting look several times dearer than it is and switch speculation off. The exit
+thresholds of nested drafters are chosen by `exit_policy.SortedExitPolicy`, which drives
+an `AdaptiveKPolicy` for k.
 
 `AdaptiveKPolicy` starts from Hugging Face assisted generation's ±2/−1 rule (all drafts
 accepted → k += 2, else k −= 1) for its first rounds, then picks the k that maximises

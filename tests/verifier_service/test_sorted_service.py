@@ -144,8 +144,11 @@ async def test_greedy_sorted_equals_target_only(loops, verifiers, prompts, model
         assert {"k", "threshold.1", "threshold.2"} <= set(policy), policy
     assert num_draft_tokens > 0  # the shared drafter really drafted
     labels = {"model": model}
-    drafted = [metrics.sample_value("specdec:num_draft_tokens_per_exit_total", {**labels, "exit": str(e)}) or 0
-               for e in (1, 2, 3)]  # fmt: skip
+    drafted = [
+        metrics.sample_value("specdec:num_draft_tokens_per_exit_total", {**labels, "exit": str(e)})
+        or 0
+        for e in (1, 2, 3)
+    ]
     assert sum(drafted) > 0
     for e in (1, 2):
         assert metrics.sample_value("specdec:sorted_exit_threshold", {**labels, "exit": str(e)}) is not None
