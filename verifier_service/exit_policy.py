@@ -285,9 +285,11 @@ class SortedExitPolicy:
 
     def fork(self) -> SortedExitPolicy:
         """A new request's policy that starts from what this one learned."""
-        child = copy.deepcopy(self)
-        child.kpolicy._rounds_since_probe = 0
-        child.kpolicy.num_off_rounds = 0
+        child = copy.deepcopy(self)  # one copy: the k policy keeps drafting with its arm's stats
+        kp = child.kpolicy
+        # as AdaptiveKPolicy.fork: a request inheriting "speculation off" probes at once
+        kp._rounds_since_probe = kp.probe_every if kp.k == 0 else 0
+        kp.num_off_rounds = 0
         child.num_switches = 0
         return child
 
