@@ -24,6 +24,7 @@ from shared.errors import InvalidArgumentError, SpecdecError, UnavailableError
 from shared.pb.specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
 from shared.sampling import SamplingParams
+from shared.serving import wait_shielded
 
 from drafter_service.pool import ProposeCall
 
@@ -228,10 +229,4 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         # NOTE: shielded so that a cancelled stream still waits for its last propose to
         # finish (DraftSession's lock) and frees the session before the handler returns.
         fut = asyncio.ensure_future(self.pool.run(session.close))
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            await fut
-            raise
-        except Exception:  # noqa: BLE001
-            logger.exception("closing a draft session failed")
+        await wait_shielded(fut, logger, "closing a draft session")

@@ -66,6 +66,13 @@ MAX_SMALL_ROWS = 4  # matmuls of more rows run in the activation dtype (see Sort
 # --------------------------------------------------------------------------- config
 
 
+def check_exits(value: list[int]) -> list[int]:
+    """Exit depths must be increasing positive layer counts (shared by every exits field)."""
+    if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
+        raise ValueError(f"exits must be increasing positive layer counts, got {value}")
+    return value
+
+
 class SortedExitsConfig(BaseModel):
     """What `sorted.json` (beside config.json) holds: the exits and their default thresholds."""
 
@@ -88,9 +95,7 @@ class SortedExitsConfig(BaseModel):
     @field_validator("exits")
     @classmethod
     def _increasing(cls, value: list[int]) -> list[int]:
-        if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
-            raise ValueError(f"exits must be increasing positive layer counts, got {value}")
-        return value
+        return check_exits(value)
 
     @model_validator(mode="after")
     def _known_thresholds(self) -> SortedExitsConfig:

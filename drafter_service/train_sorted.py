@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.loading import tokenizer_hash
 from shared.paths import PROJECT_ROOT, data_dir, models_dir
 
-from drafter_service.sorted_model import SortedExitsConfig, sorted_exit_hidden
+from drafter_service.sorted_model import SortedExitsConfig, check_exits, sorted_exit_hidden
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -118,9 +118,7 @@ class TrainSortedConfig(BaseModel):
     @field_validator("exits")
     @classmethod
     def _increasing(cls, value: list[int]) -> list[int]:
-        if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
-            raise ValueError(f"exits must be increasing positive layer counts, got {value}")
-        return value
+        return check_exits(value)
 
     @model_validator(mode="after")
     def _layers(self) -> TrainSortedConfig:

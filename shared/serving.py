@@ -84,3 +84,18 @@ async def start_server(
             "metrics on http://%s:%d/metrics", host, start_metrics_server(metrics_port, host)
         )
     return health, bound, stop_event()
+
+
+async def wait_shielded(fut: asyncio.Future, logger: logging.Logger, what: str) -> None:
+    """Wait for cleanup `fut` to finish even if the caller is cancelled again meanwhile.
+
+    Cancelled streams must still free their session (close the loop, the proposer, the
+    drafter's state) before the handler returns; a failure there is logged, not raised.
+    """
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await fut
+        raise
+    except Exception:  # noqa: BLE001
+        logger.exception("%s failed", what)

@@ -36,6 +36,7 @@ from shared.errors import (
 from shared.ngram import NgramProposerFactory
 from shared.pb.specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from shared.sampling import SamplingParams
+from shared.serving import wait_shielded
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult
 from verifier_service.draft_client import RemoteProposerFactory, make_channel
 
@@ -390,22 +391,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         finally:
             recorder.finish(finish)
             cancel.set()
-            await _wait_shielded(producer)
-
-
-async def _wait_shielded(fut: asyncio.Future) -> None:
-    """Wait for the producer to close the loop and the proposer, even when cancelled again.
-
-    A cancelled stream's round may still be running; the session (and the drafter's) is
-    freed only when it ends, so the caller leaves the active count after this.
-    """
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        await fut
-        raise
-    except Exception:  # noqa: BLE001
-        logger.exception("cleanup of a generation failed")
+            # a cancelled stream's round may still run; the session is freed only when it
+            # ends, so the caller leaves the active count after this
+            await wait_shielded(producer, logger, "cleanup of a generation")
 
 
 async def _abort(context, err: SpecdecError) -> None:
