@@ -28,6 +28,23 @@ def humaneval_prompts_that_fit(tokenizer, num_prompts: int, max_new_tokens: int,
     return chosen
 
 
+def train_prompts_that_fit(tokenizer, num_prompts: int, max_new_tokens: int, max_total: int = 256,
+                           stride: int = 7) -> list[list[int]]:  # fmt: skip
+    """Every `stride`-th training prompt (drafters and defaults are tuned on these, never on
+    benchmark prompts) of at least 16 tokens whose prompt + generation fit in `max_total`."""
+    chosen = []
+    with open(data_dir() / "train_prompts" / "code_prompts.jsonl") as f:
+        for i, line in enumerate(f):
+            if i % stride:
+                continue
+            ids = tokenizer(json.loads(line)["prompt"]).input_ids
+            if 16 <= len(ids) and len(ids) + max_new_tokens <= max_total:
+                chosen.append(ids)
+            if len(chosen) == num_prompts:
+                break
+    return chosen
+
+
 def repetition_rate(token_ids: list[int], n: int = 4) -> float:
     """Share of n-grams that repeat an earlier n-gram of the same output (0 = no loops)."""
     grams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]

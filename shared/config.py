@@ -24,6 +24,22 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class MethodSpeculation(_Frozen):
+    """How the verifier's policy drafts with one method (`verifier_service.policy`)."""
+
+    rule: Literal["fixed", "plus2minus1"] = Field(
+        "fixed",
+        description="'fixed': always num_speculative_tokens; 'plus2minus1': start there, all "
+        "drafts accepted -> k + 2, a rejection -> k - 1 (Hugging Face's heuristic).",
+    )
+    num_speculative_tokens: int = Field(..., ge=0, description="k (the first k for plus2minus1).")
+    drafter_params: dict[str, float] = Field(
+        default_factory=dict,
+        description="Drafter parameters for every request (sorted: 'fixed_exit' or "
+        "'threshold.<exit>'; see shared.proposer.Proposer.set_params).",
+    )
+
+
 class ModelConfig(_Frozen):
     name: str = Field(..., min_length=1, description="Name clients use to address the model.")
     model_dir: Path = Field(..., description="HF-format directory (weights + tokenizer).")
@@ -44,6 +60,10 @@ class ModelConfig(_Frozen):
 
 class TargetConfig(ModelConfig):
     max_new_tokens: int = Field(1024, gt=0, description="Upper bound on max_new_tokens per request.")
+    speculation: dict[str, MethodSpeculation] = Field(
+        default_factory=dict,
+        description="Per-method overrides of speculation.methods for this target.",
+    )
 
 
 class DrafterConfig(ModelConfig):
@@ -74,24 +94,48 @@ class NgramConfig(_Frozen):
         return self
 
 
+# NOTE: chosen on ../shared/data/train_prompts by `python -m tools.choose_defaults` (never on
+# benchmark prompts); docs/speculation.md has the figures. Per-target overrides go in
+# TargetConfig.speculation.
+DEFAULT_METHODS: dict[str, MethodSpeculation] = {
+    "ngram": MethodSpeculation(num_speculative_tokens=5),
+    "draft_model": MethodSpeculation(num_speculative_tokens=3),
+    "sorted": MethodSpeculation(num_speculative_tokens=5, drafter_params={"fixed_exit": 2.0}),
+}
+
+
 class SpeculationConfig(_Frozen):
-    num_speculative_tokens: int = Field(
-        5, ge=0, description="k for the first round; the policy adapts it per round."
+    methods: dict[str, MethodSpeculation] = Field(
+        default_factory=lambda: dict(DEFAULT_METHODS),
+        description="Per speculation method: its rule, k and drafter parameters.",
     )
-    max_speculative_tokens: int = Field(10, ge=0, description="Upper bound for the adaptive k.")
-    adaptive: bool = Field(True, description="Adapt k per round (±2/−1 rule plus cost guard).")
+    max_speculative_tokens: int = Field(
+        10, ge=0, description="Upper bound on k (plus2minus1's cap, and on a request's own k)."
+    )
     draft_timeout_s: float = Field(
         0.05, gt=0, description="Longest a round waits for remote candidates before k = 0."
     )
 
     @model_validator(mode="after")
     def _bounded(self) -> SpeculationConfig:
-        if self.num_speculative_tokens > self.max_speculative_tokens:
-            raise ValueError(
-                f"num_speculative_tokens {self.num_speculative_tokens} > "
-                f"max_speculative_tokens {self.max_speculative_tokens}"
-            )
+        for name, method in self.methods.items():
+            if name not in SPEC_METHODS or name == "none":
+                raise ValueError(f"speculation.methods: unknown method {name!r}")
+            if method.num_speculative_tokens > self.max_speculative_tokens:
+                raise ValueError(
+                    f"speculation.methods.{name}.num_speculative_tokens "
+                    f"{method.num_speculative_tokens} > max_speculative_tokens "
+                    f"{self.max_speculative_tokens}"
+                )
         return self
+
+    def with_overrides(self, methods: dict[str, MethodSpeculation]) -> SpeculationConfig:
+        """This config with some methods replaced (a target's own settings)."""
+        if not methods:
+            return self
+        return SpeculationConfig.model_validate(
+            {**self.model_dump(), "methods": {**self.methods, **methods}}
+        )
 
 
 class SpecdecConfig(_Frozen):
@@ -116,6 +160,10 @@ class SpecdecConfig(_Frozen):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate target names in {names}")
         return self
+
+    def speculation_for(self, target: str) -> SpeculationConfig:
+        """The speculation settings a verifier of `target` uses."""
+        return self.speculation.with_overrides(self.target(target).speculation)
 
     def target(self, name: str) -> TargetConfig:
         for t in self.targets:

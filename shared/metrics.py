@@ -71,13 +71,10 @@ class SpecDecodingProm:
       sum by (model, method) (rate(specdec:num_drafts_total[$interval]))
 
     Nested (`sorted`) drafters, per exit depth (label `exit`): acceptance rate of the draft
-    tokens that left at each exit, and the thresholds the verifier's exit policy chose last
-    (gauge; 2 = never leave there, 0 = always):
+    tokens that left at each exit:
 
       sum by (model, exit) (rate(specdec:num_accepted_tokens_per_exit_total[$interval]))
       / sum by (model, exit) (rate(specdec:num_draft_tokens_per_exit_total[$interval]))
-
-      specdec:sorted_exit_threshold{model="codelm-target-m"}
     """
 
     def __init__(self) -> None:
@@ -112,12 +109,6 @@ class SpecDecodingProm:
             "Accepted draft tokens of nested (sorted) drafters by exit depth.",
             ["model", "exit"],
         )
-        self.sorted_exit_threshold = Gauge(
-            "specdec:sorted_exit_threshold",
-            "Confidence threshold per exit the verifier's exit policy chose for the target "
-            "(at the end of its last sorted request; 2 = never leave there).",
-            ["model", "exit"],
-        )
 
     def observe(self, model: str, method: str, stats: SpecStats) -> None:
         """Add one finished (or aborted) request's `SpecStats`."""
@@ -135,9 +126,6 @@ class SpecDecodingProm:
             accepted = stats.num_accepted_tokens_per_exit.get(exit_layer, 0)
             # NOTE: inc(0) too, so an exit whose tokens were all rejected still has a series
             self.num_accepted_tokens_per_exit.labels(model, str(exit_layer)).inc(accepted)
-        for key, value in stats.policy.items():
-            if key.startswith("threshold."):
-                self.sorted_exit_threshold.labels(model, key.split(".", 1)[1]).set(value)
 
 
 SPEC_DECODING = SpecDecodingProm()

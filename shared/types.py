@@ -24,8 +24,8 @@ class GenerationRequest:
     num_speculative_tokens: int | None = None  # None: the policy's default; fixed when given
     request_id: str = ""
     # Drafter parameters pinned for the whole request (sorted: `fixed_exit`,
-    # `threshold.<exit>`; see `shared.proposer.Proposer.set_params`); the policy then adapts
-    # k only. Empty: the policy chooses them.
+    # `threshold.<exit>`; see `shared.proposer.Proposer.set_params`), over the method's
+    # configured ones. Empty: the configured ones.
     drafter_params: dict[str, float] = field(default_factory=dict)
 
 
@@ -45,6 +45,20 @@ class SpecStats:
     # nested drafters: draft tokens per exit depth, and how many of them were accepted
     num_draft_tokens_per_exit: dict[int, int] = field(default_factory=dict)
     num_accepted_tokens_per_exit: dict[int, int] = field(default_factory=dict)
+
+    def observe_round(self, num_draft: int, num_accepted: int, exit_layers: list[int] | None) -> None:
+        """One speculative round: `num_draft` tokens verified, the first `num_accepted`
+        accepted; `exit_layers` (nested drafters): the exit depth of each draft token."""
+        self.num_spec_rounds += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        per_pos = self.num_accepted_per_pos
+        if len(per_pos) < num_draft:
+            per_pos.extend([0] * (num_draft - len(per_pos)))
+        for pos in range(num_accepted):
+            per_pos[pos] += 1
+        if exit_layers:
+            self.observe_exits(exit_layers[:num_draft], num_accepted)
 
     def observe_exits(self, exit_layers: list[int], num_accepted: int) -> None:
         """One round's draft tokens by exit depth; the first `num_accepted` were accepted."""

@@ -5,10 +5,12 @@ State between rounds: `tokens` = prompt + everything emitted; the target's KV ca
 all of them but the last (the *pending* token, fed at the start of the next round).
 One round:
 
+    k, params = policy.plan([row])                           # this request is a one-row step
     draft   = proposer.propose(tokens, k)                    # k draft tokens (maybe fewer)
     logits  = target.forward([pending, *draft])              # [k + 1, vocab], one forward
     emitted = accept(draft, logits)                          # num_accepted + 1 tokens
     rollback the KV entries of rejected drafts; emitted[-1] becomes the new pending token
+    policy.observe([row], [outcome], step cost)
 
 k = 0 is an ordinary decoding step through the same code. The loop is a synchronous
 generator (run it in an executor thread); `close()` on it aborts the request.
@@ -28,71 +30,22 @@ from shared.rejection import greedy_accept, rejection_sample
 from shared.sampling import logits_to_probs, make_generator, sample_from_probs
 from shared.stop import StopChecker
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult, SpecStats
-from verifier_service.exit_policy import SortedExitPolicy
-from verifier_service.policy import AdaptiveKPolicy, FixedKPolicy, HeuristicKPolicy, ParamsPolicy
+from verifier_service.policy import RowOutcome, StepCost
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from shared.config import SpeculationConfig
     from verifier_service.engine import TargetEngine
-    from verifier_service.exit_policy import ExitSetup
-
-Policy = AdaptiveKPolicy | FixedKPolicy | HeuristicKPolicy | ParamsPolicy | SortedExitPolicy
-_Learnable = (AdaptiveKPolicy, SortedExitPolicy)
+    from verifier_service.policy import SpeculationPolicy
 
 
 class SpecDecodeLoop:
     def __init__(
-        self,
-        engine: TargetEngine,
-        tokenizer: PreTrainedTokenizerBase,
-        speculation: SpeculationConfig,
-        *,
-        exit_setup: ExitSetup | None = None,
+        self, engine: TargetEngine, tokenizer: PreTrainedTokenizerBase, policy: SpeculationPolicy
     ) -> None:
-        """`exit_setup`: what this target's verifier knows about the sorted drafter (exits,
-        calibrated threshold vectors); None: method `sorted` adapts k only."""
         self.engine = engine
         self.tokenizer = tokenizer
-        self.speculation = speculation
-        self.exit_setup = exit_setup
-        # (method, pinned drafter params) -> the last finished request's adaptive policy,
-        # forked by the next request with the same key
-        self._learned: dict[tuple, AdaptiveKPolicy | SortedExitPolicy] = {}
-
-    def make_policy(self, request: GenerationRequest) -> Policy:
-        return self._make_policy(request)[0]
-
-    def _make_policy(self, request: GenerationRequest) -> tuple[Policy, tuple | None]:
-        """(the request's policy, the key its learned state is kept under; None: not kept)."""
-        spec = self.speculation
-        pinned = dict(request.drafter_params)
-        setup = self.exit_setup if request.method == "sorted" else None
-        start = pinned or (setup.start_params if setup is not None else {})
-        initial_k = spec.num_speculative_tokens
-        if setup is not None and setup.initial_k is not None:
-            initial_k = min(setup.initial_k, spec.max_speculative_tokens)
-
-        def with_params(policy):
-            return ParamsPolicy(policy, start) if start else policy
-
-        if request.num_speculative_tokens is not None:
-            return with_params(FixedKPolicy(request.num_speculative_tokens)), None
-        if not spec.adaptive:
-            return with_params(FixedKPolicy(spec.num_speculative_tokens)), None
-        if request.sampling.seed is not None and not request.sampling.greedy:
-            # NOTE: timings must not steer a seeded request: k by acceptance, fixed thresholds
-            return with_params(HeuristicKPolicy(initial_k, spec.max_speculative_tokens)), None
-        key = (request.method, tuple(sorted(pinned.items())))
-        learned = self._learned.get(key)
-        if learned is not None:
-            policy = learned.fork()
-        elif setup is not None and not pinned:
-            policy = SortedExitPolicy(setup, initial_k, spec.max_speculative_tokens)
-        else:
-            policy = AdaptiveKPolicy(initial_k, spec.max_speculative_tokens)
-        return (ParamsPolicy(policy, pinned) if pinned else policy), key
+        self.policy = policy
 
     def generate(
         self, request: GenerationRequest, proposer: Proposer | None
@@ -106,9 +59,8 @@ class SpecDecodeLoop:
         engine = self.engine
         sampling = request.sampling
         generator = make_generator(sampling.seed, engine.device)
-        policy, learn_key = self._make_policy(request) if proposer is not None else (FixedKPolicy(0), None)
-        applied_params: dict[str, float] | None = None  # the params object last given to the proposer
-        drafter_caught_up = False  # the last round drafted: the drafter's cache is current
+        policy = self.policy
+        row = policy.start(request)
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stop = StopChecker(request.stop)
         stats = SpecStats()
@@ -153,14 +105,12 @@ class SpecDecodeLoop:
 
                 # --- draft
                 t_draft = time.perf_counter()
+                plan = policy.plan([row])[0]
                 # The verify forward writes len(tokens) + k positions; emitted tokens stop at max_total.
-                k = min(policy.next_k(), max_total - len(tokens) - 1)
+                k = min(plan.k, max_total - len(tokens) - 1)
                 if proposer is not None and k > 0:
-                    params = policy.params()
-                    if params is not applied_params:  # the policy changed them (rare)
-                        if params:
-                            proposer.set_params(params)
-                        applied_params = params
+                    if plan.params is not None:
+                        proposer.set_params(plan.params)
                     draft = proposer.propose(tokens, k)
                 else:
                     draft = EMPTY_DRAFT
@@ -182,34 +132,17 @@ class SpecDecodeLoop:
 
                 # --- bookkeeping
                 num_draft = len(draft_ids)
+                policy.observe([row], [RowOutcome(num_draft, num_accepted)],
+                               StepCost(1, num_draft + 1, t_accept - t_verify))  # fmt: skip
                 stats.num_rounds += 1
-                exit_layers = None
                 if num_draft:
-                    stats.num_spec_rounds += 1
-                    stats.num_draft_tokens += num_draft
-                    stats.num_accepted_tokens += num_accepted
-                    per_pos = stats.num_accepted_per_pos
-                    if len(per_pos) < num_draft:
-                        per_pos.extend([0] * (num_draft - len(per_pos)))
-                    for pos in range(num_accepted):
-                        per_pos[pos] += 1
-                    if draft.exit_layers:
-                        exit_layers = draft.exit_layers[:num_draft]
-                        stats.observe_exits(exit_layers, num_accepted)
+                    stats.observe_round(num_draft, num_accepted, draft.exit_layers)
                     proposer.update(num_accepted)
-                # NOTE: the first drafting round after k = 0 rounds (or of the request) also
-                # prefilled the drafter on the new context: not a per-token cost sample
-                draft_time = (t_verify - t_draft) if drafter_caught_up else None
-                drafter_caught_up = num_draft > 0
-                policy.update(num_draft, num_accepted, draft_time, t_accept - t_verify, exit_layers)
                 stats.other_time_s += time.perf_counter() - t_accept
         finally:
             if proposer is not None:
                 proposer.close()
-            stats.policy = policy.summary()
-            learned = policy.kpolicy if isinstance(policy, ParamsPolicy) else policy
-            if learn_key is not None and isinstance(learned, _Learnable):
-                self._learned[learn_key] = learned
+            stats.policy = policy.summary(row)
 
         yield GenerationResult(
             finish_reason=finish,

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from shared.config import SpecdecConfig
     from shared.proposer import Proposer, ProposerFactory
     from shared.types import SpecStats
-    from verifier_service.exit_policy import ExitSetup
     from verifier_service.loop import SpecDecodeLoop
 
 logger = logging.getLogger(__name__)
@@ -103,24 +102,6 @@ def error_to_proto(err: SpecdecError) -> common_pb2.GenerateResponse:
     return common_pb2.GenerateResponse(
         error=common_pb2.Error(code=err.code.value[0], message=err.message, field=err.field or "")
     )
-
-
-def exit_setup_for(config: SpecdecConfig, target: str) -> ExitSetup | None:
-    """The sorted drafter's exits and this target's calibrated thresholds, read from the
-    (first) sorted drafter's directory; None without a sorted drafter or its files."""
-    from verifier_service.exit_policy import load_exit_setup
-
-    for drafter in config.drafters:
-        if drafter.kind == "sorted":
-            setup = load_exit_setup(drafter.model_dir, target)
-            if setup is not None:
-                logger.info(
-                    "sorted exit policy for %s: %d threshold vectors from %s (start %s, k %s)",
-                    target, len(setup.arms), setup.source, setup.arms[0].thresholds,
-                    setup.initial_k,
-                )  # fmt: skip
-            return setup
-    return None
 
 
 # ---------------------------------------------------------------- producer thread
@@ -191,19 +172,15 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         from shared.loading import tokenizer_hash
         from verifier_service.engine import load_target
         from verifier_service.loop import SpecDecodeLoop
+        from verifier_service.policy import RulePolicy
 
         engine, tokenizer = load_target(self.target)
-        self.attach(
-            SpecDecodeLoop(engine, tokenizer, self.config.speculation),
-            tokenizer_hash(self.target.model_dir),
-        )
+        policy = RulePolicy(self.config.speculation_for(self.target.name))
+        self.attach(SpecDecodeLoop(engine, tokenizer, policy), tokenizer_hash(self.target.model_dir))
 
     def attach(self, spec_loop: SpecDecodeLoop, tokenizer_hash: str) -> None:
-        """Serve with an already loaded loop; connect the model-based methods' drafter and
-        give the loop this target's sorted exit setup (calibration) if it has none."""
+        """Serve with an already loaded loop; connect the model-based methods' drafter."""
         self.tokenizer_hash = tokenizer_hash
-        if spec_loop.exit_setup is None:
-            spec_loop.exit_setup = exit_setup_for(self.config, self.target.name)
         if self.drafter_address:
             self._channel = make_channel(self.drafter_address)
             kinds = {d.kind for d in self.config.drafters} & set(MODEL_METHODS)

@@ -446,7 +446,7 @@ def test_concurrent_requests_to_both_targets(stack):
 def test_concurrent_sorted_requests_of_both_targets_share_one_drafter(stack):
     """Both targets' sessions on the one sorted drafter at once: all exact, the pool batched
     drafter forwards of sessions ready together (its /metrics), and each verifier exported
-    what its exit policy chose."""
+    its draft tokens per exit."""
     if any("sorted" not in m for m in _offered_methods(stack).values()):
         pytest.skip("the drafter pool does not offer 'sorted'")
     prompts = humaneval_prompts(2 * MAX_SESSIONS_PER_REPLICA, offset=30)
@@ -485,7 +485,6 @@ def test_concurrent_sorted_requests_of_both_targets_share_one_drafter(stack):
     for model in TARGETS:
         verifier = stack.metrics(model)
         assert sum(metric_samples(verifier, "specdec:num_draft_tokens_per_exit_total", model=model)) > 0
-        assert metric_samples(verifier, "specdec:sorted_exit_threshold", model=model, exit="1")
 
 
 # ---------------------------------------------------------------- drafter faults

@@ -18,6 +18,7 @@ from shared.pb.specdec.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.grpc_servers import start_verifier_server
 from verifier_service.engine import load_target
 from verifier_service.loop import SpecDecodeLoop
+from verifier_service.policy import RulePolicy
 from verifier_service.servicer import VerifierServicer
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
@@ -30,7 +31,7 @@ LONG = 1000
 @pytest.fixture(scope="module")
 def spec_loop():
     engine, tokenizer = load_target(CONFIG.target(TARGET))
-    return SpecDecodeLoop(engine, tokenizer, CONFIG.speculation)
+    return SpecDecodeLoop(engine, tokenizer, RulePolicy(CONFIG.speculation))
 
 
 async def _start_replica(spec_loop):

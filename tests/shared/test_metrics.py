@@ -33,12 +33,11 @@ def test_observe_request_counts_drafts_tokens_and_positions():
     assert tau == stats.mean_acceptance_length
 
 
-def test_sorted_requests_count_per_exit_and_export_thresholds():
+def test_sorted_requests_count_per_exit():
     # exits 1 and 3 drafted; only sorted requests feed the per-exit series
     stats = SpecStats(num_rounds=2, num_spec_rounds=2, num_draft_tokens=5, num_accepted_tokens=2)
     stats.observe_exits([1, 1, 3], 2)
     stats.observe_exits([3, 1], 0)
-    stats.policy = {"k": 4.0, "threshold.1": 0.3, "threshold.2": 2.0}
     assert stats.num_draft_tokens_per_exit == {1: 3, 3: 2}
     assert stats.num_accepted_tokens_per_exit == {1: 2}
     metrics.observe_request("test-metrics-s", "sorted", stats)
@@ -50,8 +49,6 @@ def test_sorted_requests_count_per_exit_and_export_thresholds():
     assert metrics.sample_value(
         "specdec:num_accepted_tokens_per_exit_total", {**per_exit, "exit": "3"}
     ) == 0  # the series exists at 0
-    assert _value("specdec:sorted_exit_threshold", **per_exit, exit="1") == 0.3
-    assert _value("specdec:sorted_exit_threshold", **per_exit, exit="2") == 2.0
 
 
 def test_track_session_gauge_returns_to_zero_on_error():

@@ -1,89 +1,103 @@
-"""The adaptive-k policy: ±2/−1 warm-up, cost model, turning itself off and back on."""
+"""`RulePolicy`: the configured rule per method, a request's own k and drafter params, the
+±2/−1 rule, several rows in one step, and the measured verify cost per token count."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from verifier_service.policy import AdaptiveKPolicy, FixedKPolicy
+from shared.config import MethodSpeculation, SpeculationConfig
+from shared.types import GenerationRequest
+from verifier_service.policy import RowOutcome, RulePolicy, StepCost, plus_two_minus_one
 
-STEP_S = 0.008  # one plain target step
+CONFIG = SpeculationConfig(
+    methods={
+        "ngram": MethodSpeculation(num_speculative_tokens=5),
+        "draft_model": MethodSpeculation(rule="plus2minus1", num_speculative_tokens=3),
+        "sorted": MethodSpeculation(num_speculative_tokens=4, drafter_params={"fixed_exit": 2.0}),
+    },
+    max_speculative_tokens=8,
+)
 
 
-def simulate(policy, rounds: int, accept_first: float, accept_rest: float, draft_s: float, seed: int = 0) -> list[int]:
-    """Drive the policy with a synthetic drafter; returns the k chosen each round."""
-    rng = random.Random(seed)
+def step(policy, rows, outcomes, seconds=0.01):
+    num_tokens = sum(o.num_draft_tokens + 1 for o in outcomes)
+    policy.observe(rows, outcomes, StepCost(len(rows), num_tokens, seconds))
+
+
+def test_fixed_rule_keeps_k_whatever_the_acceptance():
+    policy = RulePolicy(CONFIG)
+    row = policy.start(GenerationRequest(prompt_ids=[1], method="ngram"))
     ks = []
-    for _ in range(rounds):
-        k = policy.next_k()
-        ks.append(k)
-        num_accepted = 0
-        while num_accepted < k and rng.random() < (accept_first if num_accepted == 0 else accept_rest):
-            num_accepted += 1
-        policy.update(k, num_accepted, draft_s * k, STEP_S * (1 + 0.08 * k))
-    return ks
+    for accepted in (0, 5, 2, 5, 0):
+        (plan,) = policy.plan([row])
+        ks.append(plan.k)
+        step(policy, [row], [RowOutcome(plan.k, accepted)])
+    assert ks == [5] * 5
 
 
-def test_fixed_policy_never_adapts():
-    policy = FixedKPolicy(4)
-    assert simulate(policy, 20, 0.0, 0.0, 0.01) == [4] * 20
+@pytest.mark.parametrize(
+    ("k", "num_draft", "num_accepted", "expected"),
+    [
+        (3, 3, 3, 5),  # all accepted: + 2
+        (3, 3, 1, 2),  # a rejection: − 1
+        (1, 1, 0, 1),  # floor 1
+        (7, 7, 7, 8),  # cap max_k
+        (5, 2, 2, 5),  # a short draft, all accepted: k stays (the drafter found no more)
+        (5, 2, 1, 4),  # a short draft with a rejection: − 1
+    ],
+)
+def test_plus_two_minus_one(k, num_draft, num_accepted, expected):
+    assert plus_two_minus_one(k, num_draft, num_accepted, max_k=8) == expected
 
 
-def test_warmup_follows_plus_two_minus_one():
-    # first round measures plain decoding; then all accepted -> k + 2, a rejection -> k - 1
-    policy = AdaptiveKPolicy(initial_k=3, max_k=10)
-    assert policy.next_k() == 0
-    policy.update(0, 0, 0.0, STEP_S)
-    assert policy.next_k() == 3
-    policy.update(3, 3, 0.001, STEP_S)
-    assert policy.next_k() == 5
-    policy.update(5, 1, 0.001, STEP_S)
-    assert policy.next_k() == 4
+def test_plus2minus1_rule_follows_acceptance_and_ignores_empty_drafts():
+    policy = RulePolicy(CONFIG)
+    row = policy.start(GenerationRequest(prompt_ids=[1], method="draft_model"))
+    ks = []
+    for accept_all in (True, True, False, None, False):
+        (plan,) = policy.plan([row])
+        ks.append(plan.k)
+        if accept_all is None:  # the drafter was late: nothing verified, nothing learned
+            step(policy, [row], [RowOutcome(0, 0)])
+        else:
+            step(policy, [row], [RowOutcome(plan.k, plan.k if accept_all else 0)])
+    assert ks == [3, 5, 7, 6, 6]
+    assert policy.plan([row])[0].k == 5
 
 
-def test_turns_speculation_off_when_it_does_not_pay():
-    # drafts that are almost never accepted and cost a quarter step each
-    ks = simulate(AdaptiveKPolicy(5, 10), 300, 0.05, 0.05, STEP_S / 4)
-    assert sum(k == 0 for k in ks[100:]) > 0.8 * 200
+def test_request_k_and_params_override_the_method_and_params_are_sent_once():
+    policy = RulePolicy(CONFIG)
+    row = policy.start(GenerationRequest(prompt_ids=[1], method="sorted", num_speculative_tokens=2,
+                                         drafter_params={"threshold.1": 0.5}))  # fmt: skip
+    first, second = policy.plan([row])[0], policy.plan([row])[0]
+    assert first.k == second.k == 2
+    assert first.params == {"fixed_exit": 2.0, "threshold.1": 0.5}
+    assert second.params is None  # sticky on the proposer's side
+    summary = policy.summary(row)
+    assert summary["k"] == 2 and summary["fixed_exit"] == 2.0
 
 
-def test_turns_back_on_when_drafts_get_good():
-    policy = AdaptiveKPolicy(5, 10)
-    simulate(policy, 200, 0.05, 0.05, STEP_S / 4)
-    ks = simulate(policy, 300, 0.9, 0.95, STEP_S / 50, seed=1)
-    assert sum(k > 0 for k in ks[-100:]) > 80
+def test_none_and_unconfigured_methods_never_speculate():
+    policy = RulePolicy(SpeculationConfig(methods={}))
+    for method in ("none", "ngram"):
+        row = policy.start(GenerationRequest(prompt_ids=[1], method=method))
+        assert policy.plan([row])[0].k == 0
 
 
-def mean_spec_k(draft_s: float) -> float:
-    ks = simulate(AdaptiveKPolicy(5, 10), 300, 0.7, 0.9, draft_s)
-    spec = [k for k in ks[100:] if k > 0]
-    return sum(spec) / len(spec)
+def test_several_rows_in_one_step_each_follow_their_rule():
+    policy = RulePolicy(CONFIG)
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method=m)) for m in ("ngram", "draft_model", "none")]
+    plans = policy.plan(rows)
+    assert [p.k for p in plans] == [5, 3, 0]
+    step(policy, rows, [RowOutcome(5, 0), RowOutcome(3, 3), RowOutcome(0, 0)])
+    assert [p.k for p in policy.plan(rows)] == [5, 5, 0]
 
 
-def test_cheaper_drafts_buy_longer_drafts():
-    # n-gram-like (free) drafts run deeper than drafts costing half a target step
-    assert mean_spec_k(STEP_S / 500) > mean_spec_k(STEP_S / 2) + 1
-
-
-def test_heuristic_policy_depends_on_acceptance_only():
-    # same acceptance sequence, wildly different timings -> same k schedule
-    from verifier_service.policy import HeuristicKPolicy
-
-    def schedule(time_scale: float) -> list[int]:
-        policy, ks = HeuristicKPolicy(3, 10), []
-        for num_accepted in [3, 5, 0, 1, 6, 6, 2]:
-            k = policy.next_k()
-            ks.append(k)
-            policy.update(k, min(num_accepted, k), 0.01 * time_scale, 0.02 * time_scale)
-        return ks
-
-    assert schedule(1.0) == schedule(100.0) == [3, 5, 7, 6, 5, 7, 6]
-
-
-def test_fork_of_an_off_policy_probes_first():
-    # a new request inheriting k = 0 tries speculation in its first round
-    policy = AdaptiveKPolicy(5, 10)
-    simulate(policy, 200, 0.02, 0.02, STEP_S / 4)
-    assert policy.k == 0
-    assert policy.fork().next_k() == 1
+def test_verify_cost_is_measured_per_token_count():
+    policy = RulePolicy(CONFIG)
+    row = policy.start(GenerationRequest(prompt_ids=[1], method="ngram"))
+    assert policy.verify_cost.ratio(6) is None
+    step(policy, [row], [RowOutcome(0, 0)], seconds=0.010)
+    step(policy, [row], [RowOutcome(5, 2)], seconds=0.013)
+    assert policy.verify_cost.ratio(6) == pytest.approx(1.3)
+    assert policy.summary(row)["verify_ratio.5"] == pytest.approx(1.3)

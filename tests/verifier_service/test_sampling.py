@@ -20,6 +20,7 @@ from shared.types import GenerationRequest
 from tests.exactness import humaneval_prompts
 from verifier_service.engine import load_target
 from verifier_service.loop import SpecDecodeLoop
+from verifier_service.policy import RulePolicy
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ PARAMS = dict(temperature=1.0, top_k=3)
 @pytest.fixture(scope="module")
 def setup():
     engine, tokenizer = load_target(CONFIG.target("codelm-target-s"))
-    loop = SpecDecodeLoop(engine, tokenizer, CONFIG.speculation)
+    loop = SpecDecodeLoop(engine, tokenizer, RulePolicy(CONFIG.speculation))
     drafts = DraftModelProposerFactory(CONFIG.drafters[0])
     prompt = tokenizer(humaneval_prompts(1, offset=2)[0]).input_ids
     return engine, loop, drafts, prompt

@@ -21,6 +21,7 @@ from tests.exactness import compare_greedy, humaneval_prompts
 from tests.grpc_servers import start_drafter_server, start_verifier_server, wait_for
 from verifier_service.engine import load_target
 from verifier_service.loop import SpecDecodeLoop
+from verifier_service.policy import RulePolicy
 from verifier_service.servicer import VerifierServicer
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
@@ -34,7 +35,7 @@ MAX_NEW_TOKENS = 16
 @pytest.fixture(scope="module")
 def target():
     engine, tokenizer = load_target(CONFIG.target(TARGET))
-    return SpecDecodeLoop(engine, tokenizer, CONFIG.speculation), tokenizer
+    return SpecDecodeLoop(engine, tokenizer, RulePolicy(CONFIG.speculation)), tokenizer
 
 
 @pytest.fixture(scope="module")

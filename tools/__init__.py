@@ -1,0 +1,1 @@
+"""Offline tools: drafter training, choosing speculation defaults. No service imports this package."""

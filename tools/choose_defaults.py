@@ -1,0 +1,139 @@
+"""Choose each speculation method's default on the training prompts (never on benchmark
+prompts): run every candidate rule of a method on both demo targets, greedy and sampled
+(T = 0.8), and keep the simplest candidate within `--tolerance` of the best one.
+
+    python -m tools.choose_defaults                       # 20 training prompts x 64 tokens
+    python -m tools.choose_defaults --methods sorted --modes greedy
+
+A candidate's score is the worst, over (target, mode) cells, of its tokens/s over the best
+candidate's tokens/s in that cell, so a default must hold up on every target and in both
+modes. Candidates are listed from simplest (a fixed k; a fixed exit; smaller k first) to
+least simple (the ±2/−1 rule; confidence thresholds); the first within the tolerance of the
+top score wins. If no single candidate scores >= `--per-target-below` on every cell, the
+report names the best per target too (for `TargetConfig.speculation` overrides).
+
+Writes bench/results/choose-defaults-<time>.{json,md}; the chosen values go into
+`shared.config.DEFAULT_METHODS` by hand, with the table in docs/speculation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.common import environment, train_prompts_that_fit, write_results
+from bench.harness import describe, markdown_table, our_variant, run_interleaved, sampling_for, summarize
+from shared.config import MethodSpeculation, SpeculationConfig, default_config
+from shared.loading import set_num_threads
+
+
+def M(k: int, rule: str = "fixed", **params: float) -> MethodSpeculation:  # noqa: N802 - table literal
+    return MethodSpeculation(rule=rule, num_speculative_tokens=k, drafter_params=params)
+
+
+# simplest first (ties go to the earlier one)
+CANDIDATES: dict[str, list[MethodSpeculation]] = {
+    "ngram": [M(3), M(5), M(8), M(5, "plus2minus1")],
+    "draft_model": [M(2), M(3), M(4), M(5), M(3, "plus2minus1")],
+    "sorted": [
+        *(M(k, fixed_exit=e) for e in (1, 2) for k in (3, 5, 7)),
+        M(5, fixed_exit=3),
+        M(5, "plus2minus1", fixed_exit=1),
+        M(5, fixed_exit=-1),  # S2D confidence exits at the drafter's thresholds (sorted.json)
+    ],
+}
+
+
+def factories_for(config, methods: list[str]) -> dict:
+    from drafter_service.draft_model import DraftModelProposerFactory
+    from shared.ngram import NgramProposerFactory
+
+    out = {}
+    if "ngram" in methods:
+        out["ngram"] = NgramProposerFactory(config.ngram)
+    if "draft_model" in methods:
+        out["draft_model"] = DraftModelProposerFactory(next(d for d in config.drafters if d.kind == "draft_model"))
+    if "sorted" in methods:
+        from drafter_service.sorted import SortedProposerFactory
+
+        out["sorted"] = SortedProposerFactory(next(d for d in config.drafters if d.kind == "sorted"))
+    return out
+
+
+def run_cell(engine, tokenizer, factories, target: str, mode: str, args) -> list[dict]:
+    sampling = sampling_for(mode, args.temperature)
+    speculation = SpeculationConfig()
+    variants = [our_variant(engine, tokenizer, speculation, "none", None, None, sampling, args.max_new_tokens)]
+    for method in args.methods:
+        for spec in CANDIDATES[method]:
+            variants.append(our_variant(engine, tokenizer, speculation, method, spec, factories[method],
+                                        sampling, args.max_new_tokens))  # fmt: skip
+    prompts = train_prompts_that_fit(tokenizer, args.num_prompts, args.max_new_tokens)
+    rows = summarize(variants, run_interleaved(variants, prompts, f"{target} {mode}"), mode == "greedy")
+    for row, v in zip(rows, variants):
+        row["candidate"] = v.label
+    return rows
+
+
+def choose(method: str, cells: dict[str, list[dict]], tolerance: float) -> dict:
+    """cells: "target/mode" -> rows. Scores every candidate (worst cell ratio to the cell's best)."""
+    labels = [f"ours {describe(method, c)}" for c in CANDIDATES[method]]
+    ratios: dict[str, dict[str, float]] = {label: {} for label in labels}
+    for cell, rows in cells.items():
+        by = {r["variant"].removesuffix(" [default]"): r["tokens_per_s"] for r in rows}
+        best = max(by[label] for label in labels)
+        for label in labels:
+            ratios[label][cell] = by[label] / best
+    scores = {label: min(r.values()) for label, r in ratios.items()}
+    top = max(scores.values())
+    index = next(i for i, label in enumerate(labels) if scores[label] >= top - tolerance)
+    per_target = {}
+    for target in sorted({cell.split("/")[0] for cell in cells}):
+        score_t = {label: min(v for c, v in r.items() if c.startswith(target + "/")) for label, r in ratios.items()}
+        top_t = max(score_t.values())
+        per_target[target] = next(label for label in labels if score_t[label] >= top_t - tolerance)
+    return {"chosen": labels[index], "spec": CANDIDATES[method][index].model_dump(), "score": scores[labels[index]],
+            "scores": scores, "ratios": ratios, "best_per_target": per_target}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", nargs="+", default=["codelm-target-m", "codelm-target-s"])
+    parser.add_argument("--modes", nargs="+", default=["greedy", "sample"], choices=["greedy", "sample"])
+    parser.add_argument("--methods", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--num-prompts", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--tolerance", type=float, default=0.02, help="simplest within this of the top score")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    set_num_threads(args.threads)
+    from verifier_service.engine import load_target
+
+    config = default_config()
+    factories = factories_for(config, args.methods)
+    cells: dict[str, list[dict]] = {}
+    for target in args.targets:
+        engine, tokenizer = load_target(config.target(target))
+        for mode in args.modes:
+            cells[f"{target}/{mode}"] = run_cell(engine, tokenizer, factories, target, mode, args)
+    choices = {m: choose(m, cells, args.tolerance) for m in args.methods}
+
+    env = environment()
+    md = [f"# Speculation defaults on training prompts ({env['time']}, {args.num_prompts} prompts x "
+          f"{args.max_new_tokens} tokens, torch {env['torch']}, {env['threads']} thread)\n"]  # fmt: skip
+    for cell, rows in cells.items():
+        md += [f"\n## {cell}\n", *markdown_table(rows)]
+    md.append("\n## Chosen (score = worst cell's tokens/s over that cell's best candidate)\n")
+    for method, c in choices.items():
+        md.append(f"- **{method}: {c['chosen']}** (score {c['score']:.3f}); best per target: "
+                  + ", ".join(f"{t}: {label}" for t, label in c["best_per_target"].items()))
+        md += [f"  - {label}: {score:.3f}" for label, score in c["scores"].items()]
+    markdown = "\n".join(md) + "\n"
+    base = write_results("choose-defaults", {"env": env, "args": vars(args), "cells": cells,
+                                             "choices": choices}, markdown)  # fmt: skip
+    print(markdown)
+    print(f"results: {base}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
