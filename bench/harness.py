@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.common import repetition_rate
 from shared.config import MethodSpeculation, SpeculationConfig
 from shared.sampling import SamplingParams
 from shared.types import GenerationRequest
@@ -47,6 +48,7 @@ class Totals:
     time_s: float = 0.0
     identical: int = 0
     runs: int = 0
+    repetition: float = 0.0  # summed over runs: share of repeated 4-grams (greedy loops)
     rounds: int = 0
     spec_rounds: int = 0
     draft_tokens: int = 0
@@ -104,6 +106,23 @@ def our_variant(engine, tokenizer, speculation: SpeculationConfig, method: str,
     return Variant(method, label, run, ours=True, default=default and method != "none")
 
 
+def factories_for(config, methods: list[str]) -> dict:
+    """In-process proposer factories of the configured drafters for `methods`."""
+    from drafter_service.draft_model import DraftModelProposerFactory
+    from shared.ngram import NgramProposerFactory
+
+    out = {}
+    if "ngram" in methods:
+        out["ngram"] = NgramProposerFactory(config.ngram)
+    if "draft_model" in methods:
+        out["draft_model"] = DraftModelProposerFactory(next(d for d in config.drafters if d.kind == "draft_model"))
+    if "sorted" in methods:
+        from drafter_service.sorted import SortedProposerFactory
+
+        out["sorted"] = SortedProposerFactory(next(d for d in config.drafters if d.kind == "sorted"))
+    return out
+
+
 def run_interleaved(variants: list[Variant], prompts: list[list[int]], tag: str) -> dict[str, Totals]:
     """Every variant on prompt 0, then prompt 1, ... so machine drift hits all alike; the
     first variant's output is the reference for `identical`."""
@@ -123,6 +142,7 @@ def run_interleaved(variants: list[Variant], prompts: list[list[int]], tag: str)
                 t.time_s += dt
                 t.runs += 1
                 t.identical += tokens == reference
+                t.repetition += repetition_rate(tokens)
                 if stats:
                     t.add_stats(stats)
             print(f"[{tag}] prompt {i + 1}/{len(prompts)}", flush=True)
@@ -138,7 +158,7 @@ def summarize(variants: list[Variant], totals: dict[str, Totals], greedy: bool) 
         t = totals[v.label]
         tps = t.tokens / t.time_s
         row = {"family": v.family, "variant": v.label, "default": v.default, "tokens_per_s": tps,
-               "speedup": tps / base_tps,
+               "speedup": tps / base_tps, "repetition_rate": t.repetition / t.runs,
                "identical": f"{t.identical}/{t.runs}" if greedy else "n/a (sampled)"}  # fmt: skip
         if v.ours:
             rounds = max(1, t.rounds)
@@ -177,8 +197,8 @@ def default_vs_best(rows: list[dict]) -> dict[str, dict]:
 
 def markdown_table(rows: list[dict]) -> list[str]:
     out = ["| variant | tok/s | × base | τ | k̄ (spec rounds) | spec-round share | tokens/round (all) "
-           "| GPU-projected (all rounds) | draft ms/token | overhead ms/round | identical |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "| GPU-projected (all rounds) | draft ms/token | overhead ms/round | repetition | identical |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         name = f"**{r['variant']}**" if r.get("default") else r["variant"]
 
@@ -188,5 +208,5 @@ def markdown_table(rows: list[dict]) -> list[str]:
         out.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {f('tau')} | {f('k_mean')} | "
                    f"{f('spec_round_share')} | {f('tokens_per_round')} | {f('gpu_projected')} | "
                    f"{f('draft_ms_per_draft_token', '{:.3f}')} | {f('overhead_ms_per_round', '{:.3f}')} | "
-                   f"{r['identical']} |")  # fmt: skip
+                   f"{r['repetition_rate']:.2f} | {r['identical']} |")  # fmt: skip
     return out

@@ -21,7 +21,15 @@ from __future__ import annotations
 import argparse
 
 from bench.common import environment, train_prompts_that_fit, write_results
-from bench.harness import describe, markdown_table, our_variant, run_interleaved, sampling_for, summarize
+from bench.harness import (
+    describe,
+    factories_for,
+    markdown_table,
+    our_variant,
+    run_interleaved,
+    sampling_for,
+    summarize,
+)
 from shared.config import MethodSpeculation, SpeculationConfig, default_config
 from shared.loading import set_num_threads
 
@@ -41,22 +49,6 @@ CANDIDATES: dict[str, list[MethodSpeculation]] = {
         M(5, fixed_exit=-1),  # S2D confidence exits at the drafter's thresholds (sorted.json)
     ],
 }
-
-
-def factories_for(config, methods: list[str]) -> dict:
-    from drafter_service.draft_model import DraftModelProposerFactory
-    from shared.ngram import NgramProposerFactory
-
-    out = {}
-    if "ngram" in methods:
-        out["ngram"] = NgramProposerFactory(config.ngram)
-    if "draft_model" in methods:
-        out["draft_model"] = DraftModelProposerFactory(next(d for d in config.drafters if d.kind == "draft_model"))
-    if "sorted" in methods:
-        from drafter_service.sorted import SortedProposerFactory
-
-        out["sorted"] = SortedProposerFactory(next(d for d in config.drafters if d.kind == "sorted"))
-    return out
 
 
 def run_cell(engine, tokenizer, factories, target: str, mode: str, args) -> list[dict]:
