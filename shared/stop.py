@@ -24,9 +24,10 @@ class StopChecker:
     def __init__(self, stop: list[str]) -> None:
         # NOTE: an empty stop string would match before any text; it is ignored.
         self.stop = sorted({s for s in stop if s}, key=len)
-        # Every proper prefix of a stop string: a tail in this set must be held back.
-        self._prefixes = {s[:i] for s in self.stop for i in range(1, len(s))}
-        self._max_hold = max((len(s) - 1 for s in self.stop), default=0)
+        # One KMP matcher per stop string: memory and set-up linear in its length (a set of
+        # every prefix, as before, was quadratic: 200k characters took ~20 GB).
+        self._failure = [_failure_function(s) for s in self.stop]
+        self._state = [0] * len(self.stop)  # per stop string: chars of it the text ends with
         self._pending = ""  # held-back tail: a proper prefix of some stop string
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the generation
@@ -38,26 +39,26 @@ class StopChecker:
         if self.stopped:
             return "", True
         buf = self._pending + text
-        # NOTE: the match that *ends* first wins (then the one starting first): generating
-        # one character at a time would stop there, so the output does not depend on how
-        # the text was split into feeds (how many tokens a speculative round emitted).
-        best_end, cut = -1, -1
-        for s in self.stop:
-            i = buf.find(s)
-            if i == -1:
-                continue
-            end = i + len(s)
-            if best_end == -1 or end < best_end or (end == best_end and i < cut):
-                best_end, cut, self.matched = end, i, s
-        if cut != -1:
-            self._pending = ""
-            self.stopped = True
-            return buf[:cut], True
-        hold = 0
-        for h in range(min(self._max_hold, len(buf)), 0, -1):
-            if buf[-h:] in self._prefixes:
-                hold = h
-                break
+        offset = len(self._pending)
+        state = self._state
+        # NOTE: the match that *ends* first wins (then the one starting first, i.e. the
+        # longest): generating one character at a time would stop there, so the output does
+        # not depend on how the text was split into feeds (how many tokens a round emitted).
+        for pos, char in enumerate(text, start=offset):
+            ended = None
+            for i, s in enumerate(self.stop):
+                q, fail = state[i], self._failure[i]
+                while q and s[q] != char:
+                    q = fail[q - 1]
+                if s[q] == char:
+                    q += 1
+                state[i] = q
+                if q == len(s):
+                    ended = s  # stop strings are sorted by length: the last is the longest
+            if ended is not None:
+                self._pending, self.stopped, self.matched = "", True, ended
+                return buf[: pos + 1 - len(ended)], True
+        hold = max(state)  # < len(s) for each s: no match ended
         self._pending = buf[len(buf) - hold :]
         return buf[: len(buf) - hold], False
 
@@ -65,3 +66,16 @@ class StopChecker:
         """The held-back tail, at the end of a generation that no stop string ended."""
         text, self._pending = self._pending, ""
         return text
+
+
+def _failure_function(s: str) -> list[int]:
+    """KMP: fail[i] = length of the longest proper prefix of s[: i + 1] that is also its suffix."""
+    fail = [0] * len(s)
+    q = 0
+    for i in range(1, len(s)):
+        while q and s[i] != s[q]:
+            q = fail[q - 1]
+        if s[i] == s[q]:
+            q += 1
+        fail[i] = q
+    return fail

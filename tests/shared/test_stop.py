@@ -95,3 +95,41 @@ def test_any_split_equals_one_shot(stop):
         emitted, stopped, flushed = _run(stop, pieces)
         assert "".join(emitted) + flushed == text[:cut], chunk
         assert stopped == bool(starts)
+
+
+def test_long_stop_strings_cost_linear_memory():
+    """A 200,000-character stop string once took a verifier to ~20 GB (a set of every prefix)."""
+    import tracemalloc
+
+    long_stop = "ab" * 100_000
+    tracemalloc.start()
+    checker = StopChecker([long_stop, "x" * 50_000])
+    for _ in range(200):
+        checker.feed("ab")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 50 * 2**20, peak
+    assert not checker.stopped
+    assert checker.flush() == "ab" * 200  # all held back: a prefix of the long stop string
+
+
+def test_kmp_matcher_agrees_with_a_char_by_char_search():
+    """Random texts, stop strings and feed splits against the definition: stop at the first
+    end of any stop string, cut at its start (the longest one ending there)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        stop = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        emitted, stopped, flushed = _run(stop, pieces)
+        expected = text
+        for end in range(1, len(text) + 1):
+            hits = [s for s in stop if text[:end].endswith(s)]
+            if hits:
+                expected = text[: end - max(map(len, hits))]
+                break
+        assert "".join(emitted) + flushed == expected, (stop, pieces)
+        assert stopped == (expected != text or any(s in text for s in stop))
