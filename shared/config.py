@@ -98,9 +98,9 @@ class NgramConfig(_Frozen):
 # benchmark prompts); docs/speculation.md has the figures. Per-target overrides go in
 # TargetConfig.speculation.
 DEFAULT_METHODS: dict[str, MethodSpeculation] = {
-    "ngram": MethodSpeculation(num_speculative_tokens=5),
+    "ngram": MethodSpeculation(num_speculative_tokens=3),
     "draft_model": MethodSpeculation(num_speculative_tokens=3),
-    "sorted": MethodSpeculation(num_speculative_tokens=5, drafter_params={"fixed_exit": 2.0}),
+    "sorted": MethodSpeculation(num_speculative_tokens=3, drafter_params={"fixed_exit": 2.0}),
 }
 
 
