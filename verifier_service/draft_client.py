@@ -83,7 +83,12 @@ def decode_draft_probs(
     q = np.frombuffer(data, dtype="<f4")
     if vocab_size <= 0 or q.size != num_tokens * vocab_size:
         raise ValueError(f"draft_probs has {q.size} floats, expected {num_tokens} x {vocab_size}")
-    return torch.from_numpy(q.reshape(num_tokens, vocab_size).astype(np.float32, copy=True))
+    q = q.reshape(num_tokens, vocab_size)
+    # NOTE: the rejection sampler divides by q: a NaN, negative or unnormalised row from a
+    # faulty drafter would bias the output, so such candidates are dropped (never trusted)
+    if not np.isfinite(q).all() or (q < 0).any() or not np.allclose(q.sum(-1), 1.0, atol=1e-2):
+        raise ValueError("draft_probs rows are not probability distributions")
+    return torch.from_numpy(q.astype(np.float32, copy=True))
 
 
 class StreamBroken(Exception):

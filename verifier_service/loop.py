@@ -18,6 +18,7 @@ generator (run it in an executor thread); `close()` on it aborts the request.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from shared.detokenize import IncrementalDetokenizer
-from shared.proposer import EMPTY_DRAFT, Proposer
+from shared.proposer import EMPTY_DRAFT, Draft, Proposer
 from shared.rejection import greedy_accept, rejection_sample
 from shared.sampling import logits_to_probs, make_generator, sample_from_probs
 from shared.stop import StopChecker
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
     from verifier_service.engine import TargetEngine
     from verifier_service.policy import SpeculationPolicy
+
+logger = logging.getLogger(__name__)
 
 
 class SpecDecodeLoop:
@@ -114,6 +117,8 @@ class SpecDecodeLoop:
                     draft = proposer.propose(tokens, k)
                 else:
                     draft = EMPTY_DRAFT
+                if draft.token_ids and not self._well_formed(draft):
+                    draft = EMPTY_DRAFT  # a faulty drafter costs speculation, never the request
                 draft_ids = draft.token_ids[:k] if k > 0 else []
                 t_verify = time.perf_counter()
                 stats.draft_time_s += t_verify - t_draft
@@ -152,6 +157,16 @@ class SpecDecodeLoop:
             text="".join(text_parts),
             stats=stats,
         )
+
+    def _well_formed(self, draft: Draft) -> bool:
+        """Draft token ids inside the target's vocabulary, q (if any) over that vocabulary."""
+        vocab = self.engine.vocab_size
+        ok = 0 <= min(draft.token_ids) and max(draft.token_ids) < vocab and (
+            draft.draft_probs is None or tuple(draft.draft_probs.shape) == (len(draft.token_ids), vocab)
+        )
+        if not ok:
+            logger.warning("malformed draft dropped (token ids outside [0, %d) or draft_probs shape)", vocab)
+        return ok
 
     @staticmethod
     def _sample(
