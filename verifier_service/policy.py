@@ -126,11 +126,11 @@ class RulePolicy:
     def start(self, request: GenerationRequest) -> RowState:
         max_k = self.config.max_speculative_tokens
         method = self.config.methods.get(request.method)
-        if request.method == "none" or method is None:
-            return RowState(request.method, FIXED, 0, 0, {})
-        params = {**method.drafter_params, **request.drafter_params}
-        if request.num_speculative_tokens is not None:
+        params = {**(method.drafter_params if method else {}), **request.drafter_params}
+        if request.num_speculative_tokens is not None:  # pinned by the request
             return RowState(request.method, FIXED, request.num_speculative_tokens, max_k, params)
+        if method is None:  # `none`, or a method without a configured rule
+            return RowState(request.method, FIXED, 0, 0, {})
         return RowState(request.method, method.rule, min(method.num_speculative_tokens, max_k), max_k, params)
 
     def plan(self, rows: Sequence[RowState]) -> list[RowPlan]:
