@@ -34,7 +34,8 @@ from bench.harness import (
     sampling_for,
     summarize,
 )
-from shared.config import SPEC_METHODS, MethodSpeculation, default_config
+from shared.config import MethodSpeculation, default_config
+from shared.methods import SPEC_METHODS
 from shared.loading import set_num_threads
 from shared.sampling import SamplingParams
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from shared import metrics
-from shared.config import SPEC_METHODS
+from shared.methods import MODEL_METHODS, SPEC_METHODS
 from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from shared.protocol import PROTOCOL_VERSION
 from shared.proposer import EMPTY_DRAFT
@@ -41,15 +41,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Methods served by a drafter process (the model-free ones run inside the verifier).
-MODEL_METHODS: tuple[str, ...] = ("draft_model", "sorted", "card")
-
 # kind -> (module, factory class, required): a required kind that fails to import is a
-# hard error; the others are being written elsewhere and are skipped with a log line.
+# hard error; the others are skipped with a log line.
 _FACTORIES: dict[str, tuple[str, str, bool]] = {
     "draft_model": ("drafter_service.draft_model", "DraftModelProposerFactory", True),
     "sorted": ("drafter_service.sorted", "SortedProposerFactory", False),
-    "card": ("drafter_service.card", "CardProposerFactory", False),
 }
 
 

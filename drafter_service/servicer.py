@@ -21,9 +21,9 @@ import grpc
 import numpy as np
 
 from shared.errors import InvalidArgumentError, SpecdecError, UnavailableError
-from shared.pb.specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
-from shared.sampling import SamplingParams
+from shared.wire import sampling_from_proto
 from shared.serving import wait_shielded
 
 from drafter_service.pool import ProposeCall
@@ -33,17 +33,6 @@ if TYPE_CHECKING:
     from shared.proposer import Draft
 
 logger = logging.getLogger(__name__)
-
-
-def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
-    params = SamplingParams(
-        temperature=float(msg.temperature),
-        top_p=float(msg.top_p) if msg.top_p > 0 else 1.0,  # unset / 0 = off
-        top_k=int(msg.top_k),
-        seed=int(msg.seed) if msg.HasField("seed") else None,
-    )
-    params.validate()
-    return params
 
 
 def num_accepted_since(
@@ -135,6 +124,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             raise InvalidArgumentError("the first message of a Draft stream must be Open", field="open")
         op = first.open
         sampling = sampling_from_proto(op.sampling)
+        sampling.validate()
         prompt = list(op.token_ids)
         session = await self.pool.run(
             self.pool.open_session,

@@ -20,11 +20,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from shared.methods import SPEC_METHODS
+
 if TYPE_CHECKING:
     from shared.pb.specdec.v1 import router_pb2
 
 DEFAULT_SERVER = "127.0.0.1:50051"
-METHODS = ("none", "ngram", "draft_model", "sorted", "card")  # = shared.config.SPEC_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate from a running server (gRPC)")
     gen.add_argument("--model", required=True, help="target model name")
     gen.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
-    gen.add_argument("--method", default="", choices=("", *METHODS),
+    gen.add_argument("--method", default="", choices=("", *SPEC_METHODS),
                      help="speculation method (default: the server's)")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--num-speculative-tokens", type=int, default=None,
-                     help="fixed k per round (default: the verifier's adaptive policy)")  # fmt: skip
+                     help="fixed k per round (default: the method's configured default)")  # fmt: skip
     gen.add_argument("--server", default=DEFAULT_SERVER, help="router address HOST:PORT")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")

@@ -34,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from router.validation import ModelSpec, ValidatedRequest, validate_request
 from shared import metrics
-from shared.config import SPEC_METHODS
+from shared.methods import SPEC_METHODS
 from shared.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -42,6 +42,8 @@ from shared.errors import (
     ResourceExhaustedError,
     SpecdecError,
     UnavailableError,
+    status_from_int,
+    status_to_int,
 )
 from shared.pb.specdec.v1 import (
     common_pb2,
@@ -106,14 +108,7 @@ def upstream_error(code: grpc.StatusCode, message: str, field: str | None = None
 
 def http_status_of(code: int) -> int:
     """HTTP status for a numeric gRPC code (in-band `Error.code`)."""
-    return _HTTP_STATUS.get(_code_from_int(code), 500)
-
-
-def _code_from_int(value: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN
+    return _HTTP_STATUS.get(status_from_int(code), 500)
 
 
 # ---------------------------------------------------------------- replicas
@@ -364,7 +359,7 @@ class Router:
                         kind = response.WhichOneof("response")
                         if kind == "error" and num_sent == 0:
                             err = response.error
-                            raise upstream_error(_code_from_int(err.code), err.message, err.field)
+                            raise upstream_error(status_from_int(err.code), err.message, err.field)
                         if kind == "chunk":
                             recorder.on_tokens(len(response.chunk.token_ids))
                         elif kind == "complete":
@@ -460,7 +455,7 @@ class Router:
 
 def _error_response(code: grpc.StatusCode, message: str, field: str = "") -> common_pb2.GenerateResponse:
     return common_pb2.GenerateResponse(
-        error=common_pb2.Error(code=code.value[0], message=message, field=field)
+        error=common_pb2.Error(code=status_to_int(code), message=message, field=field)
     )
 
 

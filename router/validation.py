@@ -27,15 +27,21 @@ tokenizer, without special tokens), which keeps this module free of transformers
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from shared.config import SPEC_METHODS
 from shared.errors import InvalidArgumentError, NotFoundError
-from shared.sampling import SamplingParams
-from shared.pb.specdec.v1 import common_pb2, router_pb2, verifier_pb2
+from shared.pb.specdec.v1 import router_pb2, verifier_pb2
+from shared.types import SamplingParams
+from shared.validation import (
+    check_lengths,
+    check_method,
+    check_num_speculative_tokens,
+    check_prompt_ids,
+    check_stop,
+)
+from shared.wire import sampling_from_proto, sampling_to_proto
 
 # Methods in preference order when a request leaves `method` empty.
 DEFAULT_METHOD_ORDER: tuple[str, ...] = ("draft_model", "ngram", "none")
@@ -75,18 +81,11 @@ class ValidatedRequest:
     request_id: str = ""
 
     def to_verifier(self) -> verifier_pb2.VerifierGenerateRequest:
-        sampling = common_pb2.SamplingParams(
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
-            top_k=self.sampling.top_k,
-        )
-        if self.sampling.seed is not None:
-            sampling.seed = self.sampling.seed
         msg = verifier_pb2.VerifierGenerateRequest(
             request_id=self.request_id,
             model=self.model,
             prompt_token_ids=self.prompt_ids,
-            sampling=sampling,
+            sampling=sampling_to_proto(self.sampling),
             max_new_tokens=self.max_new_tokens,
             stop=self.stop,
             method=self.method,
@@ -116,22 +115,15 @@ def validate_request(
 
     method = _validate_method(request.method, spec)
     prompt_ids = _prompt_ids(request, spec, tokenize)
-    max_new_tokens = _validate_lengths(len(prompt_ids), request.max_new_tokens, spec)
-    sampling = _sampling(request)
+    max_new_tokens = request.max_new_tokens
+    check_lengths(len(prompt_ids), max_new_tokens, limit=spec.max_new_tokens,
+                  max_context=spec.max_context, model=spec.name)  # fmt: skip
+    sampling = sampling_from_proto(request.sampling)
     sampling.validate()
-
-    num_speculative_tokens: int | None = None
-    if request.HasField("num_speculative_tokens"):
-        num_speculative_tokens = request.num_speculative_tokens
-        if not 0 <= num_speculative_tokens <= spec.max_speculative_tokens:
-            raise InvalidArgumentError(
-                f"num_speculative_tokens must be in [0, {spec.max_speculative_tokens}], "
-                f"got {num_speculative_tokens}",
-                field="num_speculative_tokens",
-            )
+    k = request.num_speculative_tokens if request.HasField("num_speculative_tokens") else None
+    check_num_speculative_tokens(k, spec.max_speculative_tokens)
     stop = list(request.stop)
-    if any(s == "" for s in stop):
-        raise InvalidArgumentError("stop strings must be non-empty", field="stop")
+    check_stop(stop)
 
     return ValidatedRequest(
         model=spec.name,
@@ -140,7 +132,7 @@ def validate_request(
         max_new_tokens=max_new_tokens,
         method=method,
         stop=stop,
-        num_speculative_tokens=num_speculative_tokens,
+        num_speculative_tokens=k,
         request_id=request.request_id or uuid.uuid4().hex,
     )
 
@@ -148,11 +140,7 @@ def validate_request(
 def _validate_method(method: str, spec: ModelSpec) -> str:
     if not method:
         return spec.default_method
-    if method not in SPEC_METHODS:
-        raise InvalidArgumentError(
-            f"unknown method {method!r}; expected one of {', '.join(SPEC_METHODS)}",
-            field="method",
-        )
+    check_method(method)
     if method not in spec.methods:
         raise InvalidArgumentError(
             f"method {method!r} is not offered for model {spec.name!r} "
@@ -174,57 +162,5 @@ def _prompt_ids(request: router_pb2.GenerateRequest, spec: ModelSpec, tokenize: 
             raise InvalidArgumentError("prompt text tokenizes to no tokens", field="prompt")
         return ids
     ids = list(request.token_ids.token_ids)
-    if not ids:
-        raise InvalidArgumentError("prompt token_ids is empty", field="prompt")
-    for pos, tok in enumerate(ids):
-        if not 0 <= tok < spec.vocab_size:
-            raise InvalidArgumentError(
-                f"prompt token id {tok} at position {pos} is outside [0, {spec.vocab_size})",
-                field="prompt",
-            )
+    check_prompt_ids(ids, spec.vocab_size)
     return ids
-
-
-def _validate_lengths(num_prompt: int, max_new_tokens: int, spec: ModelSpec) -> int:
-    if num_prompt >= spec.max_context:
-        raise InvalidArgumentError(
-            f"prompt has {num_prompt} tokens; model {spec.name!r} accepts at most "
-            f"{spec.max_context - 1} so that one token can be generated",
-            field="prompt",
-        )
-    if max_new_tokens <= 0:
-        raise InvalidArgumentError(
-            f"max_new_tokens must be >= 1, got {max_new_tokens}", field="max_new_tokens"
-        )
-    if max_new_tokens > spec.max_new_tokens:
-        raise InvalidArgumentError(
-            f"max_new_tokens {max_new_tokens} exceeds the limit {spec.max_new_tokens} of "
-            f"model {spec.name!r}",
-            field="max_new_tokens",
-        )
-    if num_prompt + max_new_tokens > spec.max_context:
-        raise InvalidArgumentError(
-            f"prompt ({num_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"context of model {spec.name!r} ({spec.max_context} tokens)",
-            field="max_new_tokens",
-        )
-    return max_new_tokens
-
-
-def _sampling(request: router_pb2.GenerateRequest) -> SamplingParams:
-    s = request.sampling
-    top_p = s.top_p
-    # proto3 default: an unset top_p is 0, which means "off" (1.0); NaN stays NaN and fails.
-    if top_p == 0.0:
-        top_p = 1.0
-    temperature = float(s.temperature)
-    if math.isnan(temperature) or math.isinf(temperature) or temperature < 0:
-        raise InvalidArgumentError(
-            f"temperature must be a finite number >= 0, got {temperature}", field="temperature"
-        )
-    return SamplingParams(
-        temperature=temperature,
-        top_p=float(top_p),
-        top_k=int(s.top_k),
-        seed=int(s.seed) if s.HasField("seed") else None,
-    )

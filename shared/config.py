@@ -13,11 +13,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.methods import MODEL_METHODS, SPEC_METHODS  # noqa: F401 - re-exported for configs
 from shared.paths import PROJECT_ROOT, models_dir
 
 Dtype = Literal["float32", "float16", "bfloat16"]
-SpecMethod = Literal["none", "ngram", "draft_model", "sorted", "card"]
-SPEC_METHODS: tuple[str, ...] = ("none", "ngram", "draft_model", "sorted", "card")
 
 
 class _Frozen(BaseModel):
@@ -67,7 +66,7 @@ class TargetConfig(ModelConfig):
 
 
 class DrafterConfig(ModelConfig):
-    kind: Literal["draft_model", "sorted", "card"] = Field(
+    kind: Literal["draft_model", "sorted"] = Field(
         "draft_model", description="Proposer kind this drafter serves."
     )
     lean_forward: bool = Field(

@@ -52,3 +52,15 @@ class FailedPreconditionError(SpecdecError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     http_status = 400
     openai_type = "invalid_request_error"
+
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_from_int(number: int) -> grpc.StatusCode:
+    """The gRPC status of a numeric code (in-band `Error.code`); UNKNOWN if none."""
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def status_to_int(code: grpc.StatusCode) -> int:
+    return code.value[0]

@@ -1,4 +1,4 @@
-"""The `Proposer` protocol every drafter implements (n-gram, draft model, sorted, card, remote).
+"""The `Proposer` protocol every drafter implements (n-gram, draft model, sorted, remote).
 
 A proposer is per session (one generation request). Its factory (`ProposerFactory`) holds
 what sessions share: model weights, tables. The verifier's loop calls, once per round:

@@ -1,6 +1,6 @@
 """Sampling: logits → probabilities (temperature, top-k, top-p) and seeded draws.
 
-The same `SamplingParams` shape p (target_probs) and q (draft_probs), so the rejection
+The same `SamplingParams` (`shared.types`, torch-free for the router) shape p (target_probs) and q (draft_probs), so the rejection
 sampler compares like with like. Draws use the exponential-race trick
 (argmax(probs / Exp(1))), which needs no host sync and takes a per-request
 `torch.Generator` (gpt-fast's `multinomial_sample_one_no_sync`).
@@ -8,33 +8,9 @@ sampler compares like with like. Draws use the exponential-race trick
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from shared.errors import InvalidArgumentError
-
-
-@dataclass(slots=True, frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # (0, 1]
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def validate(self) -> None:
-        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
-            raise InvalidArgumentError(
-                f"temperature must be >= 0, got {self.temperature}", field="temperature"
-            )
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
-        if self.top_k < 0:
-            raise InvalidArgumentError(f"top_k must be >= 0, got {self.top_k}", field="top_k")
+from shared.types import SamplingParams  # noqa: F401 - the parameters these functions apply
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:

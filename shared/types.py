@@ -1,11 +1,39 @@
-"""Per-request and per-step data (plain dataclasses, never pydantic in the loop)."""
+"""Per-request and per-step data (plain dataclasses, never pydantic in the loop; no torch:
+the router imports these)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from shared.sampling import SamplingParams
+from shared.errors import InvalidArgumentError
+
+
+# NOTE: below this, logits / temperature overflows float32 (NaN probabilities): such a
+# temperature means "as sharp as it gets", i.e. greedy, for the target and the drafter alike
+MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # < MIN_TEMPERATURE (0 included) = greedy
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
+    def validate(self) -> None:
+        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
+            raise InvalidArgumentError(
+                f"temperature must be a finite number >= 0, got {self.temperature}", field="temperature"
+            )
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
+        if self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be >= 0, got {self.top_k}", field="top_k")
 
 
 class FinishReason(str, Enum):

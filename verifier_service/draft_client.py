@@ -35,9 +35,11 @@ import grpc
 import numpy as np
 import torch
 
-from shared.pb.specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
+from shared.errors import status_from_int
 from shared.proposer import Draft, common_prefix_len
+from shared.wire import sampling_to_proto
 
 if TYPE_CHECKING:
     from shared.sampling import SamplingParams
@@ -65,15 +67,6 @@ CHANNEL_OPTIONS = (
 
 def make_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-
-
-def sampling_to_proto(sampling: SamplingParams) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(
-        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
-    )
-    if sampling.seed is not None:
-        msg.seed = sampling.seed
-    return msg
 
 
 def decode_draft_probs(
@@ -392,8 +385,3 @@ class RemoteProposer:
             self._stream = None
 
 
-def status_from_int(code: int) -> grpc.StatusCode:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status
-    return grpc.StatusCode.UNKNOWN

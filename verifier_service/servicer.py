@@ -25,19 +25,27 @@ import grpc
 import torch
 
 from shared import metrics
-from shared.config import SPEC_METHODS
 from shared.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     SpecdecError,
     UnavailableError,
+    status_to_int,
 )
+from shared.methods import MODEL_METHODS
 from shared.ngram import NgramProposerFactory
 from shared.pb.specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from shared.sampling import SamplingParams
 from shared.serving import wait_shielded
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult
+from shared.validation import (
+    check_lengths,
+    check_method,
+    check_num_speculative_tokens,
+    check_prompt_ids,
+    check_stop,
+)
+from shared.wire import sampling_from_proto
 from verifier_service.draft_client import RemoteProposerFactory, make_channel
 
 if TYPE_CHECKING:
@@ -50,7 +58,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_METHODS: tuple[str, ...] = ("draft_model", "sorted", "card")
 _FIELD_METADATA_KEY = "specdec-field"  # trailing metadata naming the request field at fault
 
 _FINISH_REASONS = {
@@ -100,7 +107,7 @@ def chunk_to_proto(chunk: GenerationChunk) -> common_pb2.GenerateResponse:
 
 def error_to_proto(err: SpecdecError) -> common_pb2.GenerateResponse:
     return common_pb2.GenerateResponse(
-        error=common_pb2.Error(code=err.code.value[0], message=err.message, field=err.field or "")
+        error=common_pb2.Error(code=status_to_int(err.code), message=err.message, field=err.field or "")
     )
 
 
@@ -221,48 +228,16 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             )
         engine = self.spec_loop.engine
         prompt = list(msg.prompt_token_ids)
-        if not prompt:
-            raise InvalidArgumentError("prompt_token_ids is empty", field="prompt")
-        bad = next((t for t in prompt if not 0 <= t < engine.vocab_size), None)
-        if bad is not None:
-            raise InvalidArgumentError(
-                f"prompt token id {bad} is outside [0, {engine.vocab_size})", field="prompt"
-            )
-        if len(prompt) >= engine.max_context:
-            raise InvalidArgumentError(
-                f"prompt has {len(prompt)} tokens; the context holds {engine.max_context}",
-                field="prompt",
-            )
-        if not 0 < msg.max_new_tokens <= self.target.max_new_tokens:
-            raise InvalidArgumentError(
-                f"max_new_tokens must be in [1, {self.target.max_new_tokens}], got {msg.max_new_tokens}",
-                field="max_new_tokens",
-            )
-        if len(prompt) + msg.max_new_tokens > engine.max_context:
-            raise InvalidArgumentError(
-                f"prompt ({len(prompt)}) + max_new_tokens ({msg.max_new_tokens}) exceeds the "
-                f"context ({engine.max_context})",
-                field="max_new_tokens",
-            )
-        s = msg.sampling
-        sampling = SamplingParams(
-            temperature=float(s.temperature),
-            top_p=float(s.top_p) if s.top_p != 0.0 else 1.0,  # proto3 unset = off
-            top_k=int(s.top_k),
-            seed=int(s.seed) if s.HasField("seed") else None,
-        )
+        check_prompt_ids(prompt, engine.vocab_size)
+        check_lengths(len(prompt), msg.max_new_tokens, limit=self.target.max_new_tokens,
+                      max_context=engine.max_context, model=self.target.name)  # fmt: skip
+        sampling = sampling_from_proto(msg.sampling)
         sampling.validate()
         method = msg.method or "none"
-        if method not in SPEC_METHODS:
-            raise InvalidArgumentError(f"unknown method {method!r}", field="method")
+        check_method(method)
         k = msg.num_speculative_tokens if msg.HasField("num_speculative_tokens") else None
-        max_k = self.config.speculation.max_speculative_tokens
-        if k is not None and not 0 <= k <= max_k:
-            raise InvalidArgumentError(
-                f"num_speculative_tokens must be in [0, {max_k}], got {k}", field="num_speculative_tokens"
-            )
-        if any(not s for s in msg.stop):
-            raise InvalidArgumentError("stop strings must be non-empty", field="stop")
+        check_num_speculative_tokens(k, self.config.speculation.max_speculative_tokens)
+        check_stop(msg.stop)
         return GenerationRequest(
             prompt_ids=prompt,
             max_new_tokens=msg.max_new_tokens,

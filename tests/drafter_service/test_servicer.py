@@ -149,7 +149,7 @@ async def test_sampled_session_ships_full_draft_probs(pool, stub, prompts):
     [
         ({"tokenizer_hash": "0123456789abcdef"}, grpc.StatusCode.FAILED_PRECONDITION),
         ({"protocol_version": PROTOCOL_VERSION + 1}, grpc.StatusCode.FAILED_PRECONDITION),
-        ({"method": "card"}, grpc.StatusCode.NOT_FOUND),  # no card drafter in this pool
+        ({"method": "sorted"}, grpc.StatusCode.NOT_FOUND),  # no sorted drafter in this pool
         ({"method": "ngram"}, grpc.StatusCode.INVALID_ARGUMENT),  # runs in the verifier
         ({"method": "beam"}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"drafter": "no-such-drafter"}, grpc.StatusCode.NOT_FOUND),

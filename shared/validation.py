@@ -1,0 +1,61 @@
+"""Request rules that every service enforces (the router on public requests, the verifier
+again because it may be called directly): pure, torch-free; each failure is an
+`InvalidArgumentError` naming the field at fault."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared.methods import SPEC_METHODS
+from shared.errors import InvalidArgumentError
+
+
+def check_prompt_ids(ids: Sequence[int], vocab_size: int) -> None:
+    if not ids:
+        raise InvalidArgumentError("prompt token_ids is empty", field="prompt")
+    for pos, tok in enumerate(ids):
+        if not 0 <= tok < vocab_size:
+            raise InvalidArgumentError(
+                f"prompt token id {tok} at position {pos} is outside [0, {vocab_size})", field="prompt"
+            )
+
+
+def check_lengths(num_prompt: int, max_new_tokens: int, *, limit: int, max_context: int, model: str) -> None:
+    """Prompt + max_new_tokens must fit the context (rejected, never clamped: a clamp would
+    end the output early with finish_reason=length and no explanation)."""
+    if num_prompt >= max_context:
+        raise InvalidArgumentError(
+            f"prompt has {num_prompt} tokens; model {model!r} accepts at most "
+            f"{max_context - 1} so that one token can be generated",
+            field="prompt",
+        )
+    if not 0 < max_new_tokens <= limit:
+        raise InvalidArgumentError(
+            f"max_new_tokens must be in [1, {limit}] for model {model!r}, got {max_new_tokens}",
+            field="max_new_tokens",
+        )
+    if num_prompt + max_new_tokens > max_context:
+        raise InvalidArgumentError(
+            f"prompt ({num_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"context of model {model!r} ({max_context} tokens)",
+            field="max_new_tokens",
+        )
+
+
+def check_method(method: str) -> None:
+    if method not in SPEC_METHODS:
+        raise InvalidArgumentError(
+            f"unknown method {method!r}; expected one of {', '.join(SPEC_METHODS)}", field="method"
+        )
+
+
+def check_num_speculative_tokens(k: int | None, max_k: int) -> None:
+    if k is not None and not 0 <= k <= max_k:
+        raise InvalidArgumentError(
+            f"num_speculative_tokens must be in [0, {max_k}], got {k}", field="num_speculative_tokens"
+        )
+
+
+def check_stop(stop: Sequence[str]) -> None:
+    if any(not s for s in stop):
+        raise InvalidArgumentError("stop strings must be non-empty", field="stop")
