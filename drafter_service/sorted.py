@@ -1,7 +1,7 @@
 """`sorted` (S2D): one nested drafter whose exits serve every target with the same tokenizer.
 
 `SortedProposerFactory(DrafterConfig)` loads a directory written by
-`drafter_service.train_sorted` (HF Llama + `sorted.json`: exits, default thresholds) into
+`tools.train_sorted` (HF Llama + `sorted.json`: exits, default thresholds) into
 the lean incremental forward of `sorted_model.SortedDrafter`. Each session
 (`SortedProposer`) owns a KV cache; `propose(context, k)` reconciles it with the accepted
 context (longest common prefix; the last context token is always re-run) and drafts k

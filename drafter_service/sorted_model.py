@@ -1,7 +1,7 @@
 """S2D nested ("sorted") drafter: one Llama whose first n layers form a sub-model per exit.
 
 For each configured exit n (e.g. `[1, 2, 3]`), layers `0..n-1` + the shared final norm +
-the shared (tied) LM head form a complete causal LM. Sorted training (`train_sorted.py`)
+the shared (tied) LM head form a complete causal LM. Sorted training (`tools.train_sorted`)
 makes every one of them a usable drafter; at draft time each token runs layer by layer and
 leaves at the shallowest exit whose confidence clears that exit's threshold.
 
@@ -35,7 +35,7 @@ most of a one-token step on mask/cache bookkeeping for models this small. The st
 several sessions at once: rows of every session that need layer l are concatenated for the
 matmuls; only RoPE, the cache write and attention run per session.
 
-Training uses `sorted_exit_hidden` (HF decoder layers, full sequences, autograd).
+Training (`tools.train_sorted`) runs HF's decoder layers over full sequences instead.
 """
 
 from __future__ import annotations
@@ -157,31 +157,6 @@ def exit_confidence(
     # max softmax = 1 / sum(exp(scale * (l - max l)))
     m = logits.max(-1, keepdim=True).values
     return 1.0 / torch.exp((logits - m) * scale).sum(-1)
-
-
-# --------------------------------------------------------------------------- training forward
-
-
-def sorted_exit_hidden(
-    model: LlamaForCausalLM,
-    input_ids: torch.Tensor,  # [batch, seq]
-    exits: Sequence[int],
-) -> list[torch.Tensor]:  # len(exits) x [batch, seq, hidden] (after the shared final norm)
-    """Full-sequence forward (autograd) returning each exit's normed hidden state.
-
-    `model.lm_head(h)` of the i-th result are exit i's logits. Layers are HF's own (SDPA
-    with `attention_mask=None` is causal), so this is the truncated model's computation.
-    """
-    inner = model.model
-    x = inner.embed_tokens(input_ids)
-    pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-    pos_emb = inner.rotary_emb(x, pos)
-    out = []
-    for i, layer in enumerate(inner.layers[: exits[-1]]):
-        x = layer(x, attention_mask=None, position_embeddings=pos_emb, position_ids=pos)
-        if i + 1 in exits:
-            out.append(inner.norm(x))
-    return out
 
 
 # --------------------------------------------------------------------------- inference state

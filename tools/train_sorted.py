@@ -1,6 +1,6 @@
 """Sorted (S2D) fine-tuning of a nested drafter, with self-distillation from the targets.
 
-    python -m drafter_service.train_sorted --output-dir models/codelm-sorted --max-minutes 25
+    python -m tools.train_sorted --output-dir models/codelm-sorted --max-minutes 25
 
 Steps:
 1. **Initialise** a Llama with `exits[-1]` layers: from a checkpoint (`--init-from DIR`,
@@ -31,8 +31,9 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.loading import tokenizer_hash
 from shared.paths import PROJECT_ROOT, data_dir, models_dir
 
-from drafter_service.sorted_model import SortedExitsConfig, check_exits, sorted_exit_hidden
+from drafter_service.sorted_model import SortedExitsConfig, check_exits
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -286,6 +290,28 @@ def collate(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor
 # --------------------------------------------------------------------------- loss
 
 
+def sorted_exit_hidden(
+    model: LlamaForCausalLM,
+    input_ids: torch.Tensor,  # [batch, seq]
+    exits: Sequence[int],
+) -> list[torch.Tensor]:  # len(exits) x [batch, seq, hidden] (after the shared final norm)
+    """Full-sequence forward (autograd) returning each exit's normed hidden state.
+
+    `model.lm_head(h)` of the i-th result are exit i's logits. Layers are HF's own (SDPA
+    with `attention_mask=None` is causal), so this is the truncated model's computation.
+    """
+    inner = model.model
+    x = inner.embed_tokens(input_ids)
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    pos_emb = inner.rotary_emb(x, pos)
+    out = []
+    for i, layer in enumerate(inner.layers[: exits[-1]]):
+        x = layer(x, attention_mask=None, position_embeddings=pos_emb, position_ids=pos)
+        if i + 1 in exits:
+            out.append(inner.norm(x))
+    return out
+
+
 @torch.no_grad()
 def target_log_probs(
     targets: list, ids: torch.Tensor, mask: torch.Tensor  # ids [b, t]; mask [b, t - 1]
@@ -401,7 +427,7 @@ def recalibrate(cfg: TrainSortedConfig, val: list[list[int]]) -> dict:
     training = dict(saved.training or {})
     training.update(stats)
     training["calibration"] = {
-        "command": "python -m drafter_service.train_sorted " + " ".join(sys.argv[1:]),
+        "command": "python -m tools.train_sorted " + " ".join(sys.argv[1:]),
         "agreement": cfg.calibration_agreement,
         "num_val_sequences": len(val),
     }
@@ -539,7 +565,7 @@ def train(cfg: TrainSortedConfig) -> dict:
     if val:
         thresholds, rates = calibrate_thresholds(model, cfg.exits, val, cfg.calibration_agreement)
     info = {
-        "command": "python -m drafter_service.train_sorted " + " ".join(sys.argv[1:]),
+        "command": "python -m tools.train_sorted " + " ".join(sys.argv[1:]),
         "init": cfg.init if cfg.init == "scratch" else f"{Path(cfg.init_from).name} layers "
         f"{cfg.init_layers or list(range(cfg.exits[-1]))}",
         "targets": [Path(t).name for t in cfg.targets],
@@ -567,7 +593,7 @@ def train(cfg: TrainSortedConfig) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> TrainSortedConfig:
     parser = argparse.ArgumentParser(
-        prog="python -m drafter_service.train_sorted", description=__doc__.split("\n\n")[0],
+        prog="python -m tools.train_sorted", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for name, f in TrainSortedConfig.model_fields.items():
