@@ -2,8 +2,9 @@
 
 `SortedProposerFactory(DrafterConfig)` loads a directory written by
 `tools.train_sorted` (HF Llama + `sorted.json`: exits, default thresholds) into
-the lean incremental forward of `sorted_model.SortedDrafter`. Each session
-(`SortedProposer`) owns a KV cache; `propose(context, k)` reconciles it with the accepted
+the lean incremental forward of `sorted_model.NestedDrafter`; `NestedProposerFactory` is
+the same for any nested drafter (`draft_model` is its one-exit case). Each session
+(`NestedProposer`) owns a KV cache; `propose(context, k)` reconciles it with the accepted
 context (longest common prefix; the last context token is always re-run) and drafts k
 tokens, each leaving at the shallowest exit whose confidence clears its threshold (see
 `sorted_model` for the rule and the lazy-fill KV scheme).
@@ -27,24 +28,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from drafter_service.draft_model import DRAFT_SEED_OFFSET
-from shared.proposer import common_prefix_len
 from drafter_service.sorted_model import (
     DraftLane,
-    SortedDrafter,
+    NestedDrafter,
     SortedExitsConfig,
     fixed_exit_thresholds,
     thresholds_list,
 )
-from shared.loading import load_model, tokenizer_hash
-from shared.proposer import Draft
-from shared.sampling import make_generator
+from shared.loading import DTYPES, load_model, tokenizer_hash
+from shared.proposer import Draft, common_prefix_len
+from shared.sampling import DRAFT_SEED_OFFSET, make_generator
 
 if TYPE_CHECKING:
     from shared.config import DrafterConfig
-    from shared.sampling import SamplingParams
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    from shared.types import SamplingParams
 
 
 def check_tokenizer(drafter_hash: str, target_hash: str, drafter: str, target: str) -> None:
@@ -56,10 +53,10 @@ def check_tokenizer(drafter_hash: str, target_hash: str, drafter: str, target: s
         )
 
 
-class SortedProposer:
-    """One session of the nested drafter."""
+class NestedProposer:
+    """One session of a nested drafter."""
 
-    def __init__(self, factory: SortedProposerFactory, sampling: SamplingParams) -> None:
+    def __init__(self, factory: NestedProposerFactory, sampling: SamplingParams) -> None:
         self.factory = factory
         self.drafter = factory.drafter
         self.sampling = sampling
@@ -159,7 +156,7 @@ class SortedProposer:
 
 
 def propose_batch(
-    requests: Sequence[tuple[SortedProposer, Sequence[int], int]],  # (session, context, k)
+    requests: Sequence[tuple[NestedProposer, Sequence[int], int]],  # (session, context, k)
 ) -> list[Draft]:
     """Draft for several sessions of one drafter at once (same results as one by one)."""
     if not requests:
@@ -175,50 +172,49 @@ def propose_batch(
         return [p._finish(lane) for (p, _, _), lane in zip(requests, lanes)]
 
 
-class SortedProposerFactory:
-    """The shared nested drafter (weights loaded once) that makes per-session proposers."""
+class NestedProposerFactory:
+    """One nested drafter (weights loaded once) shared by every session of its method;
+    sessions of one drafter draft together through `propose_batch`."""
 
-    method = "sorted"
+    method: str
 
-    def __init__(self, config: DrafterConfig, matmul_dtype: str | None = None) -> None:
+    def __init__(
+        self, config: DrafterConfig, drafter: NestedDrafter, tokenizer_hash_: str, thresholds: dict[int, float]
+    ) -> None:
         self.config = config
-        self.sorted_config = SortedExitsConfig.load(config.model_dir)
-        self.tokenizer_hash = tokenizer_hash(config.model_dir)
-        saved = self.sorted_config.tokenizer_hash
-        if saved is not None and saved != self.tokenizer_hash:
-            raise ValueError(
-                f"{config.model_dir}: tokenizer files (hash {self.tokenizer_hash}) differ from "
-                f"the ones the drafter was trained with (sorted.json: {saved})"
-            )
-        model = load_model(config)
-        matmul_dtype = matmul_dtype or self.sorted_config.matmul_dtype
-        self.drafter = SortedDrafter(model, self.sorted_config.exits, _DTYPES[matmul_dtype])
-        del model  # the drafter keeps its own packed copies of the weights
-        self.exits = list(self.drafter.exits)
-        self.default_thresholds = thresholds_list(self.exits, self.sorted_config.thresholds)
-        self.targets: dict[str, str] = {}  # attached target name -> tokenizer hash
-
-    @classmethod
-    def from_drafter(
-        cls, config: DrafterConfig, drafter: SortedDrafter, tokenizer_hash_: str
-    ) -> SortedProposerFactory:
-        """A factory over an already built drafter (a plain draft model = one exit)."""
-        self = cls.__new__(cls)
-        self.config = config
-        self.sorted_config = SortedExitsConfig(exits=drafter.exits)
-        self.tokenizer_hash = tokenizer_hash_
         self.drafter = drafter
+        self.tokenizer_hash = tokenizer_hash_
         self.exits = list(drafter.exits)
-        self.default_thresholds = thresholds_list(self.exits, {})
-        self.targets = {}
-        return self
+        self.default_thresholds = thresholds_list(self.exits, thresholds)
+        self.targets: dict[str, str] = {}  # attached target name -> tokenizer hash
 
     def attach_target(self, name: str, target_tokenizer_hash: str) -> None:
         """Register a target this drafter serves; a different tokenizer is a config error."""
         check_tokenizer(self.tokenizer_hash, target_tokenizer_hash, self.config.name, name)
         self.targets[name] = target_tokenizer_hash
 
-    def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> SortedProposer:
-        return SortedProposer(self, sampling)
+    def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> NestedProposer:
+        return NestedProposer(self, sampling)
 
     propose_batch = staticmethod(propose_batch)
+
+
+class SortedProposerFactory(NestedProposerFactory):
+    """`sorted`: a directory written by `tools.train_sorted` (HF Llama + `sorted.json`)."""
+
+    method = "sorted"
+
+    def __init__(self, config: DrafterConfig, matmul_dtype: str | None = None) -> None:
+        self.sorted_config = SortedExitsConfig.load(config.model_dir)
+        hash_ = tokenizer_hash(config.model_dir)
+        saved = self.sorted_config.tokenizer_hash
+        if saved is not None and saved != hash_:
+            raise ValueError(
+                f"{config.model_dir}: tokenizer files (hash {hash_}) differ from "
+                f"the ones the drafter was trained with (sorted.json: {saved})"
+            )
+        model = load_model(config)
+        matmul_dtype = matmul_dtype or self.sorted_config.matmul_dtype
+        drafter = NestedDrafter(model, self.sorted_config.exits, DTYPES[matmul_dtype])
+        del model  # the drafter keeps its own packed copies of the weights
+        super().__init__(config, drafter, hash_, self.sorted_config.thresholds)

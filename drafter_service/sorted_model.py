@@ -28,12 +28,11 @@ state propagation):
   - the prompt is "prefilled" by the same mechanism: context tokens are only embedded, and
     each layer processes them when the first token needs that layer.
 
-The forward is our own, over the HF module weights (fused QKV and gate/up matrices,
-precomputed RoPE tables, a per-session preallocated cache written by position as in
-gpt-fast's `KVCache`, so rollback is just lowering `filled`): HF's generic forward spends
-most of a one-token step on mask/cache bookkeeping for models this small. The step runs
-several sessions at once: rows of every session that need layer l are concatenated for the
-matmuls; only RoPE, the cache write and attention run per session.
+The layers run on the project's one lean Llama forward (`shared.llama`: packed weights, a
+per-session cache written by position, so rollback is just lowering `filled`). The step
+runs several sessions at once: rows of every session that need layer l are concatenated
+for the matmuls; only RoPE, the cache write and attention run per session. A plain draft
+model (`draft_model`) is the one-exit case.
 
 Training (`tools.train_sorted`) runs HF's decoder layers over full sequences instead.
 """
@@ -48,9 +47,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.llama import LlamaWeights, Segment
 from shared.sampling import logits_to_probs, sample_from_probs
 
 if TYPE_CHECKING:
@@ -60,7 +59,6 @@ if TYPE_CHECKING:
 
 SORTED_CONFIG_FILE = "sorted.json"
 NEVER = math.inf  # a threshold no confidence clears
-MAX_SMALL_ROWS = 4  # matmuls of more rows run in the activation dtype (see SortedDrafter)
 
 
 # --------------------------------------------------------------------------- config
@@ -195,34 +193,11 @@ class DraftLane:
     exit_layers: list[int] = field(default_factory=list)  # [<= k] exit depth of each token
 
 
-@dataclass(slots=True)
-class _Mat:
-    """A weight matrix for `SortedDrafter._mm`: `small` in matmul_dtype for calls of a few
-    rows (bandwidth-bound), `big` = the same values upcast to the activation dtype for
-    calls of many rows (compute-bound), or None when the dtypes agree."""
-
-    small: torch.Tensor  # [out, in] matmul_dtype
-    big: torch.Tensor | None  # [out, in] activation dtype, == small exactly
-
-
-@dataclass(slots=True)
-class _LayerWeights:
-    """One layer, packed for few ops: the RMSNorm weights are folded into the matmul that
-    follows each norm (W @ (w * n) == (W * w) @ n), q is pre-scaled by head_dim**-0.5
-    (RoPE is linear, so it commutes), QKV and gate/up are single matrices."""
-
-    wqkv: _Mat  # [(num_heads + 2 * num_kv_heads) * head_dim, hidden]
-    wo: _Mat  # [hidden, num_heads * head_dim]
-    wgu: _Mat  # [2 * intermediate, hidden]
-    wdown: _Mat  # [hidden, intermediate]
-
-
-class SortedDrafter:
-    """Lean incremental forward over a (truncated) HF Llama with exits; no autograd.
-
-    Weights are copied out of the HF modules once (fused QKV and gate/up); the HF model is
-    not used afterwards. Not thread-safe across calls sharing a state.
-    """
+class NestedDrafter:
+    """Incremental forward over a (truncated) Llama with exits, on `shared.llama`'s packed
+    weights (copied out of the HF modules once; the HF model is not used afterwards). A plain
+    draft model is the one-exit case (its last layer). Not thread-safe across calls sharing
+    a state."""
 
     def __init__(
         self,
@@ -230,106 +205,28 @@ class SortedDrafter:
         exits: Sequence[int],
         matmul_dtype: torch.dtype | None = None,
     ) -> None:
-        """`matmul_dtype` (default: the model's dtype) is the dtype the projection and head
-        weights are kept in; activations, norms and the KV cache stay in the model's dtype.
-        NOTE: a one-token step is bound by reading the weights from memory (the 3-layer
-        demo drafter is ~19 MB in fp32, beyond the L2 and the shared L3 share here). Measured
-        in the draft loop on this CPU (1 thread, one-row matmul): fp16 54 us, bf16 108 us,
-        fp32 152 us; but CPU fp16 kernels collapse beyond a few rows (120-row prefill: fp16
-        66 ms vs fp32 15 ms for a token's 13 matmuls). So calls of more than
-        `MAX_SMALL_ROWS` rows (prefill, lazy fill after early exits, batched sessions) use
-        fp32 over the exactly upcast weights with fp16-rounded inputs and outputs: the same
-        numbers as the fp16 kernel (which accumulates in fp32) up to accumulation order
-        (measured: 99.9 % bit-equal, the rest 1 fp16 ulp). Versus fp32 weights the logits
-        move by ~1e-3, which only affects acceptance, never losslessness."""
-        cfg = model.config
+        """`matmul_dtype` (default: the model's dtype): see `shared.llama.LlamaWeights`; fp16
+        weights move the logits by ~1e-3, which only affects acceptance, never the output."""
         self.exits = list(exits)
-        if self.exits[-1] > cfg.num_hidden_layers:
+        if self.exits[-1] > model.config.num_hidden_layers:
             raise ValueError(
-                f"deepest exit {self.exits[-1]} > the model's {cfg.num_hidden_layers} layers"
+                f"deepest exit {self.exits[-1]} > the model's {model.config.num_hidden_layers} layers"
             )
-        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-            raise ValueError("biased Llama projections are not supported by the lean forward")
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
-        self.num_layers = self.exits[-1]
-        self.hidden_size = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.intermediate = cfg.intermediate_size
-        self.eps = cfg.rms_norm_eps
-        self.vocab_size = cfg.vocab_size
-        self.max_positions = cfg.max_position_embeddings
-        inner = model.model
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.matmul_dtype = matmul_dtype or p.dtype
-        with torch.no_grad():
-            self.embed = inner.embed_tokens.weight.detach().clone()  # [vocab, hidden]
-            # [vocab, hidden]: the (tied) head with the final norm's weight folded in
-            head = model.lm_head.weight.detach().float() * inner.norm.weight.detach().float()
-            self.head = self._mat(head)
-            self.layers = [self._pack(layer) for layer in inner.layers[: self.num_layers]]
-            pos = torch.arange(self.max_positions, device=self.device).unsqueeze(0)
-            cos, sin = inner.rotary_emb(self.embed[:1].unsqueeze(0), pos)
-        half = self.head_dim // 2
-        self.cos = cos[0].to(self.dtype).unsqueeze(1)  # [max_positions, 1, head_dim]
-        # rotate_half(x) * sin == x[..., perm] * signed_sin (one gather instead of a cat)
-        sin = sin[0].to(self.dtype).clone()
-        sin[:, :half] = -sin[:, :half]
-        self.sin_signed = sin.unsqueeze(1)  # [max_positions, 1, head_dim]
-        self.rot_perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(0, half)]).to(
-            self.device
-        )
+        self.weights = w = LlamaWeights(model, self.exits[-1], matmul_dtype)
+        self.num_layers = w.num_layers
+        self.vocab_size = w.vocab_size
+        self.max_positions = w.max_positions
+        self.device, self.dtype = w.device, w.dtype
+        self.embed = w.embed  # [vocab, hidden]
         self.exit_index = {e: i for i, e in enumerate(self.exits)}
-
-    def _pack(self, layer) -> _LayerWeights:
-        attn, mlp = layer.self_attn, layer.mlp
-        ln1 = layer.input_layernorm.weight.detach().float()
-        ln2 = layer.post_attention_layernorm.weight.detach().float()
-        q = attn.q_proj.weight.detach().float() * self.head_dim**-0.5
-        qkv = torch.cat([q, attn.k_proj.weight.float(), attn.v_proj.weight.float()]) * ln1
-        gu = torch.cat([mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()]) * ln2
-        return _LayerWeights(
-            wqkv=self._mat(qkv),
-            wo=self._mat(attn.o_proj.weight.detach().float()),
-            wgu=self._mat(gu),
-            wdown=self._mat(mlp.down_proj.weight.detach().float()),
-        )
-
-    def _mat(self, w: torch.Tensor) -> _Mat:  # w: [out, in] float32
-        small = w.to(self.matmul_dtype).contiguous()
-        big = None if self.matmul_dtype == self.dtype else small.to(self.dtype)
-        return _Mat(small=small, big=big)
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:  # [rows, hidden], weight folded away
-        return F.rms_norm(x, (self.hidden_size,), None, self.eps)
-
-    def _mm(
-        self,
-        x: torch.Tensor,  # [rows, in] activation dtype
-        w: _Mat,
-    ) -> torch.Tensor:  # [rows, out] activation dtype
-        if w.big is None:
-            return F.linear(x, w.small)
-        low = w.small.dtype
-        if x.shape[0] <= MAX_SMALL_ROWS:
-            return F.linear(x.to(low), w.small).to(x.dtype)
-        # the small kernel's numbers: low-precision inputs and outputs, wide accumulation
-        return F.linear(x.to(low).to(x.dtype), w.big).to(low).to(x.dtype)
 
     # ------------------------------------------------------------------ state
 
     def new_state(self, capacity: int = 256) -> SortedKVState:
         capacity = max(1, min(capacity, self.max_positions))
-        shape = (self.num_layers, self.num_kv_heads, capacity, self.head_dim)
-        return SortedKVState(
-            k=torch.zeros(shape, dtype=self.dtype, device=self.device),
-            v=torch.zeros(shape, dtype=self.dtype, device=self.device),
-            hidden=torch.zeros(capacity, self.hidden_size, dtype=self.dtype, device=self.device),
-            filled=[0] * self.num_layers,
-        )
+        k, v = self.weights.new_kv(capacity)
+        hidden = torch.zeros(capacity, self.weights.hidden_size, dtype=self.dtype, device=self.device)
+        return SortedKVState(k=k, v=v, hidden=hidden, filled=[0] * self.num_layers)
 
     def _reserve(self, state: SortedKVState, length: int) -> None:
         """Grow the buffers (doubling, capped at max positions) to hold `length` positions."""
@@ -367,45 +264,14 @@ class SortedDrafter:
         li: int,
         segments: list[tuple[SortedKVState, int, int]],  # (state, start, end): rows [start, end)
     ) -> None:
-        """Layer `li` over each segment's rows; writes K/V and the residual back by position."""
-        w = self.layers[li]
-        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        group = nh // nkv
+        """Layer `li` over each segment's rows (one set of matmuls for all sessions); writes
+        K/V and the residual back by position."""
         if len(segments) == 1:
             st, s, e = segments[0]
             x = st.hidden[s:e]  # [rows, hidden]
-            cos, sin = self.cos[s:e], self.sin_signed[s:e]  # [rows, 1, hd]
         else:
             x = torch.cat([st.hidden[s:e] for st, s, e in segments])
-            pos = torch.cat([torch.arange(s, e) for _, s, e in segments]).to(self.device)
-            cos, sin = self.cos[pos], self.sin_signed[pos]
-        rows = x.shape[0]
-        qkv = self._mm(self._norm(x), w.wqkv)  # [rows, (nh + 2 nkv) hd], q pre-scaled
-        qk = qkv[:, : (nh + nkv) * hd].view(rows, nh + nkv, hd)
-        qk = qk * cos + qk[..., self.rot_perm] * sin  # RoPE on q and k at once
-        v = qkv[:, (nh + nkv) * hd :].view(rows, nkv, hd)
-        outs = []
-        off = 0
-        for st, s, e in segments:
-            t = e - s
-            q = qk[off : off + t, :nh]  # [t, nh, hd]
-            st.k[li, :, s:e] = qk[off : off + t, nh:].transpose(0, 1)
-            st.v[li, :, s:e] = v[off : off + t].transpose(0, 1)
-            off += t
-            keys, values = st.k[li, :, :e], st.v[li, :, :e]  # [nkv, e, hd]
-            # heads g*j .. g*j+g-1 share kv head j (HF repeat_kv): fold them into the rows
-            qh = q.transpose(0, 1).reshape(nkv, group * t, hd)
-            scores = torch.bmm(qh, keys.transpose(1, 2))  # [nkv, group t, e]
-            if t > 1:
-                qpos = torch.arange(s, e, device=self.device).unsqueeze(1)  # [t, 1]
-                future = torch.arange(e, device=self.device).unsqueeze(0) > qpos  # [t, e]
-                scores = scores.masked_fill(future.repeat(group, 1), float("-inf"))
-            o = torch.bmm(torch.softmax(scores, dim=-1), values)  # [nkv, group t, hd]
-            outs.append(o.view(nh, t, hd).transpose(0, 1).reshape(t, nh * hd))
-        a = outs[0] if len(outs) == 1 else torch.cat(outs)  # [rows, nh hd]
-        x = x + self._mm(a, w.wo)
-        gate, up = self._mm(self._norm(x), w.wgu).split(self.intermediate, dim=-1)
-        x = x + self._mm(F.silu(gate) * up, w.wdown)
+        x = self.weights.layer(li, x, [Segment(st.k[li], st.v[li], s, e) for st, s, e in segments])
         off = 0
         for st, s, e in segments:
             st.hidden[s:e] = x[off : off + e - s]
@@ -413,7 +279,7 @@ class SortedDrafter:
             st.filled[li] = e
 
     def _logits(self, rows: torch.Tensor) -> torch.Tensor:  # rows: [b, hidden] -> [b, vocab]
-        return self._mm(self._norm(rows), self.head)
+        return self.weights.logits(rows)
 
     def exit_logits_last(self, state: SortedKVState) -> list[torch.Tensor]:
         """Every exit's logits for the last position of `state` (runs all layers; for tests

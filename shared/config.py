@@ -69,16 +69,11 @@ class DrafterConfig(ModelConfig):
     kind: Literal["draft_model", "sorted"] = Field(
         "draft_model", description="Proposer kind this drafter serves."
     )
-    lean_forward: bool = Field(
-        True,
-        description="Draft with the lean incremental Llama forward (drafter_service.sorted_model) "
-        "instead of HF's generic forward; falls back to HF for unsupported architectures.",
-    )
     matmul_dtype: Dtype = Field(
         "float16",
-        description="Weight dtype of the lean forward's one-row matmuls. A draft step is bound "
-        "by reading weights, so fp16 halves its cost on CPU; draft numerics only move "
-        "acceptance, never the output.",
+        description="Weight dtype of the lean forward's (shared.llama) one-row matmuls. A "
+        "draft step is bound by reading weights, so fp16 halves its cost on CPU; draft "
+        "numerics only move acceptance, never the output.",
     )
 
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from shared.config import ModelConfig
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def set_num_threads(num_threads: int) -> None:
@@ -29,7 +29,7 @@ def load_model(config: ModelConfig) -> PreTrainedModel:
 
     set_num_threads(config.num_threads)
     model = AutoModelForCausalLM.from_pretrained(
-        str(config.model_dir), dtype=_DTYPES[config.dtype], local_files_only=True
+        str(config.model_dir), dtype=DTYPES[config.dtype], local_files_only=True
     )
     return model.to(config.device).eval()
 

@@ -13,6 +13,10 @@ import torch
 from shared.types import SamplingParams  # noqa: F401 - the parameters these functions apply
 
 
+# Draft generators are seeded apart from the target's so the two streams of uniforms differ.
+DRAFT_SEED_OFFSET = 0x5EED
+
+
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:
     if seed is None:
         return None

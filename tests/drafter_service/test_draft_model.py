@@ -30,12 +30,9 @@ def test_common_prefix_len(a, b, expected):
     assert common_prefix_len(a, b) == expected
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["lean", "hf"])
-def factory(request):
-    config = CONFIG.drafters[0].model_copy(update={"lean_forward": request.param})
-    factory = DraftModelProposerFactory(config)
-    assert (factory.lean is not None) == request.param
-    return factory
+@pytest.fixture(scope="module")
+def factory():
+    return DraftModelProposerFactory(CONFIG.drafters[0])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -20,7 +20,7 @@ from drafter_service.sorted import (
 )
 from drafter_service.sorted_model import (
     NEVER,
-    SortedDrafter,
+    NestedDrafter,
     SortedExitsConfig,
     choose_exit,
     exit_confidence,
@@ -69,8 +69,8 @@ def model() -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def drafter(model) -> SortedDrafter:
-    return SortedDrafter(model, EXITS)
+def drafter(model) -> NestedDrafter:
+    return NestedDrafter(model, EXITS)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_lean_forward_exit_logits_equal_truncated_model(model, drafter):
 def test_half_matmul_weights_stay_close(model, drafter, dtype, atol):
     # half-precision weights (fp16 is the serving default), fp32 activations: logits move
     # only slightly, and a many-row prefill (wide path) agrees with one-row steps
-    half = SortedDrafter(model, EXITS, matmul_dtype=dtype)
+    half = NestedDrafter(model, EXITS, matmul_dtype=dtype)
     ctx = context(25)
     ref, wide, narrow = drafter.new_state(), half.new_state(), half.new_state()
     drafter.reconcile(ref, ctx, 0)

@@ -436,7 +436,6 @@ def test_concurrent_requests_to_both_targets(stack):
     for model in TARGETS:
         # Two requests of one target stream at the same time: no per-target global lock.
         assert peak([iv for (m, _), iv in zip(jobs, intervals) if m == model]) > 1, model
-    ties: list[str] = []
     for (model, prompt), gen in zip(jobs, gens):
         ids = _tokenize(model, prompt)
         cmp = compare_greedy(model, ids, gen.token_ids, 96)

@@ -7,7 +7,6 @@ joint p(t1) p(t2 | t1) comes from target forwards with the same sampling transfo
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

@@ -1,0 +1,261 @@
+"""The one lean Llama-architecture forward: packed weights, RoPE tables, a KV cache written by
+position, attention over several sessions' rows in one set of matmuls; no autograd.
+
+HF's generic forward spends most of a one-token step on mask and cache bookkeeping for
+models this small, so drafters (`drafter_service.sorted_model.NestedDrafter`: nested exits,
+lazy fill, cross-session batches) and the target path (`LlamaForward`: prefill, verify,
+rollback) run on these pieces instead. Weights are copied out of an HF `LlamaForCausalLM`
+once and packed for few ops:
+
+- the RMSNorm weights are folded into the matmul that follows each norm
+  (W @ (w * n) == (W * w) @ n) and the final norm into the LM head;
+- q is pre-scaled by head_dim**-0.5 (RoPE is linear, so it commutes);
+- QKV and gate/up are single matrices; RoPE is one gather and two multiplies.
+
+`matmul_dtype` (drafters: fp16) keeps the projection weights in a narrower dtype than the
+activations: a one-row step is bound by reading weights from memory. The target path keeps
+the checkpoint's dtype; its logits match HF's within 1e-4 (tests/shared/test_llama.py).
+
+KV cache (gpt-fast's `KVCache`): preallocated [layers, kv_heads, capacity, head_dim] per
+session, written by position, so a rollback only lowers a length. A later batched target
+engine builds on `LlamaWeights.layer` with rows of many sessions (its `segments`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+MAX_SMALL_ROWS = 4  # matmuls of more rows run in the activation dtype (see LlamaWeights.mm)
+
+
+@dataclass(slots=True)
+class PackedMatrix:
+    """A weight matrix: `small` in matmul_dtype for calls of a few rows (bandwidth-bound),
+    `big` = the same values upcast to the activation dtype for calls of many rows
+    (compute-bound), or None when the dtypes agree."""
+
+    small: torch.Tensor  # [out, in] matmul_dtype
+    big: torch.Tensor | None  # [out, in] activation dtype, == small exactly
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    wqkv: PackedMatrix  # [(num_heads + 2 * num_kv_heads) * head_dim, hidden], ln1 folded, q scaled
+    wo: PackedMatrix  # [hidden, num_heads * head_dim]
+    wgu: PackedMatrix  # [2 * intermediate, hidden], ln2 folded
+    wdown: PackedMatrix  # [hidden, intermediate]
+
+
+@dataclass(slots=True)
+class Segment:
+    """Rows [start, end) of one session in a layer call, with that layer's cache."""
+
+    k: torch.Tensor  # [num_kv_heads, capacity, head_dim] (this layer), RoPE applied
+    v: torch.Tensor  # [num_kv_heads, capacity, head_dim]
+    start: int
+    end: int
+
+
+class LlamaWeights:
+    """The packed weights of the first `num_layers` layers (default: all) of a Llama model."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_layers: int | None = None,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> None:
+        """NOTE (matmul_dtype): measured in a drafter's loop on this CPU (1 thread, one-row
+        matmul): fp16 54 us, bf16 108 us, fp32 152 us per token; but CPU fp16 kernels
+        collapse beyond a few rows (120-row prefill: fp16 66 ms vs fp32 15 ms). So calls of
+        more than `MAX_SMALL_ROWS` rows use the activation dtype over the exactly upcast
+        weights with low-precision-rounded inputs and outputs: the small kernel's numbers up
+        to accumulation order (measured: 99.9 % bit-equal, the rest 1 fp16 ulp)."""
+        cfg = model.config
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+            raise ValueError("biased Llama projections are not supported by the lean forward")
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
+        self.num_layers = num_layers or cfg.num_hidden_layers
+        if self.num_layers > cfg.num_hidden_layers:
+            raise ValueError(f"{self.num_layers} layers > the model's {cfg.num_hidden_layers}")
+        self.hidden_size = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.intermediate = cfg.intermediate_size
+        self.eps = cfg.rms_norm_eps
+        self.vocab_size = cfg.vocab_size
+        self.max_positions = cfg.max_position_embeddings
+        inner = model.model
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.matmul_dtype = matmul_dtype or p.dtype
+        with torch.no_grad():
+            self.embed = inner.embed_tokens.weight.detach().clone()  # [vocab, hidden]
+            head = model.lm_head.weight.detach().float() * inner.norm.weight.detach().float()
+            self.head = self._pack_matrix(head)  # [vocab, hidden], final norm folded
+            self.layers = [self._pack_layer(layer) for layer in inner.layers[: self.num_layers]]
+            pos = torch.arange(self.max_positions, device=self.device).unsqueeze(0)
+            cos, sin = inner.rotary_emb(self.embed[:1].unsqueeze(0), pos)
+        half = self.head_dim // 2
+        self.cos = cos[0].to(self.dtype).unsqueeze(1)  # [max_positions, 1, head_dim]
+        # rotate_half(x) * sin == x[..., perm] * signed_sin (one gather instead of a cat)
+        sin = sin[0].to(self.dtype).clone()
+        sin[:, :half] = -sin[:, :half]
+        self.sin_signed = sin.unsqueeze(1)  # [max_positions, 1, head_dim]
+        self.rot_perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(0, half)]).to(self.device)
+
+    def _pack_layer(self, layer) -> LayerWeights:
+        attn, mlp = layer.self_attn, layer.mlp
+        ln1 = layer.input_layernorm.weight.detach().float()
+        ln2 = layer.post_attention_layernorm.weight.detach().float()
+        q = attn.q_proj.weight.detach().float() * self.head_dim**-0.5
+        qkv = torch.cat([q, attn.k_proj.weight.float(), attn.v_proj.weight.float()]) * ln1
+        gu = torch.cat([mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()]) * ln2
+        return LayerWeights(
+            wqkv=self._pack_matrix(qkv),
+            wo=self._pack_matrix(attn.o_proj.weight.detach().float()),
+            wgu=self._pack_matrix(gu),
+            wdown=self._pack_matrix(mlp.down_proj.weight.detach().float()),
+        )
+
+    def _pack_matrix(self, w: torch.Tensor) -> PackedMatrix:  # w: [out, in] float32
+        small = w.to(self.matmul_dtype).contiguous()
+        big = None if self.matmul_dtype == self.dtype else small.to(self.dtype)
+        return PackedMatrix(small=small, big=big)
+
+    def new_kv(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty K and V buffers: 2 x [num_layers, num_kv_heads, capacity, head_dim]."""
+        shape = (self.num_layers, self.num_kv_heads, capacity, self.head_dim)
+        return (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device))  # fmt: skip
+
+    # ------------------------------------------------------------------ ops
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:  # [rows, hidden], weight folded away
+        return F.rms_norm(x, (self.hidden_size,), None, self.eps)
+
+    def mm(
+        self,
+        x: torch.Tensor,  # [rows, in] activation dtype
+        w: PackedMatrix,
+    ) -> torch.Tensor:  # [rows, out] activation dtype
+        if w.big is None:
+            return F.linear(x, w.small)
+        low = w.small.dtype
+        if x.shape[0] <= MAX_SMALL_ROWS:
+            return F.linear(x.to(low), w.small).to(x.dtype)
+        # the small kernel's numbers: low-precision inputs and outputs, wide accumulation
+        return F.linear(x.to(low).to(x.dtype), w.big).to(low).to(x.dtype)
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:  # rows: [b, hidden] -> [b, vocab]
+        return self.mm(self.norm(rows), self.head)
+
+    def layer(
+        self,
+        li: int,
+        x: torch.Tensor,  # [rows, hidden]: the segments' rows, concatenated in order
+        segments: Sequence[Segment],
+    ) -> torch.Tensor:  # [rows, hidden] residual after layer `li`
+        """Layer `li` over several sessions' rows: every matmul runs once over all rows;
+        RoPE by position, the cache writes and causal attention run per segment."""
+        w = self.layers[li]
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        group = nh // nkv
+        if len(segments) == 1:
+            cos = self.cos[segments[0].start : segments[0].end]  # [rows, 1, hd]
+            sin = self.sin_signed[segments[0].start : segments[0].end]
+        else:
+            pos = torch.cat([torch.arange(s.start, s.end) for s in segments]).to(self.device)
+            cos, sin = self.cos[pos], self.sin_signed[pos]
+        rows = x.shape[0]
+        qkv = self.mm(self.norm(x), w.wqkv)  # [rows, (nh + 2 nkv) hd], q pre-scaled
+        qk = qkv[:, : (nh + nkv) * hd].view(rows, nh + nkv, hd)
+        qk = qk * cos + qk[..., self.rot_perm] * sin  # RoPE on q and k at once
+        v = qkv[:, (nh + nkv) * hd :].view(rows, nkv, hd)
+        outs = []
+        off = 0
+        for seg in segments:
+            s, e = seg.start, seg.end
+            t = e - s
+            q = qk[off : off + t, :nh]  # [t, nh, hd]
+            seg.k[:, s:e] = qk[off : off + t, nh:].transpose(0, 1)
+            seg.v[:, s:e] = v[off : off + t].transpose(0, 1)
+            off += t
+            keys, values = seg.k[:, :e], seg.v[:, :e]  # [nkv, e, hd]
+            # heads g*j .. g*j+g-1 share kv head j (HF repeat_kv): fold them into the rows
+            qh = q.transpose(0, 1).reshape(nkv, group * t, hd)
+            scores = torch.bmm(qh, keys.transpose(1, 2))  # [nkv, group t, e]
+            if t > 1:
+                qpos = torch.arange(s, e, device=self.device).unsqueeze(1)  # [t, 1]
+                future = torch.arange(e, device=self.device).unsqueeze(0) > qpos  # [t, e]
+                scores = scores.masked_fill(future.repeat(group, 1), float("-inf"))
+            o = torch.bmm(torch.softmax(scores, dim=-1), values)  # [nkv, group t, hd]
+            outs.append(o.view(nh, t, hd).transpose(0, 1).reshape(t, nh * hd))
+        a = outs[0] if len(outs) == 1 else torch.cat(outs)  # [rows, nh hd]
+        x = x + self.mm(a, w.wo)
+        gate, up = self.mm(self.norm(x), w.wgu).split(self.intermediate, dim=-1)
+        return x + self.mm(F.silu(gate) * up, w.wdown)
+
+
+@dataclass(slots=True)
+class KVCache:
+    """One session's cache for `LlamaForward`; positions [0, length) are valid."""
+
+    k: torch.Tensor  # [num_layers, num_kv_heads, capacity, head_dim]
+    v: torch.Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+class LlamaForward:
+    """Target path: every layer for every fed token, one session per cache (the checkpoint's
+    dtype unless `matmul_dtype` says otherwise)."""
+
+    def __init__(self, weights: LlamaWeights) -> None:
+        self.weights = weights
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32) -> LlamaForward:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+        return cls(LlamaWeights(model.eval()))
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        capacity = min(capacity or self.weights.max_positions, self.weights.max_positions)
+        return KVCache(*self.weights.new_kv(capacity))
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        cache: KVCache,
+        input_ids: Sequence[int],  # [n] tokens after the cache's valid prefix
+        last_only: bool = False,
+    ) -> torch.Tensor:  # [n, vocab] logits ([1, vocab] when last_only)
+        w = self.weights
+        start, end = cache.length, cache.length + len(input_ids)
+        assert 0 < len(input_ids) and end <= cache.capacity, (start, end, cache.capacity)
+        x = w.embed[torch.as_tensor(input_ids, dtype=torch.long, device=w.device)]  # [n, hidden]
+        for li in range(w.num_layers):
+            x = w.layer(li, x, [Segment(cache.k[li], cache.v[li], start, end)])
+        cache.length = end
+        return w.logits(x[-1:] if last_only else x)
+
+    @staticmethod
+    def rollback(cache: KVCache, num_keep: int) -> None:
+        """Drop positions past the first `num_keep` (rejected drafts): a length, no copy."""
+        assert 0 <= num_keep <= cache.length, (num_keep, cache.length)
+        cache.length = num_keep
