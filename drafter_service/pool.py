@@ -1,10 +1,10 @@
-"""The drafter pool: every configured drafter's `ProposerFactory`, shared by all targets.
+"""The drafter pool: every configured drafter's `DrafterFactory`, shared by all targets.
 
 One pool per drafter process. It checks an Open against what it serves (protocol version,
 tokenizer hash, method, drafter name), makes per-session proposers, counts open sessions
 (`specdec:num_active_sessions{service="drafter"}`) and runs every model forward off the
 event loop under `torch.inference_mode()`: in its executor, one session per call, or, for
-a drafter whose factory has `propose_batch` (sorted), in that drafter's batcher thread,
+every drafter's `propose_batch` (draft_model, sorted) in its batcher thread,
 which drafts the rounds of every session waiting at that moment in one call.
 
 Every drafter serves every configured target, so `load` attaches them all at start-up and
@@ -34,7 +34,7 @@ from shared.proposer import EMPTY_DRAFT
 
 if TYPE_CHECKING:
     from shared.config import DrafterConfig, TargetConfig
-    from shared.proposer import Draft, Proposer, ProposerFactory
+    from shared.proposer import Draft, DrafterFactory, Proposer
     from shared.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ _FACTORIES: dict[str, tuple[str, str, bool]] = {
 }
 
 
-def load_factory(config: DrafterConfig) -> ProposerFactory | None:
+def load_factory(config: DrafterConfig) -> DrafterFactory | None:
     """The factory for one configured drafter (loads its weights), or None if its kind's
     module does not exist in this build."""
     module_name, class_name, required = _FACTORIES[config.kind]
@@ -87,7 +87,7 @@ def _in_inference_mode(fn: Callable[..., T], *args) -> T:
 class _Drafter:
     name: str
     method: str
-    factory: ProposerFactory
+    factory: DrafterFactory
     tokenizer_hash: str
 
 
@@ -150,11 +150,8 @@ class DraftSession:
         """Commit.params (the stream's sticky merge) for proposers that take parameters
         (`set_params`; sorted: `fixed_exit`, `threshold.<exit>`); others have none.
         Parameters the proposer rejects are the verifier's bad input (INVALID_ARGUMENT)."""
-        set_params = getattr(self.proposer, "set_params", None)
-        if set_params is None:
-            return
         try:
-            set_params(params)
+            self.proposer.set_params(params)
         except ValueError as e:
             raise InvalidArgumentError(f"Commit.params: {e}", field="params") from e
 
@@ -186,7 +183,7 @@ def propose_one(call: ProposeCall) -> DraftResult:
 
 
 class _Batcher:
-    """Opportunistic cross-session batching for a drafter whose factory has `propose_batch`.
+    """Opportunistic cross-session batching through a drafter factory's `propose_batch`.
 
     One thread per drafter takes every round queued at the moment it is free and drafts
     them in one batched call (no waiting window: a lone session is never delayed, and under
@@ -285,14 +282,14 @@ class DrafterPool:
         self._batchers: dict[str, _Batcher] = {
             d.name: _Batcher(d.name, d.factory.propose_batch)
             for d in drafters
-            if batching and callable(getattr(d.factory, "propose_batch", None))
+            if batching
         }
         self._lock = threading.Lock()
         self._active = 0
 
     @classmethod
     def from_factories(
-        cls, factories: Mapping[str, ProposerFactory], tokenizer_hashes: Mapping[str, str], **kwargs
+        cls, factories: Mapping[str, DrafterFactory], tokenizer_hashes: Mapping[str, str], **kwargs
     ) -> DrafterPool:
         drafters = [
             _Drafter(name, f.method, f, tokenizer_hashes[name]) for name, f in factories.items()
@@ -316,7 +313,7 @@ class DrafterPool:
             factory = load_factory(config)
             if factory is None:
                 continue
-            tok_hash = getattr(factory, "tokenizer_hash", None) or tokenizer_hash(config.model_dir)
+            tok_hash = factory.tokenizer_hash
             drafters.append(_Drafter(config.name, factory.method, factory, tok_hash))
             logger.info(
                 "drafter %r loaded: method=%s tokenizer_hash=%s", config.name, factory.method, tok_hash
@@ -328,15 +325,9 @@ class DrafterPool:
     def attach_targets(self, target_hashes: Mapping[str, str]) -> None:
         """Attach targets (name -> tokenizer hash) to every drafter: each drafter serves only
         targets with its own tokenizer, so a mismatch raises ValueError naming both."""
-        from drafter_service.sorted import check_tokenizer
-
         for target, target_hash in target_hashes.items():
             for d in self._drafters.values():
-                attach = getattr(d.factory, "attach_target", None)
-                if attach is not None:
-                    attach(target, target_hash)
-                else:
-                    check_tokenizer(d.tokenizer_hash, target_hash, d.name, target)
+                d.factory.attach_target(target, target_hash)
 
     # ---------------------------------------------------------------- what it serves
 
@@ -420,9 +411,8 @@ class DrafterPool:
     ) -> DraftSession:
         """Validate an Open and make its session (blocking: call it in the executor)."""
         chosen = self.resolve(protocol_version, tokenizer_hash, method, drafter)
-        attach = getattr(chosen.factory, "attach_target", None)  # per-target stats (sorted)
-        if attach is not None and target not in getattr(chosen.factory, "targets", {}):
-            attach(target, tokenizer_hash)
+        if target not in chosen.factory.targets:
+            chosen.factory.attach_target(target, tokenizer_hash)
         proposer = chosen.factory.new_session(prompt_ids, sampling)
         session = DraftSession(self, chosen.name, target, proposer)
         with self._lock:

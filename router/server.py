@@ -254,7 +254,6 @@ class Router:
         self._poller: asyncio.Task | None = None
         for name in self._targets:
             metrics.NUM_ACTIVE_SESSIONS.labels(SERVICE, name).set(0)
-            metrics.NUM_QUEUED_REQUESTS.labels(SERVICE, name).set(0)
 
     @classmethod
     def from_config(cls, config: SpecdecConfig) -> Router:

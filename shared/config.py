@@ -1,8 +1,8 @@
 """Validated configuration for every service (pydantic at the edges only, never in the loop).
 
 A `SpecdecConfig` names the targets, the drafters of the shared pool and the speculation
-policy. `default_config()` is the embedded demo: both demo targets, `codelm-draft`,
-in-memory store, loopback ports.
+policy. `default_config()` is the embedded demo: both demo targets, `codelm-draft` and the
+committed sorted drafter, loopback ports.
 """
 
 from __future__ import annotations

@@ -136,11 +136,6 @@ NUM_ACTIVE_SESSIONS = Gauge(
     "open Draft streams).",
     _SERVICE_LABELS,
 )
-NUM_QUEUED_REQUESTS = Gauge(
-    "specdec:num_queued_requests",
-    "Requests admitted but waiting for a model worker.",
-    _SERVICE_LABELS,
-)
 NUM_REQUESTS = Counter(
     "specdec:num_requests",
     "Finished requests by finish reason (stop, length, abort, error).",

@@ -107,3 +107,19 @@ class ProposerFactory(Protocol):
     method: str
 
     def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Proposer: ...
+
+
+class DrafterFactory(ProposerFactory, Protocol):
+    """A model-based factory the drafter pool serves to every target of its tokenizer."""
+
+    tokenizer_hash: str
+    targets: dict[str, str]  # attached target name -> tokenizer hash
+
+    def attach_target(self, name: str, target_tokenizer_hash: str) -> None:
+        """Serve `name` too; ValueError if its tokenizer differs from the drafter's."""
+        ...
+
+    def propose_batch(self, requests: Sequence[tuple[Proposer, Sequence[int], int]]) -> list[Draft]:
+        """Draft for several of this factory's sessions at once (session, context, k): the
+        same drafts as one by one, in one set of forwards."""
+        ...

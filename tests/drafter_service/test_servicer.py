@@ -321,6 +321,13 @@ class _SequentialBatchFactory:
         self.tokenizer_hash = inner.tokenizer_hash
         self.batch_sizes: list[int] = []
 
+    @property
+    def targets(self):
+        return self.inner.targets
+
+    def attach_target(self, name, target_tokenizer_hash):
+        self.inner.attach_target(name, target_tokenizer_hash)
+
     def new_session(self, prompt_ids, sampling):
         return self.inner.new_session(prompt_ids, sampling)
 
