@@ -18,9 +18,9 @@ import logging
 
 import grpc
 
-from shared.config import SpecdecConfig, default_config
+from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import drafter_pb2_grpc
-from shared.serving import configure_logging, start_server
+from shared.serving import add_service_arguments, configure_logging, run_service
 
 logger = logging.getLogger("drafter_service")
 
@@ -31,13 +31,8 @@ CONFIG_ERROR_EXIT = 2
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m drafter_service", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="SpecdecConfig YAML (default: the embedded demo config)")
-    p.add_argument("--host", help="bind address (default: the config's host)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port; 0 = any free port")
-    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (off if unset; 0 = any)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds to drain streams on SIGTERM")
+    add_service_arguments(p, DEFAULT_PORT, default_grace=10.0)
     p.add_argument("--max-workers", type=int, default=8, help="executor threads for model forwards")
-    p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
@@ -56,40 +51,32 @@ async def serve(
     server = grpc.aio.server()
     servicer = DrafterServicer(pool=None)
     drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server)
-    health, bound, stop = await start_server(server, SERVICE_NAME, host, port, metrics_port)
 
-    loop = asyncio.get_running_loop()
-    load = loop.run_in_executor(
-        None, lambda: DrafterPool.load(config.drafters, config.targets, max_workers=max_workers)
-    )
-    stopped = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if load in done:
-        try:
-            servicer.pool = load.result()
-        except ValueError as e:  # e.g. a tokenizer mismatch found while attaching targets
-            logger.error("configuration error: %s", e)
-            await server.stop(0)
-            raise SystemExit(CONFIG_ERROR_EXIT) from None
-        await health.set(True)
+    def load() -> DrafterPool:
+        return DrafterPool.load(config.drafters, config.targets, max_workers=max_workers)
+
+    def loaded(pool: DrafterPool, bound: int) -> None:
+        servicer.pool = pool
         logger.info(
             "drafter pool serving on %s:%d: drafters %s, methods %s",
-            host, bound, servicer.pool.drafter_names, servicer.pool.methods,
-        )
-        await stop.wait()
+            host, bound, pool.drafter_names, pool.methods,
+        )  # fmt: skip
 
-    logger.info("draining (grace %.1f s)", grace)
-    await health.set(False)
-    await server.stop(grace)
-    if servicer.pool is not None:
-        servicer.pool.shutdown()
+    try:
+        await run_service(server, SERVICE_NAME, host, port, metrics_port, load, loaded, grace)
+    except ValueError as e:  # e.g. a tokenizer mismatch found while attaching targets
+        logger.error("configuration error: %s", e)
+        raise SystemExit(CONFIG_ERROR_EXIT) from None
+    finally:
+        if servicer.pool is not None:
+            servicer.pool.shutdown()
     logger.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    config = SpecdecConfig.from_yaml(args.config) if args.config else default_config()
+    config = SpecdecConfig.load(args.config)
     if not config.drafters:
         raise SystemExit("the config has no drafters")
     from drafter_service.pool import check_tokenizers

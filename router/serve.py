@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -37,6 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from shared.serving import add_common_arguments, configure_logging, stop_event
 
 if TYPE_CHECKING:
     from router.server import Router
@@ -131,12 +132,6 @@ def _embedded_uvicorn(config):
             yield
 
     return EmbeddedServer(config)
-
-
-def _install_signal_handlers(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
 
 # ---------------------------------------------------------------- children
@@ -355,36 +350,22 @@ class ServeStack:
 # ---------------------------------------------------------------- entry points
 
 
-def _load_config(path: str | None) -> SpecdecConfig:
-    from shared.config import SpecdecConfig, default_config
-
-    return SpecdecConfig.from_yaml(path) if path else default_config()
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="SpecdecConfig YAML (default: the embedded demo)")
-    parser.add_argument("--host", help="bind address (default: the config's host)")
+    add_common_arguments(parser)
     parser.add_argument("--port", type=int, help="public gRPC port (default: config router_port)")
     parser.add_argument("--http-port", type=int, help="HTTP port (default: config http_port)")
     parser.add_argument("--no-http", action="store_true", help="serve gRPC only")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds in-flight requests may take to drain on SIGTERM")  # fmt: skip
     parser.add_argument("--state-file", help="write ports and child pids here as JSON")
-    parser.add_argument("--log-level", default="info")
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """`specdec serve`."""
-    _setup_logging(args.log_level)
-    config = _load_config(args.config)
+    configure_logging(args.log_level)
+    from shared.config import SpecdecConfig
+
+    config = SpecdecConfig.load(args.config)
     if args.host:
         config = config.model_copy(update={"host": args.host})
     port = config.router_port if args.port is None else args.port
@@ -392,8 +373,7 @@ def serve_main(args: argparse.Namespace) -> int:
     stack = ServeStack(config, args.config, grace_s=args.grace_period, state_file=args.state_file)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        _install_signal_handlers(stop)
+        stop = stop_event()
         await stack.run(port, http_port, stop)
 
     asyncio.run(main())
@@ -409,10 +389,12 @@ def router_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--health-timeout", type=float, default=60.0,
                         help="seconds to wait for each verifier to be SERVING")  # fmt: skip
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    configure_logging(args.log_level)
     from router.server import Router, parse_verifier_flags, wait_for_health
 
-    config = _load_config(args.config)
+    from shared.config import SpecdecConfig
+
+    config = SpecdecConfig.load(args.config)
     try:
         verifiers: Mapping[str, list[str]] = parse_verifier_flags(args.verifier)
     except ValueError as e:
@@ -425,8 +407,7 @@ def router_main(argv: Sequence[str] | None = None) -> int:
     host = args.host or config.host
 
     async def main() -> None:
-        stop = asyncio.Event()
-        _install_signal_handlers(stop)
+        stop = stop_event()
         router = Router.from_config(config)
         for name, addresses in verifiers.items():
             for address in addresses:

@@ -166,6 +166,11 @@ class SpecdecConfig(_Frozen):
         raise KeyError(name)
 
     @classmethod
+    def load(cls, path: str | Path | None) -> SpecdecConfig:
+        """The YAML config at `path`, or the embedded demo (`default_config()`) if None."""
+        return cls.from_yaml(path) if path else default_config()
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> SpecdecConfig:
         with open(path) as f:
             return cls.model_validate(yaml.safe_load(f))

@@ -11,22 +11,41 @@ Process contract (what `specdec serve` and tests rely on):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+T = TypeVar("T")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every process entry point takes (router, verifier, drafter pool)."""
+    parser.add_argument("--config", help="SpecdecConfig YAML (default: the embedded demo config)")
+    parser.add_argument("--host", help="bind address (default: the config's host)")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def add_service_arguments(parser: argparse.ArgumentParser, default_port: int, default_grace: float) -> None:
+    """Common flags plus those of a gRPC service process (verifier, drafter pool)."""
+    add_common_arguments(parser)
+    parser.add_argument("--port", type=int, default=default_port, help="gRPC port; 0 = any free port")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (off if unset; 0 = any)")
+    parser.add_argument("--grace", type=float, default=default_grace,
+                        help="seconds to drain in-flight work on SIGTERM")  # fmt: skip
 
 
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(
-        level=level,
+        level=level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
     )
@@ -84,6 +103,43 @@ async def start_server(
             "metrics on http://%s:%d/metrics", host, start_metrics_server(metrics_port, host)
         )
     return health, bound, stop_event()
+
+
+async def run_service(
+    server: grpc.aio.Server,
+    service_name: str,
+    host: str,
+    port: int,
+    metrics_port: int | None,
+    load: Callable[[], T],
+    on_loaded: Callable[[T, int], Awaitable[None] | None],
+    grace: float,
+) -> T | None:
+    """The life of a gRPC service process: start (health NOT_SERVING, `LISTENING <port>`),
+    run `load` (blocking: models) in an executor, hand its result and the bound port to
+    `on_loaded`, go SERVING, wait for SIGTERM/SIGINT, go NOT_SERVING and drain for
+    `grace` seconds. A stop during loading skips straight to the drain. Returns what `load`
+    returned (None if stopped first); exceptions from `load`/`on_loaded` propagate after
+    the server stops."""
+    health, bound, stop = await start_server(server, service_name, host, port, metrics_port)
+    loaded = asyncio.get_running_loop().run_in_executor(None, load)
+    stopped = asyncio.ensure_future(stop.wait())
+    result = None
+    try:
+        done, _ = await asyncio.wait([loaded, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if loaded in done:
+            result = loaded.result()
+            ready = on_loaded(result, bound)
+            if ready is not None:
+                await ready
+            await health.set(True)
+            await stop.wait()
+        logging.getLogger(service_name).info("draining (grace %.1f s)", grace)
+    finally:
+        stopped.cancel()
+        await health.set(False)
+        await server.stop(grace)
+    return result
 
 
 async def wait_shielded(fut: asyncio.Future, logger: logging.Logger, what: str) -> None:

@@ -15,9 +15,9 @@ import logging
 
 import grpc
 
-from shared.config import SpecdecConfig, default_config
+from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import verifier_pb2_grpc
-from shared.serving import configure_logging, start_server
+from shared.serving import add_service_arguments, configure_logging, run_service
 
 logger = logging.getLogger("verifier_service")
 
@@ -27,15 +27,10 @@ DEFAULT_PORT = 50071
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m verifier_service", description=__doc__.splitlines()[0])
+    add_service_arguments(p, DEFAULT_PORT, default_grace=30.0)
     p.add_argument("--target", required=True, help="target name from the config")
-    p.add_argument("--config", help="SpecdecConfig YAML (default: the embedded demo config)")
     p.add_argument("--drafter", help="drafter pool address HOST:PORT (model-based methods)")
-    p.add_argument("--host", help="bind address (default: the config's host)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port; 0 = any free port")
-    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (off if unset; 0 = any)")
     p.add_argument("--max-sessions", type=int, help="default: the config's max_sessions_per_replica")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain requests on SIGTERM")
-    p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
@@ -55,31 +50,24 @@ async def serve(
     servicer = VerifierServicer(config, target, drafter_address=drafter, max_sessions=max_sessions)
     server = grpc.aio.server()
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
-    health, bound, stop = await start_server(server, SERVICE_NAME, host, port, metrics_port)
 
-    load = asyncio.get_running_loop().run_in_executor(None, servicer.load)
-    stopped = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if load in done:
-        load.result()
-        await health.set(True)
+    def loaded(_, bound: int) -> None:
         logger.info(
             "verifier of %r serving on %s:%d (methods %s, drafter %s, max sessions %d)",
             target, host, bound, servicer.methods, drafter or "none", servicer.max_sessions,
-        )
-        await stop.wait()
+        )  # fmt: skip
 
-    logger.info("draining %d in-flight requests (grace %.1f s)", servicer.active_sessions, grace)
-    await health.set(False)
-    await server.stop(grace)
-    servicer.close()
+    try:
+        await run_service(server, SERVICE_NAME, host, port, metrics_port, servicer.load, loaded, grace)
+    finally:
+        servicer.close()
     logger.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    config = SpecdecConfig.from_yaml(args.config) if args.config else default_config()
+    config = SpecdecConfig.load(args.config)
     try:
         config.target(args.target)
     except KeyError:
