@@ -60,18 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_request(args: argparse.Namespace) -> router_pb2.GenerateRequest:
-    from shared.pb.specdec.v1 import common_pb2, router_pb2
+    from shared.pb.specdec.v1 import router_pb2
+    from shared.types import SamplingParams
+    from shared.wire import sampling_to_proto
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    sampling = common_pb2.SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
-    )
-    if args.seed is not None:
-        sampling.seed = args.seed
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     request = router_pb2.GenerateRequest(
         model=args.model,
         text=prompt,
-        sampling=sampling,
+        sampling=sampling_to_proto(sampling),
         max_new_tokens=args.max_new_tokens,
         stop=args.stop,
         method=args.method,
