@@ -15,7 +15,6 @@ ValueError naming drafter, target and both hashes), not a rejected Open at reque
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import queue
 import threading
@@ -41,26 +40,15 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# kind -> (module, factory class, required): a required kind that fails to import is a
-# hard error; the others are skipped with a log line.
-_FACTORIES: dict[str, tuple[str, str, bool]] = {
-    "draft_model": ("drafter_service.draft_model", "DraftModelProposerFactory", True),
-    "sorted": ("drafter_service.sorted", "SortedProposerFactory", False),
-}
+def load_factory(config: DrafterConfig) -> DrafterFactory:
+    """The factory for one configured drafter (loads its weights)."""
+    if config.kind == "sorted":
+        from drafter_service.sorted import SortedProposerFactory
 
+        return SortedProposerFactory(config)
+    from drafter_service.draft_model import DraftModelProposerFactory
 
-def load_factory(config: DrafterConfig) -> DrafterFactory | None:
-    """The factory for one configured drafter (loads its weights), or None if its kind's
-    module does not exist in this build."""
-    module_name, class_name, required = _FACTORIES[config.kind]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if required or e.name != module_name:
-            raise
-        logger.warning("drafter %r skipped: kind %r is not available (%s)", config.name, config.kind, e)
-        return None
-    return getattr(module, class_name)(config)
+    return DraftModelProposerFactory(config)
 
 
 def check_tokenizers(drafters: Sequence[DrafterConfig], targets: Sequence[TargetConfig]) -> None:
@@ -311,8 +299,6 @@ class DrafterPool:
         drafters = []
         for config in configs:
             factory = load_factory(config)
-            if factory is None:
-                continue
             tok_hash = factory.tokenizer_hash
             drafters.append(_Drafter(config.name, factory.method, factory, tok_hash))
             logger.info(
