@@ -16,11 +16,10 @@ import argparse
 import asyncio
 import logging
 
-import grpc
 
 from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import drafter_pb2_grpc
-from shared.serving import add_service_arguments, configure_logging, run_service
+from shared.serving import add_service_arguments, configure_logging, grpc_server, run_service
 
 logger = logging.getLogger("drafter_service")
 
@@ -48,7 +47,7 @@ async def serve(
     from drafter_service.pool import DrafterPool
     from drafter_service.servicer import DrafterServicer
 
-    server = grpc.aio.server()
+    server = grpc_server(config.limits)
     servicer = DrafterServicer(pool=None)
     drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server)
 

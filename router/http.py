@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
@@ -42,8 +45,11 @@ from shared.pb.specdec.v1 import common_pb2, router_pb2
 if TYPE_CHECKING:
     from router.server import Router
 
+logger = logging.getLogger(__name__)
+
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
+FLOAT32_TINY = 1.2e-38  # smallest normal float32: the wire type of sampling parameters
 
 # gRPC request field → OpenAI request parameter, for `error.param`.
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
@@ -89,6 +95,15 @@ def _invalid(message: str, param: str) -> InvalidArgumentError:
     return InvalidArgumentError(message, field=param)
 
 
+def _utf8(text: str, param: str) -> str:
+    """JSON may carry lone surrogates (`"\\ud800"`), which no UTF-8 string field can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(f"{param} is not valid Unicode (a lone surrogate)", param) from None
+    return text
+
+
 def _int_in(value: int, low: int, high: int, param: str) -> int:
     if not low <= value <= high:
         raise _invalid(f"{param} {value} is outside [{low}, {high}]", param)
@@ -108,17 +123,17 @@ def to_generate_request(body: CompletionRequest, request_id: str) -> router_pb2.
     if body.suffix:
         raise _invalid("suffix is not supported", "suffix")
 
-    req = router_pb2.GenerateRequest(model=body.model, request_id=request_id)
+    req = router_pb2.GenerateRequest(model=_utf8(body.model, "model"), request_id=request_id)
     prompt = body.prompt
     if isinstance(prompt, str):
-        req.text = prompt
+        req.text = _utf8(prompt, "prompt")
     elif prompt and not all(isinstance(t, int) for t in prompt):
         # A list of strings or of token lists is a batch; one prompt per request here.
         if len(prompt) != 1:
             raise _invalid("batched prompts are not supported; send one prompt", "prompt")
         only = prompt[0]
         if isinstance(only, str):
-            req.text = only
+            req.text = _utf8(only, "prompt")
         else:
             req.token_ids.SetInParent()
             req.token_ids.token_ids.extend(_int_in(t, -(2**31), INT32_MAX, "prompt") for t in only)
@@ -135,15 +150,19 @@ def to_generate_request(body: CompletionRequest, request_id: str) -> router_pb2.
     if top_p == 0.0:
         # NOTE: 0 on the wire means "unset"; an explicit 0 from a client is out of range.
         raise _invalid("top_p must be in (0, 1], got 0", "top_p")
+    if 0.0 < top_p < FLOAT32_TINY:
+        # NOTE: it would round to 0 on the wire, i.e. "unset" = 1.0: never silently widened
+        raise _invalid(f"top_p {top_p} is too small to represent; use at least {FLOAT32_TINY}", "top_p")
     s.top_p = top_p
     if body.top_k is not None:
         s.top_k = 0 if body.top_k == -1 else _int_in(body.top_k, -(2**31), INT32_MAX, "top_k")
     if body.seed is not None:
         s.seed = _int_in(body.seed, -(2**63), INT64_MAX, "seed")
     if body.stop is not None:
-        req.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        req.stop.extend(_utf8(s, "stop") for s in stop)
     if body.method is not None:
-        req.method = body.method
+        req.method = _utf8(body.method, "method")
         if not body.method:
             raise _invalid("method must be non-empty when given", "method")
     if body.num_speculative_tokens is not None:
@@ -176,12 +195,76 @@ def _sse(obj: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+_HTTP_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+
+
+def http_error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    """Any HTTP error in OpenAI's shape (`type` by status, `code` = the status's name)."""
+    type_ = _HTTP_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    code = HTTPStatus(status).phrase.lower().replace(" ", "_") if status in HTTPStatus._value2member_map_ else None
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before the app reads it
+    all (declared Content-Length, or counted as a chunked body streams in)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._too_large(scope, receive, send)
+        seen, too_large = 0, False
+
+        async def counted():
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    too_large = True  # the app sees a hang-up and stops reading
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def send_unless_too_large(message) -> None:
+            if not too_large:
+                await send(message)
+
+        await self.app(scope, counted, send_unless_too_large)
+        if too_large:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        response = http_error(413, f"request body over {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
 def create_app(router: Router) -> FastAPI:
     app = FastAPI(title="specdec", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=router.limits.max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = http_error(exc.status_code, str(exc.detail))
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        logger.exception("request %s: unhandled error", request_id)
+        return http_error(500, f"internal error (request {request_id})")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return http_error(400, "the request body is not valid JSON")
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = loc[0] if loc else None

@@ -34,7 +34,9 @@ from grpc_reflection.v1alpha import reflection
 
 from router.validation import ModelSpec, ValidatedRequest, validate_request
 from shared import metrics
+from shared.config import RequestLimits
 from shared.methods import SPEC_METHODS
+from shared.serving import HealthReporter, grpc_server
 from shared.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -242,9 +244,11 @@ class Router:
         tokenize: Callable[[str, str], list[int]],
         *,
         max_sessions_per_replica: int = 8,
+        limits: RequestLimits | None = None,
     ) -> None:
         self._targets = {s.name: _TargetState(config_spec=s) for s in specs}
         self._tokenize = tokenize
+        self.limits = limits or RequestLimits()
         self.max_sessions_per_replica = max_sessions_per_replica
         self.registry = ReplicaRegistry()
         self.draining = False
@@ -271,7 +275,8 @@ class Router:
         def tokenize(model: str, text: str) -> list[int]:
             return list(tokenizers[model](text, add_special_tokens=False)["input_ids"])
 
-        return cls(specs, tokenize, max_sessions_per_replica=config.max_sessions_per_replica)
+        return cls(specs, tokenize, max_sessions_per_replica=config.max_sessions_per_replica,
+                   limits=config.limits)  # fmt: skip
 
     # ------------------------------------------------------------ models and replicas
 
@@ -334,7 +339,7 @@ class Router:
     # ------------------------------------------------------------ generation
 
     def validate(self, request: router_pb2.GenerateRequest) -> ValidatedRequest:
-        return validate_request(request, self.models, self._tokenize)
+        return validate_request(request, self.models, self._tokenize, self.limits)
 
     async def generate(
         self, request: router_pb2.GenerateRequest, *, timeout: float | None = None
@@ -342,7 +347,8 @@ class Router:
         """Validate, admit, relay. Raises `SpecdecError` before the first message only."""
         if self.draining:
             raise UnavailableError("the router is shutting down")
-        validated = self.validate(request)
+        # NOTE: tokenizing a long prompt takes milliseconds: off the event loop
+        validated = await asyncio.get_running_loop().run_in_executor(None, self.validate, request)
         replica = self.registry.acquire(validated.model)
         self._enter()
         recorder = metrics.TokenLatencyRecorder(SERVICE, validated.model)
@@ -373,14 +379,18 @@ class Router:
                             return
                         response = await call.read()
                 except grpc.aio.AioRpcError as e:
-                    message = f"verifier {replica.address}: {e.details()}"
+                    message = _client_message(e, validated.model, validated.request_id)
+                    logger.warning("request %s: verifier %s failed: %s %s", validated.request_id,
+                                   replica.address, e.code().name, e.details())  # fmt: skip
                     if num_sent == 0:
                         raise upstream_error(e.code(), message) from e
                     finish = "error"
                     yield _error_response(e.code(), message)
                     return
                 # The stream ended without `complete`: the verifier went away mid-request.
-                message = f"verifier {replica.address} ended the stream without a result"
+                logger.warning("request %s: verifier %s ended the stream without a result",
+                               validated.request_id, replica.address)  # fmt: skip
+                message = f"the verifier of {validated.model!r} went away (request {validated.request_id})"
                 if num_sent == 0:
                     raise UnavailableError(message)
                 finish = "error"
@@ -452,6 +462,18 @@ class Router:
         await self.registry.close()
 
 
+# Statuses whose details describe the client's own request (safe and useful to relay as
+# is); any other upstream failure reaches the client without internal details (logged).
+_CLIENT_FAULTS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED})  # fmt: skip
+
+
+def _client_message(e: grpc.aio.AioRpcError, model: str, request_id: str) -> str:
+    if e.code() in _CLIENT_FAULTS:
+        return e.details() or e.code().name
+    return f"the verifier of {model!r} failed: {e.code().name.lower()} (request {request_id})"
+
+
 def _error_response(code: grpc.StatusCode, message: str, field: str = "") -> common_pb2.GenerateResponse:
     return common_pb2.GenerateResponse(
         error=common_pb2.Error(code=status_to_int(code), message=message, field=field)
@@ -492,26 +514,18 @@ class GenerationServicer(router_pb2_grpc.GenerationServiceServicer):
 class GrpcServer:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthReporter
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", GENERATION_SERVICE_NAME):
-            await self.health.set(name, status)
+        await self.health.set(serving)
 
 
 async def start_grpc_server(router: Router, host: str, port: int) -> GrpcServer:
     """GenerationService + health (NOT_SERVING until `set_serving(True)`) + reflection."""
-    server = grpc.aio.server()
+    server = grpc_server(router.limits)
     router_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", GENERATION_SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_reporter = HealthReporter(server, [GENERATION_SERVICE_NAME])
+    await health_reporter.set(False)
     reflection.enable_server_reflection(
         (GENERATION_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -519,7 +533,7 @@ async def start_grpc_server(router: Router, host: str, port: int) -> GrpcServer:
     if bound == 0:
         raise OSError(f"cannot bind the router's gRPC port {host}:{port}")
     await server.start()
-    return GrpcServer(server=server, port=bound, health=health_servicer)
+    return GrpcServer(server=server, port=bound, health=health_reporter)
 
 
 async def wait_for_health(address: str, timeout: float, service: str = "") -> None:

@@ -31,16 +31,21 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from shared.config import RequestLimits
 from shared.errors import InvalidArgumentError, NotFoundError
 from shared.pb.specdec.v1 import router_pb2, verifier_pb2
 from shared.types import SamplingParams
 from shared.validation import (
     check_lengths,
+    check_message_size,
     check_method,
     check_num_speculative_tokens,
     check_prompt_ids,
+    check_prompt_text,
     check_stop,
 )
+
+DEFAULT_LIMITS = RequestLimits()
 from shared.wire import sampling_from_proto, sampling_to_proto
 
 # Methods in preference order when a request leaves `method` empty.
@@ -102,8 +107,11 @@ def validate_request(
     request: router_pb2.GenerateRequest,
     models: Mapping[str, ModelSpec],
     tokenize: Tokenize,
+    limits: RequestLimits = DEFAULT_LIMITS,
 ) -> ValidatedRequest:
-    """Check `request` against `models`; raise the domain error naming the field at fault."""
+    """Check `request` against `models`; raise the domain error naming the field at fault.
+    Everything cheap is checked before the prompt is tokenized."""
+    check_message_size(request.ByteSize(), limits)
     if not request.model:
         raise InvalidArgumentError("model is required", field="model")
     spec = models.get(request.model)
@@ -114,16 +122,16 @@ def validate_request(
         )
 
     method = _validate_method(request.method, spec)
-    prompt_ids = _prompt_ids(request, spec, tokenize)
-    max_new_tokens = request.max_new_tokens
-    check_lengths(len(prompt_ids), max_new_tokens, limit=spec.max_new_tokens,
-                  max_context=spec.max_context, model=spec.name)  # fmt: skip
     sampling = sampling_from_proto(request.sampling)
     sampling.validate()
     k = request.num_speculative_tokens if request.HasField("num_speculative_tokens") else None
     check_num_speculative_tokens(k, spec.max_speculative_tokens)
     stop = list(request.stop)
-    check_stop(stop)
+    check_stop(stop, limits)
+    prompt_ids = _prompt_ids(request, spec, tokenize, limits)
+    max_new_tokens = request.max_new_tokens
+    check_lengths(len(prompt_ids), max_new_tokens, limit=spec.max_new_tokens,
+                  max_context=spec.max_context, model=spec.name)  # fmt: skip
 
     return ValidatedRequest(
         model=spec.name,
@@ -150,13 +158,14 @@ def _validate_method(method: str, spec: ModelSpec) -> str:
     return method
 
 
-def _prompt_ids(request: router_pb2.GenerateRequest, spec: ModelSpec, tokenize: Tokenize) -> list[int]:
+def _prompt_ids(
+    request: router_pb2.GenerateRequest, spec: ModelSpec, tokenize: Tokenize, limits: RequestLimits
+) -> list[int]:
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidArgumentError("prompt is required (text or token_ids)", field="prompt")
     if kind == "text":
-        if not request.text:
-            raise InvalidArgumentError("prompt text is empty", field="prompt")
+        check_prompt_text(request.text, limits)
         ids = list(tokenize(spec.name, request.text))
         if not ids:
             raise InvalidArgumentError("prompt text tokenizes to no tokens", field="prompt")

@@ -132,6 +132,21 @@ class SpeculationConfig(_Frozen):
         )
 
 
+class RequestLimits(_Frozen):
+    """Bounds on what one request may ask for, checked before any work is done for it
+    (a request is otherwise a way to take a process's memory or time)."""
+
+    max_body_bytes: int = Field(1 << 20, gt=0, description="HTTP request body (413 above).")
+    max_message_bytes: int = Field(
+        1 << 20, gt=0,
+        description="gRPC request message, checked by the application (INVALID_ARGUMENT above); "
+        "the transport refuses messages over twice this (RESOURCE_EXHAUSTED, never retried).",
+    )  # fmt: skip
+    max_prompt_chars: int = Field(100_000, gt=0, description="Prompt text, before tokenization.")
+    max_stop_strings: int = Field(4, ge=0, description="Stop strings per request (OpenAI: 4).")
+    max_stop_chars: int = Field(256, gt=0, description="Characters per stop string.")
+
+
 class SpecdecConfig(_Frozen):
     targets: list[TargetConfig] = Field(..., min_length=1, description="Target models served.")
     drafters: list[DrafterConfig] = Field(
@@ -147,6 +162,7 @@ class SpecdecConfig(_Frozen):
     max_sessions_per_replica: int = Field(
         8, gt=0, description="Admission control: concurrent sessions per verifier replica."
     )
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request bounds.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> SpecdecConfig:

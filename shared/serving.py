@@ -17,10 +17,13 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+if TYPE_CHECKING:
+    from shared.config import RequestLimits
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -41,6 +44,14 @@ def add_service_arguments(parser: argparse.ArgumentParser, default_port: int, de
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (off if unset; 0 = any)")
     parser.add_argument("--grace", type=float, default=default_grace,
                         help="seconds to drain in-flight work on SIGTERM")  # fmt: skip
+
+
+def grpc_server(limits: RequestLimits) -> grpc.aio.Server:
+    """A grpc.aio server whose transport refuses messages over twice the application's
+    limit (RESOURCE_EXHAUSTED, which callers must not retry as a full replica); messages
+    between the two limits reach the handler, which answers INVALID_ARGUMENT naming them."""
+    limit = 2 * limits.max_message_bytes
+    return grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
 
 
 def configure_logging(level: str = "INFO") -> None:

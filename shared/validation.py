@@ -5,8 +5,12 @@ again because it may be called directly): pure, torch-free; each failure is an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from shared.methods import SPEC_METHODS
+
+if TYPE_CHECKING:
+    from shared.config import RequestLimits
 from shared.errors import InvalidArgumentError
 
 
@@ -56,6 +60,32 @@ def check_num_speculative_tokens(k: int | None, max_k: int) -> None:
         )
 
 
-def check_stop(stop: Sequence[str]) -> None:
-    if any(not s for s in stop):
-        raise InvalidArgumentError("stop strings must be non-empty", field="stop")
+def check_stop(stop: Sequence[str], limits: RequestLimits) -> None:
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidArgumentError(
+            f"at most {limits.max_stop_strings} stop strings, got {len(stop)}", field="stop"
+        )
+    for s in stop:
+        if not s:
+            raise InvalidArgumentError("stop strings must be non-empty", field="stop")
+        if len(s) > limits.max_stop_chars:
+            raise InvalidArgumentError(
+                f"a stop string has {len(s)} characters; at most {limits.max_stop_chars}", field="stop"
+            )
+
+
+def check_prompt_text(text: str, limits: RequestLimits) -> None:
+    """Before tokenization: non-empty, bounded (tokenizing is the router's own cost)."""
+    if not text:
+        raise InvalidArgumentError("prompt text is empty", field="prompt")
+    if len(text) > limits.max_prompt_chars:
+        raise InvalidArgumentError(
+            f"prompt has {len(text)} characters; at most {limits.max_prompt_chars}", field="prompt"
+        )
+
+
+def check_message_size(num_bytes: int, limits: RequestLimits) -> None:
+    if num_bytes > limits.max_message_bytes:
+        raise InvalidArgumentError(
+            f"request message has {num_bytes} bytes; at most {limits.max_message_bytes}", field="request"
+        )

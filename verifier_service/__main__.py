@@ -13,11 +13,10 @@ import argparse
 import asyncio
 import logging
 
-import grpc
 
 from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import verifier_pb2_grpc
-from shared.serving import add_service_arguments, configure_logging, run_service
+from shared.serving import add_service_arguments, configure_logging, grpc_server, run_service
 
 logger = logging.getLogger("verifier_service")
 
@@ -48,7 +47,7 @@ async def serve(
     from verifier_service.servicer import VerifierServicer
 
     servicer = VerifierServicer(config, target, drafter_address=drafter, max_sessions=max_sessions)
-    server = grpc.aio.server()
+    server = grpc_server(config.limits)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
 
     def loaded(_, bound: int) -> None:

@@ -26,7 +26,6 @@ import torch
 
 from shared import metrics
 from shared.errors import (
-    InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     SpecdecError,
@@ -40,6 +39,7 @@ from shared.serving import wait_shielded
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult
 from shared.validation import (
     check_lengths,
+    check_message_size,
     check_method,
     check_num_speculative_tokens,
     check_prompt_ids,
@@ -226,6 +226,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             raise NotFoundError(
                 f"model {msg.model!r} is not served by this verifier ({self.target.name!r})", field="model"
             )
+        check_message_size(msg.ByteSize(), self.config.limits)
         engine = self.spec_loop.engine
         prompt = list(msg.prompt_token_ids)
         check_prompt_ids(prompt, engine.vocab_size)
@@ -237,7 +238,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         check_method(method)
         k = msg.num_speculative_tokens if msg.HasField("num_speculative_tokens") else None
         check_num_speculative_tokens(k, self.config.speculation.max_speculative_tokens)
-        check_stop(msg.stop)
+        check_stop(msg.stop, self.config.limits)
         return GenerationRequest(
             prompt_ids=prompt,
             max_new_tokens=msg.max_new_tokens,
@@ -336,10 +337,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         except SpecdecError as e:
             finish = "error"
             await context.write(error_to_proto(e))
-        except Exception as e:  # noqa: BLE001 - in-band, the stream already started
+        except Exception:  # noqa: BLE001 - in-band, the stream already started
             finish = "error"
             logger.exception("request %s failed", request.request_id or "-")
-            await context.write(error_to_proto(SpecdecError(f"internal error: {e!r}")))
+            # NOTE: the exception text stays in the log; the client gets the request id
+            await context.write(error_to_proto(SpecdecError(f"internal error (request {request.request_id or '-'})")))
         finally:
             recorder.finish(finish)
             cancel.set()
