@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def auth_metadata() -> tuple[tuple[str, str], ...]:
+    """`authorization: Bearer <key>` from SPECDEC_API_KEY (its first key), if set."""
+    import os
+
+    key = os.environ.get("SPECDEC_API_KEY", "").split(",")[0].strip()
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 def build_request(args: argparse.Namespace) -> router_pb2.GenerateRequest:
     from shared.pb.specdec.v1 import router_pb2
     from shared.types import SamplingParams
@@ -92,7 +100,7 @@ def generate(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.server) as channel:
         stub = router_pb2_grpc.GenerationServiceStub(channel)
         try:
-            for response in stub.Generate(request, timeout=args.timeout):
+            for response in stub.Generate(request, timeout=args.timeout, metadata=auth_metadata()):
                 kind = response.WhichOneof("response")
                 if kind == "chunk":
                     token_ids.extend(response.chunk.token_ids)
@@ -150,7 +158,7 @@ def list_models(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.server) as channel:
         try:
             resp = router_pb2_grpc.GenerationServiceStub(channel).ListModels(
-                router_pb2.ListModelsRequest(), timeout=10
+                router_pb2.ListModelsRequest(), timeout=10, metadata=auth_metadata()
             )
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)

@@ -6,8 +6,11 @@
     GET  /metrics          Prometheus text format of the router process
 
 Every completion goes through `Router.generate`, the same code path as gRPC: the request is
-mapped to a `router_pb2.GenerateRequest`, so validation and errors are shared. Errors use
-OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with 400/404/429/503.
+mapped to a `router_pb2.GenerateRequest`, so validation and errors are shared. Every error
+(400, 401, 404, 405, 413, 429, 500, 503, 504) uses OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`; exception texts stay in the log.
+With API keys configured (`router.auth`), `/v1/*` (and `/metrics` unless
+`auth.protect_metrics` is off) need `Authorization: Bearer <key>`; `/health` stays open.
 
 Request fields: `model`, `prompt` (a string or a list of token ids), `max_tokens` (default
 16, as OpenAI), `temperature` (default 1.0, as OpenAI; 0 = greedy), `top_p`, `seed`, `stop`,
@@ -30,7 +33,7 @@ from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from router.server import http_status_of
 from shared import metrics
-from shared.errors import InvalidArgumentError, SpecdecError
+from shared.errors import InvalidArgumentError, RateLimitedError, SpecdecError, UnauthenticatedError
 from shared.pb.specdec.v1 import common_pb2, router_pb2
 
 if TYPE_CHECKING:
@@ -178,10 +181,15 @@ def error_body(message: str, type_: str, param: str | None, code: str | int | No
 
 def error_response(e: SpecdecError) -> JSONResponse:
     param = _PARAM_NAMES.get(e.field, e.field) if e.field else None
-    return JSONResponse(
+    response = JSONResponse(
         error_body(e.message, e.openai_type, param, e.code.name.lower()),
         status_code=e.http_status,
     )
+    if isinstance(e, RateLimitedError):
+        response.headers["Retry-After"] = str(int(e.retry_after_s))
+    elif isinstance(e, UnauthenticatedError):
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def stats_dict(stats: common_pb2.SpecStats) -> dict[str, Any]:
@@ -286,11 +294,18 @@ def create_app(router: Router) -> FastAPI:
         ok = not router.draining and any(r.healthy for r in router.registry.all())
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
+    def admit(request: Request) -> None:
+        """Key and rate limit (raises the domain error the handler above turns into 401/429)."""
+        client = request.client.host if request.client else "-"
+        router.gatekeeper.admit(request.headers.get("authorization"), client)
+
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        if router.auth.protect_metrics:
+            router.gatekeeper.authenticate(request.headers.get("authorization"))
         return Response(metrics.render_latest(), media_type=metrics.CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(admit)])
     async def list_models() -> dict:
         created = int(time.time())
         data = []
@@ -312,7 +327,7 @@ def create_app(router: Router) -> FastAPI:
             )
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[Depends(admit)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         req = to_generate_request(body, request_id)

@@ -34,7 +34,8 @@ from grpc_reflection.v1alpha import reflection
 
 from router.validation import ModelSpec, ValidatedRequest, validate_request
 from shared import metrics
-from shared.config import RequestLimits
+from router.auth import Gatekeeper
+from shared.config import AuthConfig, RequestLimits
 from shared.methods import SPEC_METHODS
 from shared.serving import HealthReporter, grpc_server
 from shared.errors import (
@@ -245,10 +246,13 @@ class Router:
         *,
         max_sessions_per_replica: int = 8,
         limits: RequestLimits | None = None,
+        auth: AuthConfig | None = None,
     ) -> None:
         self._targets = {s.name: _TargetState(config_spec=s) for s in specs}
         self._tokenize = tokenize
         self.limits = limits or RequestLimits()
+        self.auth = auth or AuthConfig()
+        self.gatekeeper = Gatekeeper.from_config(self.auth)
         self.max_sessions_per_replica = max_sessions_per_replica
         self.registry = ReplicaRegistry()
         self.draining = False
@@ -276,7 +280,7 @@ class Router:
             return list(tokenizers[model](text, add_special_tokens=False)["input_ids"])
 
         return cls(specs, tokenize, max_sessions_per_replica=config.max_sessions_per_replica,
-                   limits=config.limits)  # fmt: skip
+                   limits=config.limits, auth=config.auth)  # fmt: skip
 
     # ------------------------------------------------------------ models and replicas
 
@@ -510,6 +514,47 @@ class GenerationServicer(router_pb2_grpc.GenerationServiceServicer):
         return self._router.list_models()
 
 
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every public RPC but health passes `Gatekeeper.admit` (reflection too: it describes
+    the API); a refused call ends UNAUTHENTICATED or RESOURCE_EXHAUSTED before its handler."""
+
+    def __init__(self, gatekeeper: Gatekeeper) -> None:
+        self.gatekeeper = gatekeeper
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(f"/{health.SERVICE_NAME}/"):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        try:
+            self.gatekeeper.admit(metadata.get("authorization"), "grpc")
+        except SpecdecError as e:
+            return _refusal(handler, e)
+        return handler
+
+
+def _refusal(handler: grpc.RpcMethodHandler, err: SpecdecError) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that aborts with `err`'s status."""
+
+    async def abort(request_or_iterator, context):
+        await context.abort(err.code, err.message)
+
+    async def abort_stream(request_or_iterator, context):
+        await context.abort(err.code, err.message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(abort_stream if handler.response_streaming else abort,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)  # fmt: skip
+
+
 @dataclass(slots=True)
 class GrpcServer:
     server: grpc.aio.Server
@@ -522,13 +567,14 @@ class GrpcServer:
 
 async def start_grpc_server(router: Router, host: str, port: int) -> GrpcServer:
     """GenerationService + health (NOT_SERVING until `set_serving(True)`) + reflection."""
-    server = grpc_server(router.limits)
+    server = grpc_server(router.limits, interceptors=[AuthInterceptor(router.gatekeeper)])
     router_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router), server)
     health_reporter = HealthReporter(server, [GENERATION_SERVICE_NAME])
     await health_reporter.set(False)
-    reflection.enable_server_reflection(
-        (GENERATION_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if router.auth.reflection:
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the router's gRPC port {host}:{port}")

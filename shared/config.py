@@ -147,6 +147,32 @@ class RequestLimits(_Frozen):
     max_stop_chars: int = Field(256, gt=0, description="Characters per stop string.")
 
 
+class AuthConfig(_Frozen):
+    """Bearer API keys for the public APIs (HTTP `Authorization: Bearer <key>`, gRPC
+    `authorization` metadata). Keys come from the environment variable SPECDEC_API_KEY
+    (comma-separated) and/or `api_key_file` (one per line); none configured = open."""
+
+    api_key_file: Path | None = Field(None, description="File of API keys, one per line.")
+    protect_metrics: bool = Field(True, description="/metrics needs a key when keys are set.")
+    reflection: bool = Field(True, description="Serve gRPC reflection on the public port.")
+    rate_limit: str | None = Field(
+        None, description="Requests per key (per client address without keys), in the `limits` "
+        "library's notation, e.g. '60/minute' or '10/second;200/minute'; None = unlimited.",
+    )  # fmt: skip
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from limits import parse_many
+
+            try:
+                parse_many(value)
+            except ValueError as e:
+                raise ValueError(f"rate_limit {value!r}: {e}") from e
+        return value
+
+
 class SpecdecConfig(_Frozen):
     targets: list[TargetConfig] = Field(..., min_length=1, description="Target models served.")
     drafters: list[DrafterConfig] = Field(
@@ -163,6 +189,7 @@ class SpecdecConfig(_Frozen):
         8, gt=0, description="Admission control: concurrent sessions per verifier replica."
     )
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request bounds.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Public API keys and rate limits.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> SpecdecConfig:

@@ -34,6 +34,24 @@ class NotFoundError(SpecdecError):
     openai_type = "invalid_request_error"
 
 
+class UnauthenticatedError(SpecdecError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+    openai_type = "authentication_error"
+
+
+class RateLimitedError(SpecdecError):
+    """A key over its request rate; `retry_after_s` goes into HTTP Retry-After."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+    openai_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ResourceExhaustedError(SpecdecError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429

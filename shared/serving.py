@@ -46,12 +46,14 @@ def add_service_arguments(parser: argparse.ArgumentParser, default_port: int, de
                         help="seconds to drain in-flight work on SIGTERM")  # fmt: skip
 
 
-def grpc_server(limits: RequestLimits) -> grpc.aio.Server:
+def grpc_server(limits: RequestLimits, interceptors: Sequence = ()) -> grpc.aio.Server:
     """A grpc.aio server whose transport refuses messages over twice the application's
     limit (RESOURCE_EXHAUSTED, which callers must not retry as a full replica); messages
     between the two limits reach the handler, which answers INVALID_ARGUMENT naming them."""
     limit = 2 * limits.max_message_bytes
-    return grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+    return grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit)], interceptors=list(interceptors)
+    )
 
 
 def configure_logging(level: str = "INFO") -> None:
