@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import tenacity
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -45,6 +46,7 @@ from shared.errors import (
     ResourceExhaustedError,
     SpecdecError,
     UnavailableError,
+    CAPACITY_METADATA,
     status_from_int,
     status_to_int,
 )
@@ -430,16 +432,18 @@ class Router:
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        for attempt in range(_UPSTREAM_RETRIES + 1):
-            remaining = None if deadline is None else max(deadline - loop.time(), 0.001)
-            call = replica.stub.Generate(message, timeout=remaining)
-            try:
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(_replica_full),
+            stop=tenacity.stop_after_attempt(_UPSTREAM_RETRIES + 1),
+            # jittered, so requests refused together do not come back together
+            wait=tenacity.wait_random_exponential(multiplier=0.01, max=0.2),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                remaining = None if deadline is None else max(deadline - loop.time(), 0.001)
+                call = replica.stub.Generate(message, timeout=remaining)
                 return call, await call.read()
-            except grpc.aio.AioRpcError as e:
-                retry = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and attempt < _UPSTREAM_RETRIES
-                if not retry:
-                    raise
-            await asyncio.sleep(0.02 * (attempt + 1))
         raise AssertionError("unreachable")
 
     def _enter(self) -> None:
@@ -470,6 +474,13 @@ class Router:
 # is); any other upstream failure reaches the client without internal details (logged).
 _CLIENT_FAULTS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED})  # fmt: skip
+
+
+def _replica_full(e: BaseException) -> bool:
+    """The verifier refused for capacity (its mark), not a transport RESOURCE_EXHAUSTED."""
+    if not isinstance(e, grpc.aio.AioRpcError) or e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return any(k == CAPACITY_METADATA for k, _ in (e.trailing_metadata() or ()))
 
 
 def _client_message(e: grpc.aio.AioRpcError, model: str, request_id: str) -> str:

@@ -72,6 +72,10 @@ class FailedPreconditionError(SpecdecError):
     openai_type = "invalid_request_error"
 
 
+# gRPC trailing metadata on a RESOURCE_EXHAUSTED that means "this replica is full, try
+# again" (a transport RESOURCE_EXHAUSTED, e.g. a message too large, has no such mark)
+CAPACITY_METADATA = "specdec-capacity"
+
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 

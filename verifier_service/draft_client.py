@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
+import tenacity
 import torch
 
 from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
@@ -82,6 +83,14 @@ def decode_draft_probs(
     if not np.isfinite(q).all() or (q < 0).any() or not np.allclose(q.sum(-1), 1.0, atol=1e-2):
         raise ValueError("draft_probs rows are not probability distributions")
     return torch.from_numpy(q.astype(np.float32, copy=True))
+
+
+def reopen_delay_s(failures_in_row: int, interval_s: float) -> float:
+    """Seconds before reopening a failed Draft stream: tenacity's full-jitter exponential
+    backoff, between 0 and min(8 x interval, interval x 2^(n-1))."""
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = failures_in_row
+    return tenacity.wait_random_exponential(multiplier=interval_s / 2, max=8 * interval_s)(state)
 
 
 class StreamBroken(Exception):
@@ -189,6 +198,7 @@ class RemoteProposer:
         self._epoch = 0
         self._drafter_context: list[int] = []  # what the drafter's session holds
         self._retry_at = 0.0
+        self._num_failures_in_row = 0
         self._permanent = False
         self._consecutive_timeouts = 0
         self._closed = False
@@ -246,7 +256,12 @@ class RemoteProposer:
             self._permanent = True
             self.factory.rejected = err
         else:
-            self._retry_at = time.monotonic() + self.factory.retry_interval_s
+            # NOTE: jittered and growing with each failure in a row (capped): sessions that
+            # lost one drafter together must not reopen on it together
+            self._num_failures_in_row += 1
+            self._retry_at = time.monotonic() + reopen_delay_s(
+                self._num_failures_in_row, self.factory.retry_interval_s
+            )
 
     # ---------------------------------------------------------------- Proposer
 
@@ -303,6 +318,7 @@ class RemoteProposer:
         if self.degraded:
             logger.info("drafter %s is back for target %s", self.factory.address, self.factory.target)
             self.degraded = False
+            self._num_failures_in_row = 0
         return self._decode(cand, len(context), k)
 
     def _wait(

@@ -30,6 +30,7 @@ from shared.errors import (
     ResourceExhaustedError,
     SpecdecError,
     UnavailableError,
+    CAPACITY_METADATA,
     status_to_int,
 )
 from shared.methods import MODEL_METHODS
@@ -351,6 +352,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
 
 async def _abort(context, err: SpecdecError) -> None:
-    await context.abort(
-        err.code, err.message, trailing_metadata=((_FIELD_METADATA_KEY, err.field or ""),)
-    )
+    metadata = [(_FIELD_METADATA_KEY, err.field or "")]
+    if isinstance(err, ResourceExhaustedError):
+        # NOTE: tells the router "full, try again": a transport RESOURCE_EXHAUSTED (message
+        # too large) carries no such mark and is never retried
+        metadata.append((CAPACITY_METADATA, "1"))
+    await context.abort(err.code, err.message, trailing_metadata=tuple(metadata))
