@@ -15,7 +15,10 @@ router forwards to a verifier, or raises a domain error naming the field at faul
   - top_k < 0                                       → InvalidArgumentError ("top_k")
   - unknown method or one the target does not offer → InvalidArgumentError ("method")
   - num_speculative_tokens < 0 or > the target's max → InvalidArgumentError ("num_speculative_tokens")
-  - an empty stop string                            → InvalidArgumentError ("stop")
+  - an empty stop string, too many or too long ones → InvalidArgumentError ("stop")
+  - a message, or a text prompt, over the limits    → InvalidArgumentError ("request", "prompt")
+
+The rules on decoding options are `shared.validation`'s, which the verifier applies again.
 
 NOTE(router): a request whose prompt + max_new_tokens overflows the context is rejected,
 not silently clamped (as OpenAI and vLLM do): the client asked for a length the target cannot
@@ -38,16 +41,13 @@ from shared.types import SamplingParams
 from shared.validation import (
     check_lengths,
     check_message_size,
-    check_method,
-    check_num_speculative_tokens,
+    check_options,
     check_prompt_ids,
     check_prompt_text,
-    check_stop,
 )
+from shared.wire import sampling_to_proto
 
 DEFAULT_LIMITS = RequestLimits()
-from shared.wire import sampling_from_proto, sampling_to_proto
-
 # Methods in preference order when a request leaves `method` empty.
 DEFAULT_METHOD_ORDER: tuple[str, ...] = ("draft_model", "ngram", "none")
 
@@ -121,13 +121,9 @@ def validate_request(
             f"model {request.model!r} is not served here (served: {known})", field="model"
         )
 
-    method = _validate_method(request.method, spec)
-    sampling = sampling_from_proto(request.sampling)
-    sampling.validate()
-    k = request.num_speculative_tokens if request.HasField("num_speculative_tokens") else None
-    check_num_speculative_tokens(k, spec.max_speculative_tokens)
-    stop = list(request.stop)
-    check_stop(stop, limits)
+    options = check_options(request, request.method or spec.default_method,
+                            max_k=spec.max_speculative_tokens, limits=limits)  # fmt: skip
+    _check_offered(options.method, spec)
     prompt_ids = _prompt_ids(request, spec, tokenize, limits)
     max_new_tokens = request.max_new_tokens
     check_lengths(len(prompt_ids), max_new_tokens, limit=spec.max_new_tokens,
@@ -136,26 +132,22 @@ def validate_request(
     return ValidatedRequest(
         model=spec.name,
         prompt_ids=prompt_ids,
-        sampling=sampling,
+        sampling=options.sampling,
         max_new_tokens=max_new_tokens,
-        method=method,
-        stop=stop,
-        num_speculative_tokens=k,
+        method=options.method,
+        stop=options.stop,
+        num_speculative_tokens=options.num_speculative_tokens,
         request_id=request.request_id or uuid.uuid4().hex,
     )
 
 
-def _validate_method(method: str, spec: ModelSpec) -> str:
-    if not method:
-        return spec.default_method
-    check_method(method)
+def _check_offered(method: str, spec: ModelSpec) -> None:
     if method not in spec.methods:
         raise InvalidArgumentError(
             f"method {method!r} is not offered for model {spec.name!r} "
             f"(offered: {', '.join(spec.methods)})",
             field="method",
         )
-    return method
 
 
 def _prompt_ids(

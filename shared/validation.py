@@ -5,13 +5,48 @@ again because it may be called directly): pure, torch-free; each failure is an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from shared.errors import InvalidArgumentError
 from shared.methods import SPEC_METHODS
+from shared.types import SamplingParams
+from shared.wire import sampling_from_proto
 
 if TYPE_CHECKING:
     from shared.config import RequestLimits
-from shared.errors import InvalidArgumentError
+    from shared.pb.specdec.v1 import router_pb2, verifier_pb2
+
+
+@dataclass(slots=True, frozen=True)
+class DecodingOptions:
+    """How a request asks to be decoded, checked: what router and verifier both forward."""
+
+    method: str
+    sampling: SamplingParams
+    num_speculative_tokens: int | None  # None: the method's configured k
+    stop: list[str]
+
+
+def check_options(
+    msg: router_pb2.GenerateRequest | verifier_pb2.VerifierGenerateRequest,
+    method: str,
+    *,
+    max_k: int,
+    limits: RequestLimits,
+) -> DecodingOptions:
+    """The rules on a request's decoding options that every service enforces: `method`
+    (the request's, or the caller's default for an empty one) is known, sampling is valid,
+    k is in [0, max_k], the stop strings are bounded. Both request messages carry these
+    fields under the same names."""
+    _check_method(method)
+    sampling = sampling_from_proto(msg.sampling)
+    sampling.validate()
+    k = msg.num_speculative_tokens if msg.HasField("num_speculative_tokens") else None
+    _check_num_speculative_tokens(k, max_k)
+    stop = list(msg.stop)
+    _check_stop(stop, limits)
+    return DecodingOptions(method=method, sampling=sampling, num_speculative_tokens=k, stop=stop)
 
 
 def check_prompt_ids(ids: Sequence[int], vocab_size: int) -> None:
@@ -46,21 +81,21 @@ def check_lengths(num_prompt: int, max_new_tokens: int, *, limit: int, max_conte
         )
 
 
-def check_method(method: str) -> None:
+def _check_method(method: str) -> None:
     if method not in SPEC_METHODS:
         raise InvalidArgumentError(
             f"unknown method {method!r}; expected one of {', '.join(SPEC_METHODS)}", field="method"
         )
 
 
-def check_num_speculative_tokens(k: int | None, max_k: int) -> None:
+def _check_num_speculative_tokens(k: int | None, max_k: int) -> None:
     if k is not None and not 0 <= k <= max_k:
         raise InvalidArgumentError(
             f"num_speculative_tokens must be in [0, {max_k}], got {k}", field="num_speculative_tokens"
         )
 
 
-def check_stop(stop: Sequence[str], limits: RequestLimits) -> None:
+def _check_stop(stop: Sequence[str], limits: RequestLimits) -> None:
     if len(stop) > limits.max_stop_strings:
         raise InvalidArgumentError(
             f"at most {limits.max_stop_strings} stop strings, got {len(stop)}", field="stop"

@@ -38,15 +38,7 @@ from shared.ngram import NgramProposerFactory
 from shared.pb.specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from shared.serving import wait_shielded
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult
-from shared.validation import (
-    check_lengths,
-    check_message_size,
-    check_method,
-    check_num_speculative_tokens,
-    check_prompt_ids,
-    check_stop,
-)
-from shared.wire import sampling_from_proto
+from shared.validation import check_lengths, check_message_size, check_options, check_prompt_ids
 from verifier_service.draft_client import RemoteProposerFactory, make_channel
 
 if TYPE_CHECKING:
@@ -233,20 +225,15 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         check_prompt_ids(prompt, engine.vocab_size)
         check_lengths(len(prompt), msg.max_new_tokens, limit=self.target.max_new_tokens,
                       max_context=engine.max_context, model=self.target.name)  # fmt: skip
-        sampling = sampling_from_proto(msg.sampling)
-        sampling.validate()
-        method = msg.method or "none"
-        check_method(method)
-        k = msg.num_speculative_tokens if msg.HasField("num_speculative_tokens") else None
-        check_num_speculative_tokens(k, self.config.speculation.max_speculative_tokens)
-        check_stop(msg.stop, self.config.limits)
+        options = check_options(msg, msg.method or "none", limits=self.config.limits,
+                                max_k=self.config.speculation.max_speculative_tokens)  # fmt: skip
         return GenerationRequest(
             prompt_ids=prompt,
             max_new_tokens=msg.max_new_tokens,
-            sampling=sampling,
-            stop=list(msg.stop),
-            method=method,
-            num_speculative_tokens=k,
+            sampling=options.sampling,
+            stop=options.stop,
+            method=options.method,
+            num_speculative_tokens=options.num_speculative_tokens,
             request_id=msg.request_id,
         )
 
