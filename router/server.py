@@ -37,7 +37,7 @@ from router.validation import ModelSpec, ValidatedRequest, validate_request
 from shared import metrics
 from router.auth import Gatekeeper
 from shared.config import AuthConfig, RequestLimits
-from shared.methods import SPEC_METHODS
+from shared.methods import IN_PROCESS_METHODS, SPEC_METHODS
 from shared.serving import HealthReporter, grpc_server
 from shared.errors import (
     FailedPreconditionError,
@@ -65,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "router"  # `service` label of this process's metrics
 GENERATION_SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
-ALWAYS_METHODS: tuple[str, ...] = ("none", "ngram")  # run inside every verifier
 _UPSTREAM_RETRIES = 10  # upstream RESOURCE_EXHAUSTED retries before the first message (~1 s)
 _DRAIN_CALL_TIMEOUT_S = 5.0
 
@@ -207,7 +206,7 @@ def model_spec_from_config(target: TargetConfig, config: SpecdecConfig) -> Model
     with open(Path(target.model_dir) / "config.json") as f:
         hf = json.load(f)
     max_context = target.max_context or int(hf.get("max_position_embeddings", 2048))
-    methods = [*ALWAYS_METHODS]
+    methods = [*IN_PROCESS_METHODS]
     for drafter in config.drafters:
         if drafter.kind not in methods:
             methods.append(drafter.kind)
@@ -316,7 +315,7 @@ class Router:
         replica.methods = tuple(load.methods)
         if load.methods:
             self._targets[replica.model].reported_methods.update(load.methods)
-            self._targets[replica.model].reported_methods.update(ALWAYS_METHODS)
+            self._targets[replica.model].reported_methods.update(IN_PROCESS_METHODS)
 
     def start_polling(self, interval_s: float = 2.0) -> None:
         async def poll() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
-SPEC_METHODS: tuple[str, ...] = ("none", "ngram", "draft_model", "sorted")
-# drafted by the drafter pool over gRPC; `ngram` runs inside the verifier, `none` drafts nothing
+# run inside every verifier: `none` drafts nothing, `ngram` looks up the request's own context
+IN_PROCESS_METHODS: tuple[str, ...] = ("none", "ngram")
+# drafted by the drafter pool over gRPC
 MODEL_METHODS: tuple[str, ...] = ("draft_model", "sorted")
+SPEC_METHODS: tuple[str, ...] = (*IN_PROCESS_METHODS, *MODEL_METHODS)

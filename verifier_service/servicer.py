@@ -33,7 +33,7 @@ from shared.errors import (
     CAPACITY_METADATA,
     status_to_int,
 )
-from shared.methods import MODEL_METHODS
+from shared.methods import IN_PROCESS_METHODS, MODEL_METHODS
 from shared.ngram import NgramProposerFactory
 from shared.pb.specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from shared.serving import wait_shielded
@@ -202,7 +202,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     @property
     def methods(self) -> list[str]:
         """Methods served right now: in process ones plus those the drafter has not refused."""
-        return ["none", "ngram", *(m for m, f in self.remote.items() if f.available)]
+        return [*IN_PROCESS_METHODS, *(m for m, f in self.remote.items() if f.available)]
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
