@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.serving import add_common_arguments, configure_logging, stop_event
+from shared.serving import add_common_arguments, announce_port, configure_logging, stop_event
 
 if TYPE_CHECKING:
     from router.server import Router
@@ -326,9 +326,7 @@ class ServeStack:
             def ready(grpc_port: int, bound_http: int | None) -> None:
                 self.ports = {"grpc": grpc_port, "http": bound_http}
                 self.write_state()
-                print(f"LISTENING {grpc_port}", flush=True)
-                if bound_http is not None:
-                    print(f"HTTP {bound_http}", flush=True)
+                _announce_ports(grpc_port, bound_http)
                 logger.info("specdec serving: gRPC %d, HTTP %s", grpc_port, bound_http)
 
             await run_router(
@@ -361,6 +359,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_main(args: argparse.Namespace) -> int:
+def _announce_ports(grpc_port: int, http_port: int | None) -> None:
+    """`LISTENING <grpc port>`, then `HTTP <port>` when HTTP is served, for a parent to read."""
+    announce_port(grpc_port)
+    if http_port is not None:
+        announce_port(http_port, "HTTP")
+
+
+def _router_ports(args: argparse.Namespace, config: SpecdecConfig) -> tuple[int, int | None]:
+    """The gRPC and HTTP (None: off) ports: the flags over the config's."""
+    port = config.router_port if args.port is None else args.port
+    http_port = None if args.no_http else (config.http_port if args.http_port is None else args.http_port)
+    return port, http_port
+
+
     """`specdec serve`."""
     configure_logging(args.log_level)
     from shared.config import SpecdecConfig
@@ -368,8 +380,7 @@ def serve_main(args: argparse.Namespace) -> int:
     config = SpecdecConfig.load(args.config)
     if args.host:
         config = config.model_copy(update={"host": args.host})
-    port = config.router_port if args.port is None else args.port
-    http_port = None if args.no_http else (config.http_port if args.http_port is None else args.http_port)
+    port, http_port = _router_ports(args, config)
     stack = ServeStack(config, args.config, grace_s=args.grace_period, state_file=args.state_file)
 
     async def main() -> None:
@@ -402,8 +413,7 @@ def router_main(argv: Sequence[str] | None = None) -> int:
     unknown = set(verifiers) - {t.name for t in config.targets}
     if unknown:
         parser.error(f"--verifier names targets not in the config: {sorted(unknown)}")
-    port = config.router_port if args.port is None else args.port
-    http_port = None if args.no_http else (config.http_port if args.http_port is None else args.http_port)
+    port, http_port = _router_ports(args, config)
     host = args.host or config.host
 
     async def main() -> None:
@@ -415,9 +425,7 @@ def router_main(argv: Sequence[str] | None = None) -> int:
                 await router.add_replica(name, address)
 
         def ready(grpc_port: int, bound_http: int | None) -> None:
-            print(f"LISTENING {grpc_port}", flush=True)
-            if bound_http is not None:
-                print(f"HTTP {bound_http}", flush=True)
+            _announce_ports(grpc_port, bound_http)
             if args.state_file:
                 Path(args.state_file).write_text(
                     json.dumps({"pid": os.getpid(), "grpc_port": grpc_port, "http_port": bound_http})
