@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.methods import MODEL_METHODS, SPEC_METHODS  # noqa: F401 - re-exported for configs
+from shared.methods import MODEL_METHODS, SPEC_METHODS, ModelMethod  # noqa: F401 - re-exported for configs
 from shared.paths import PROJECT_ROOT, models_dir
 
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -66,7 +66,7 @@ class TargetConfig(ModelConfig):
 
 
 class DrafterConfig(ModelConfig):
-    kind: Literal["draft_model", "sorted"] = Field(
+    kind: ModelMethod = Field(
         "draft_model", description="Proposer kind this drafter serves."
     )
     matmul_dtype: Dtype = Field(
