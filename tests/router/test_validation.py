@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from router.validation import ModelSpec, validate_request
+from shared.config import RequestLimits
 from shared.errors import InvalidArgumentError, NotFoundError
-from shared.pb.specdec.v1 import common_pb2, router_pb2
+from shared.pb.specdec.v1 import common_pb2, router_pb2, verifier_pb2
+from shared.validation import check_options
 
 MODELS = {
     "tgt": ModelSpec(
@@ -121,3 +123,34 @@ def test_to_verifier_round_trips_fields():
     # No seed / no k: the optional fields stay unset.
     msg = validate_request(_request(), MODELS, _tokenize).to_verifier()
     assert not msg.sampling.HasField("seed") and not msg.HasField("num_speculative_tokens")
+
+
+# ------------------------------------------------------------------ shared with the verifier
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(method="beam"), "method"),
+        (dict(sampling=common_pb2.SamplingParams(temperature=NAN)), "temperature"),
+        (dict(sampling=common_pb2.SamplingParams(top_p=1.5)), "top_p"),
+        (dict(num_speculative_tokens=9), "num_speculative_tokens"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+def test_router_and_verifier_messages_fail_the_same_shared_rule(kwargs, field):
+    """`check_options` reads both request messages by their common field names."""
+    method = kwargs.pop("method", "ngram")
+    for msg in (router_pb2.GenerateRequest(**kwargs), verifier_pb2.VerifierGenerateRequest(**kwargs)):
+        with pytest.raises(InvalidArgumentError) as info:
+            check_options(msg, method, max_k=8, limits=RequestLimits())
+        assert info.value.field == field
+
+
+def test_shared_rules_return_the_checked_options():
+    msg = verifier_pb2.VerifierGenerateRequest(
+        sampling=common_pb2.SamplingParams(temperature=0.5, seed=7), num_speculative_tokens=0, stop=["x"]
+    )
+    options = check_options(msg, "sorted", max_k=8, limits=RequestLimits())
+    assert (options.method, options.num_speculative_tokens, options.stop) == ("sorted", 0, ["x"])
+    assert options.sampling.seed == 7 and options.sampling.top_p == 1.0
