@@ -37,7 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.serving import add_common_arguments, announce_port, configure_logging, stop_event
+from shared.serving import (
+    PARENT_PID_ENV,
+    add_common_arguments,
+    announce_port,
+    configure_logging,
+    stop_event,
+)
 
 if TYPE_CHECKING:
     from router.server import Router
@@ -168,6 +174,7 @@ async def start_child(child: Child, timeout: float = CHILD_START_TIMEOUT_S) -> N
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_PID_ENV] = str(os.getpid())  # the child ends itself if this process dies
     logger.info("starting %s %s: %s", child.role, child.name, " ".join(argv))
     process = await asyncio.create_subprocess_exec(
         sys.executable, *argv, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
@@ -257,6 +264,7 @@ class ServeStack:
         self.verifiers = [
             Child("verifier", t.name, ["-m", "verifier_service", "--target", t.name, *cfg])
             for t in config.targets
+            for _ in range(t.replicas)
         ]
         self.ports: dict[str, int | None] = {}
         self.stopping = False
@@ -348,17 +356,6 @@ class ServeStack:
 # ---------------------------------------------------------------- entry points
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--port", type=int, help="public gRPC port (default: config router_port)")
-    parser.add_argument("--http-port", type=int, help="HTTP port (default: config http_port)")
-    parser.add_argument("--no-http", action="store_true", help="serve gRPC only")
-    parser.add_argument("--grace-period", type=float, default=30.0,
-                        help="seconds in-flight requests may take to drain on SIGTERM")  # fmt: skip
-    parser.add_argument("--state-file", help="write ports and child pids here as JSON")
-
-
-def serve_main(args: argparse.Namespace) -> int:
 def _announce_ports(grpc_port: int, http_port: int | None) -> None:
     """`LISTENING <grpc port>`, then `HTTP <port>` when HTTP is served, for a parent to read."""
     announce_port(grpc_port)
@@ -373,6 +370,17 @@ def _router_ports(args: argparse.Namespace, config: SpecdecConfig) -> tuple[int,
     return port, http_port
 
 
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--port", type=int, help="public gRPC port (default: config router_port)")
+    parser.add_argument("--http-port", type=int, help="HTTP port (default: config http_port)")
+    parser.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    parser.add_argument("--grace-period", type=float, default=30.0,
+                        help="seconds in-flight requests may take to drain on SIGTERM")  # fmt: skip
+    parser.add_argument("--state-file", help="write ports and child pids here as JSON")
+
+
+def serve_main(args: argparse.Namespace) -> int:
     """`specdec serve`."""
     configure_logging(args.log_level)
     from shared.config import SpecdecConfig

@@ -354,7 +354,8 @@ class Router:
             raise UnavailableError("the router is shutting down")
         # NOTE: tokenizing a long prompt takes milliseconds: off the event loop
         validated = await asyncio.get_running_loop().run_in_executor(None, self.validate, request)
-        replica = self.registry.acquire(validated.model)
+        held = [self.registry.acquire(validated.model)]  # the replica this request counts on
+        replica = held[0]
         self._enter()
         recorder = metrics.TokenLatencyRecorder(SERVICE, validated.model)
         finish = "abort"
@@ -364,7 +365,8 @@ class Router:
             with metrics.track_session(SERVICE, validated.model):
                 num_sent = 0
                 try:
-                    call, response = await self._open(replica, validated.to_verifier(), timeout)
+                    call, response = await self._open_with_failover(held, validated, timeout)
+                    replica = held[0]
                     while response is not grpc.aio.EOF:
                         kind = response.WhichOneof("response")
                         if kind == "error" and num_sent == 0:
@@ -386,7 +388,7 @@ class Router:
                 except grpc.aio.AioRpcError as e:
                     message = _client_message(e, validated.model, validated.request_id)
                     logger.warning("request %s: verifier %s failed: %s %s", validated.request_id,
-                                   replica.address, e.code().name, e.details())  # fmt: skip
+                                   held[0].address, e.code().name, e.details())  # fmt: skip
                     if num_sent == 0:
                         raise upstream_error(e.code(), message) from e
                     finish = "error"
@@ -414,9 +416,34 @@ class Router:
                 # which ends the verifier's loop and its drafter session.
                 if call is not None:
                     call.cancel()
-                self.registry.release(replica)
+                self.registry.release(held[0])
                 recorder.finish(finish)
                 self._exit()
+
+    async def _open_with_failover(
+        self, held: list[Replica], validated: ValidatedRequest, timeout: float | None
+    ) -> tuple[grpc.aio.UnaryStreamCall, common_pb2.GenerateResponse | object]:
+        """`_open` on `held[0]`; a replica that is UNAVAILABLE before answering (dead,
+        restarting) is marked unhealthy and the request moves to another healthy replica of
+        the target (`held[0]` is swapped, so the caller releases the right one). Nothing was
+        streamed yet, so moving is invisible to the client."""
+        message = validated.to_verifier()
+        while True:
+            replica = held[0]
+            try:
+                return await self._open(replica, message, timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                replica.healthy = False  # the health poller brings it back once SERVING
+                try:
+                    other = self.registry.acquire(validated.model)
+                except SpecdecError:
+                    raise e from None
+                logger.warning("request %s: verifier %s unavailable; failing over to %s",
+                               validated.request_id, replica.address, other.address)  # fmt: skip
+                self.registry.release(replica)
+                held[0] = other
 
     async def _open(
         self,

@@ -59,6 +59,9 @@ class ModelConfig(_Frozen):
 
 class TargetConfig(ModelConfig):
     max_new_tokens: int = Field(1024, gt=0, description="Upper bound on max_new_tokens per request.")
+    replicas: int = Field(
+        1, gt=0, description="Verifier processes `specdec serve` runs for this target (failover)."
+    )
     speculation: dict[str, MethodSpeculation] = Field(
         default_factory=dict,
         description="Per-method overrides of speculation.methods for this target.",

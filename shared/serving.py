@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,6 +45,24 @@ def add_service_arguments(parser: argparse.ArgumentParser, default_port: int, de
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (off if unset; 0 = any)")
     parser.add_argument("--grace", type=float, default=default_grace,
                         help="seconds to drain in-flight work on SIGTERM")  # fmt: skip
+
+
+PARENT_PID_ENV = "SPECDEC_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """A child of `specdec serve` (SPECDEC_PARENT_PID set) gets SIGTERM when that parent dies,
+    even by SIGKILL, so no verifier or drafter outlives its router (Linux PR_SET_PDEATHSIG;
+    set here in the child, because a pre-exec hook in the threaded parent can deadlock)."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def grpc_server(limits: RequestLimits, interceptors: Sequence = ()) -> grpc.aio.Server:
@@ -135,6 +154,7 @@ async def run_service(
     returned (None if stopped first); exceptions from `load`/`on_loaded` propagate after
     the server stops."""
     health, bound, stop = await start_server(server, service_name, host, port, metrics_port)
+    die_with_parent()  # after the SIGTERM handler is installed: a parent's death drains us
     loaded = asyncio.get_running_loop().run_in_executor(None, load)
     stopped = asyncio.ensure_future(stop.wait())
     result = None
