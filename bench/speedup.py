@@ -13,7 +13,11 @@ share of rounds that speculated, tokens per round over all rounds and the GPU pr
 over all rounds (`bench.harness`). The check lines compare each default with its method's
 best fixed variant (goal >= 0.97).
 
-Runs are interleaved prompt by prompt (`bench.harness.run_interleaved`).
+Runs are interleaved prompt by prompt (`bench.harness.run_interleaved`). The best of a dozen
+noisy rows is biased upwards (the winner's curse: on this shared machine one row moves by
+several % between runs), so where a method's default is not its best row, the default and
+that best variant run again, alone and interleaved, on the same prompts (`--confirm`, on
+by default), and the check line reports that confirmation ratio.
 Results: bench/results/speedup-<time>.{json,md,png}.
 """
 
@@ -99,7 +103,18 @@ def run_target(target: str, args, mode: str) -> list[dict]:
     if not args.defaults_only:
         variants += [ours(m, spec) for m in methods for spec in fixed_variants(m, speculation.methods[m])]
     prompts = humaneval_prompts_that_fit(tokenizer, args.num_prompts, args.max_new_tokens)
-    return summarize(variants, run_interleaved(variants, prompts, f"{target} {mode}"), mode == "greedy")
+    rows = summarize(variants, run_interleaved(variants, prompts, f"{target} {mode}"), mode == "greedy")
+    if args.confirm:
+        by_label = {v.label: v for v in variants}
+        for method, c in default_vs_best(rows).items():
+            if c["best"] == c["default"]:
+                continue
+            pair = [by_label[c["default"]], by_label[c["best"]]]
+            again = summarize(pair, run_interleaved(pair, prompts, f"{target} {mode} confirm {method}"), False)
+            for row in rows:
+                if row["variant"] == c["default"]:
+                    row["confirmed_vs_best"] = again[0]["tokens_per_s"] / again[1]["tokens_per_s"]
+    return rows
 
 
 def check_lines(results: dict) -> list[str]:
@@ -109,10 +124,14 @@ def check_lines(results: dict) -> list[str]:
             by = {r["family"]: r for r in rows}
             base = by["hf_greedy" if mode == "greedy" else "hf_sample"]["tokens_per_s"]
             lines.append(f"- [{mode}] {target}: A/A noise floor {by['hf_aa']['tokens_per_s'] / base:.2f}")
+            confirmed = {r["variant"]: r.get("confirmed_vs_best") for r in rows}
             for method, c in sorted(default_vs_best(rows).items()):
-                ok = "met" if c["ratio"] >= DEFAULT_GOAL else "NOT met"
-                lines.append(f"- [{mode}] {target} {method}: default / best variant = {c['ratio']:.3f} "
-                             f"({ok}, goal >= {DEFAULT_GOAL}; best: {c['best']})")  # fmt: skip
+                again = confirmed.get(c["default"])
+                ratio = c["ratio"] if again is None else again
+                ok = "met" if ratio >= DEFAULT_GOAL else "NOT met"
+                note = "" if again is None else f"; first pass {c['ratio']:.3f}, confirmed in a rerun of the two"
+                lines.append(f"- [{mode}] {target} {method}: default / best variant = {ratio:.3f} "
+                             f"({ok}, goal >= {DEFAULT_GOAL}; best: {c['best']}{note})")  # fmt: skip
     return lines
 
 
@@ -154,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=["greedy", "sample"], choices=["greedy", "sample"])
     parser.add_argument("--methods", nargs="*", default=None, help="our methods to run (default all)")
     parser.add_argument("--defaults-only", action="store_true", help="only each method's default")
+    parser.add_argument("--no-confirm", dest="confirm", action="store_false",
+                        help="skip rerunning a default against its method's best variant")  # fmt: skip
     parser.add_argument("--num-prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
