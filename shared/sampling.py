@@ -1,16 +1,16 @@
 """Sampling: logits → probabilities (temperature, top-k, top-p) and seeded draws.
 
-The same `SamplingParams` (`shared.types`, torch-free for the router) shape p (target_probs) and q (draft_probs), so the rejection
-sampler compares like with like. Draws use the exponential-race trick
-(argmax(probs / Exp(1))), which needs no host sync and takes a per-request
-`torch.Generator` (gpt-fast's `multinomial_sample_one_no_sync`).
+The same `SamplingParams` (defined in torch-free `shared.types`, for the router) shape p
+(target_probs) and q (draft_probs), so the rejection sampler compares like with like. Draws
+use the exponential-race trick (argmax(probs / Exp(1))), which needs no host sync and takes
+a per-request `torch.Generator` (gpt-fast's `multinomial_sample_one_no_sync`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from shared.types import SamplingParams  # noqa: F401 - the parameters these functions apply
+from shared.types import SamplingParams
 
 
 # Draft generators are seeded apart from the target's so the two streams of uniforms differ.
