@@ -10,6 +10,8 @@ or transformers (every heavy import below is inside the function that needs it, 
 `tests/router/test_cli.py` checks `sys.modules`). Plain mode streams text to stdout as it
 arrives; `--json` prints one object with `token_ids`, `text`, `stats`, `finish_reason` and
 `usage`. Exit status: 0 on success, 1 when the server returned an error, 2 on bad usage.
+It talks through `router.client` (the API key from SPECDEC_API_KEY, retries only before
+the first token).
 """
 
 from __future__ import annotations
@@ -59,111 +61,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def auth_metadata() -> tuple[tuple[str, str], ...]:
-    """`authorization: Bearer <key>` from SPECDEC_API_KEY (its first key), if set."""
-    import os
+def request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The generate flags as `router.client` options."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop, method=args.method,
+                num_speculative_tokens=args.num_speculative_tokens)  # fmt: skip
 
-    key = os.environ.get("SPECDEC_API_KEY", "").split(",")[0].strip()
-    return (("authorization", f"Bearer {key}"),) if key else ()
+
+def prompt_of(args: argparse.Namespace) -> str:
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
 
 
 def build_request(args: argparse.Namespace) -> router_pb2.GenerateRequest:
-    from shared.pb.specdec.v1 import router_pb2
-    from shared.types import SamplingParams
-    from shared.wire import sampling_to_proto
+    from router import client
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    request = router_pb2.GenerateRequest(
-        model=args.model,
-        text=prompt,
-        sampling=sampling_to_proto(sampling),
-        max_new_tokens=args.max_new_tokens,
-        stop=args.stop,
-        method=args.method,
-    )
-    if args.num_speculative_tokens is not None:
-        request.num_speculative_tokens = args.num_speculative_tokens
-    return request
+    return client.build_request(args.model, prompt_of(args), **request_options(args))
 
 
 def generate(args: argparse.Namespace) -> int:
-    import grpc
-    from google.protobuf import json_format
+    from router.client import ClientError, Completion, SpecdecClient
 
-    from shared.pb.specdec.v1 import common_pb2, router_pb2_grpc
-
-    request = build_request(args)
-    token_ids: list[int] = []
-    texts: list[str] = []
-    result: dict[str, Any] = {}
-    with grpc.insecure_channel(args.server) as channel:
-        stub = router_pb2_grpc.GenerationServiceStub(channel)
+    done: Completion | None = None
+    with SpecdecClient(args.server, timeout_s=args.timeout) as client:
         try:
-            for response in stub.Generate(request, timeout=args.timeout, metadata=auth_metadata()):
-                kind = response.WhichOneof("response")
-                if kind == "chunk":
-                    token_ids.extend(response.chunk.token_ids)
-                    texts.append(response.chunk.text)
-                    if not args.json:
-                        sys.stdout.write(response.chunk.text)
-                        sys.stdout.flush()
-                elif kind == "complete":
-                    c = response.complete
-                    result = {
-                        "token_ids": list(c.token_ids) or token_ids,
-                        "text": c.text if c.token_ids else "".join(texts),
-                        "finish_reason": common_pb2.FinishReason.Name(c.finish_reason)
-                        .removeprefix("FINISH_REASON_")
-                        .lower(),
-                        "usage": {
-                            "prompt_tokens": c.usage.prompt_tokens,
-                            "completion_tokens": c.usage.completion_tokens,
-                        },
-                        "stats": json_format.MessageToDict(
-                            c.stats,
-                            preserving_proto_field_name=True,
-                            always_print_fields_with_no_presence=True,
-                        ),
-                    }
-                else:
-                    err = response.error
-                    field = f" ({err.field})" if err.field else ""
-                    print(f"\nerror: {err.message}{field}", file=sys.stderr)
-                    return 1
-        except grpc.RpcError as e:
-            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            for item in client.stream(args.model, prompt_of(args), **request_options(args)):
+                if isinstance(item, Completion):
+                    done = item
+                elif not args.json:
+                    sys.stdout.write(item.text)
+                    sys.stdout.flush()
+        except ClientError as e:
+            field = f" ({e.field})" if e.field else ""
+            print(f"\nerror: {e.code.name}: {e.message}{field}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130
+    assert done is not None
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({"token_ids": done.token_ids, "text": done.text, "finish_reason": done.finish_reason,
+                          "usage": {"prompt_tokens": done.prompt_tokens,
+                                    "completion_tokens": done.completion_tokens},
+                          "stats": done.stats}))  # fmt: skip
     else:
         sys.stdout.write("\n")
-        stats = result.get("stats", {})
-        print(
-            f"[{result.get('finish_reason')}; {len(result.get('token_ids', []))} tokens; "
-            f"tau {stats.get('mean_acceptance_length', 1.0):.2f}]",
-            file=sys.stderr,
-        )
+        tau = done.stats.get("mean_acceptance_length", 1.0)
+        print(f"[{done.finish_reason}; {len(done.token_ids)} tokens; tau {tau:.2f}]", file=sys.stderr)
     return 0
 
 
 def list_models(args: argparse.Namespace) -> int:
-    import grpc
-    from google.protobuf import json_format
+    from dataclasses import asdict
 
-    from shared.pb.specdec.v1 import router_pb2, router_pb2_grpc
+    from router.client import ClientError, SpecdecClient
 
-    with grpc.insecure_channel(args.server) as channel:
+    with SpecdecClient(args.server, timeout_s=10) as client:
         try:
-            resp = router_pb2_grpc.GenerationServiceStub(channel).ListModels(
-                router_pb2.ListModelsRequest(), timeout=10, metadata=auth_metadata()
-            )
-        except grpc.RpcError as e:
-            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            models = client.models()
+        except ClientError as e:
+            print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
             return 1
-    print(json.dumps(json_format.MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+    print(json.dumps({"models": [asdict(m) for m in models]}, indent=2))
     return 0
 
 

@@ -123,9 +123,9 @@ async def test_grpc_needs_a_key_health_does_not(monkeypatch):
 
 
 async def test_cli_sends_the_key_from_the_environment(monkeypatch):
-    from router.cli import auth_metadata
+    from router.client import SpecdecClient
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
-    assert auth_metadata() == ()
+    assert SpecdecClient("127.0.0.1:1").metadata == ()
     monkeypatch.setenv(API_KEY_ENV, f" {KEY} ,other-key")
-    assert auth_metadata() == (("authorization", f"Bearer {KEY}"),)
+    assert SpecdecClient("127.0.0.1:1").metadata == (("authorization", f"Bearer {KEY}"),)
