@@ -19,6 +19,7 @@ import logging
 
 from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import drafter_pb2_grpc
+from shared.tls import internal_server_credentials
 from shared.serving import add_service_arguments, configure_logging, grpc_server, run_service
 
 logger = logging.getLogger("drafter_service")
@@ -62,7 +63,8 @@ async def serve(
         )  # fmt: skip
 
     try:
-        await run_service(server, SERVICE_NAME, host, port, metrics_port, load, loaded, grace)
+        await run_service(server, SERVICE_NAME, host, port, metrics_port, load, loaded, grace,
+                          internal_server_credentials(config.tls))  # fmt: skip
     except ValueError as e:  # e.g. a tokenizer mismatch found while attaching targets
         logger.error("configuration error: %s", e)
         raise SystemExit(CONFIG_ERROR_EXIT) from None

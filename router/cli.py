@@ -53,11 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-speculative-tokens", type=int, default=None,
                      help="fixed k per round (default: the method's configured default)")  # fmt: skip
     gen.add_argument("--server", default=DEFAULT_SERVER, help="router address HOST:PORT")
+    gen.add_argument("--ca-file", help="TLS: the CA certificate (PEM) that signed the router's")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
     models = sub.add_parser("models", help="list the served models")
     models.add_argument("--server", default=DEFAULT_SERVER)
+    models.add_argument("--ca-file", help="TLS: the CA certificate (PEM) that signed the router's")
     return parser
 
 
@@ -82,7 +84,7 @@ def generate(args: argparse.Namespace) -> int:
     from router.client import ClientError, Completion, SpecdecClient
 
     done: Completion | None = None
-    with SpecdecClient(args.server, timeout_s=args.timeout) as client:
+    with SpecdecClient(args.server, timeout_s=args.timeout, ca_file=args.ca_file) as client:
         try:
             for item in client.stream(args.model, prompt_of(args), **request_options(args)):
                 if isinstance(item, Completion):
@@ -114,7 +116,7 @@ def list_models(args: argparse.Namespace) -> int:
 
     from router.client import ClientError, SpecdecClient
 
-    with SpecdecClient(args.server, timeout_s=10) as client:
+    with SpecdecClient(args.server, timeout_s=10, ca_file=args.ca_file) as client:
         try:
             models = client.models()
         except ClientError as e:

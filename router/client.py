@@ -18,7 +18,7 @@ and asyncio, importable by other services without torch:
   duplicate output);
 - typed results: `Chunk` per streamed round, `Completion` at the end, `ClientError` with the
   gRPC status, message and the request field at fault.
-TLS options come with server TLS (not yet offered).
+- TLS: `ca_file=` (and a client certificate for mTLS servers).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import grpc
 import tenacity
 from google.protobuf import json_format
 
+from shared import tls
 from shared.errors import status_from_int
 from shared.pb.specdec.v1 import common_pb2, router_pb2, router_pb2_grpc
 from shared.types import SamplingParams
@@ -120,8 +121,15 @@ def _retrying(attempts: int, asynchronous: bool):
 
 class _Base:
     def __init__(self, address: str, *, api_key: str | None = None, timeout_s: float | None = 120.0,
-                 attempts: int = 3) -> None:  # fmt: skip
+                 attempts: int = 3, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None) -> None:  # fmt: skip
+        """`ca_file`: TLS, trusting that CA (PEM); `cert_file`/`key_file`: a client
+        certificate for servers that ask for one. None: plaintext."""
         self.address = address
+        self.credentials = None
+        if ca_file is not None:
+            read = lambda p: open(p, "rb").read() if p else None  # noqa: E731
+            self.credentials = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
         self.api_key = api_key if api_key is not None else default_api_key()
         self.timeout_s = timeout_s
         self.attempts = attempts
@@ -146,7 +154,7 @@ class SpecdecClient(_Base):
 
     def __init__(self, address: str, **kwargs) -> None:
         super().__init__(address, **kwargs)
-        self._channel = grpc.insecure_channel(address)
+        self._channel = tls.channel(address, self.credentials)
         self._stub = router_pb2_grpc.GenerationServiceStub(self._channel)
 
     def close(self) -> None:
@@ -197,7 +205,7 @@ class AsyncSpecdecClient(_Base):
 
     def __init__(self, address: str, **kwargs) -> None:
         super().__init__(address, **kwargs)
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = tls.aio_channel(address, self.credentials)
         self._stub = router_pb2_grpc.GenerationServiceStub(self._channel)
 
     async def close(self) -> None:

@@ -101,6 +101,9 @@ async def run_router(
             access_log=False,
             timeout_graceful_shutdown=max(1, int(grace_s)),
             lifespan="off",
+            # HTTPS with the public certificate when one is configured
+            ssl_certfile=str(router.tls.cert_file) if router.tls.cert_file else None,
+            ssl_keyfile=str(router.tls.key_file) if router.tls.key_file else None,
         )
         http_server = _embedded_uvicorn(config)
         http_task = asyncio.get_running_loop().create_task(http_server.serve(sockets=[sock]))
@@ -154,6 +157,7 @@ class Child:
     restarts: int = 0
     process: asyncio.subprocess.Process | None = field(default=None, repr=False)
     stdout_task: asyncio.Task | None = field(default=None, repr=False)
+    credentials: object = field(default=None, repr=False)  # mTLS for its health checks, if any
 
     @property
     def address(self) -> str:
@@ -214,7 +218,7 @@ async def _await_listening(child: Child, process: asyncio.subprocess.Process, ti
             logger.info("[%s %s] %s", child.role, child.name, text)
     child.port = port
     child.stdout_task = asyncio.get_running_loop().create_task(_pump(child, process.stdout))
-    await wait_for_health(child.address, max(deadline - time.monotonic(), 1.0))
+    await wait_for_health(child.address, max(deadline - time.monotonic(), 1.0), credentials=child.credentials)
 
 
 async def _pump(child: Child, stream: asyncio.StreamReader) -> None:
@@ -275,6 +279,10 @@ class ServeStack:
         return [self.drafter, *self.verifiers]
 
     async def start_children(self) -> None:
+        from shared.tls import internal_channel_credentials
+
+        for child in self.children:
+            child.credentials = internal_channel_credentials(self.config.tls)
         await start_child(self.drafter)
         for v in self.verifiers:
             v.argv += ["--drafter", self.drafter.address]
@@ -409,6 +417,7 @@ def router_main(argv: Sequence[str] | None = None) -> int:
                         help="seconds to wait for each verifier to be SERVING")  # fmt: skip
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    from shared.tls import internal_channel_credentials
     from router.server import Router, parse_verifier_flags, wait_for_health
 
     from shared.config import SpecdecConfig
@@ -429,7 +438,8 @@ def router_main(argv: Sequence[str] | None = None) -> int:
         router = Router.from_config(config)
         for name, addresses in verifiers.items():
             for address in addresses:
-                await wait_for_health(address, args.health_timeout)
+                await wait_for_health(address, args.health_timeout,
+                                      credentials=internal_channel_credentials(config.tls))  # fmt: skip
                 await router.add_replica(name, address)
 
         def ready(grpc_port: int, bound_http: int | None) -> None:

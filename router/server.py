@@ -36,7 +36,8 @@ from grpc_reflection.v1alpha import reflection
 from router.validation import ModelSpec, ValidatedRequest, validate_request
 from shared import metrics
 from router.auth import Gatekeeper
-from shared.config import AuthConfig, RequestLimits
+from shared.config import AuthConfig, RequestLimits, TlsConfig
+from shared.tls import add_port, aio_channel, internal_channel_credentials, public_server_credentials
 from shared.methods import IN_PROCESS_METHODS, SPEC_METHODS
 from shared.serving import HealthReporter, grpc_server
 from shared.errors import (
@@ -139,12 +140,13 @@ class ReplicaRegistry:
     synchronous and run between awaits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.credentials = credentials  # mTLS to verifiers of the internal CA, when configured
         self._replicas: dict[str, list[Replica]] = {}
         self._next: dict[str, int] = {}  # round-robin start among equally loaded replicas
 
     def add(self, model: str, address: str, max_sessions: int) -> Replica:
-        channel = grpc.aio.insecure_channel(address)
+        channel = aio_channel(address, self.credentials)
         replica = Replica(
             model=model,
             address=address,
@@ -248,6 +250,7 @@ class Router:
         max_sessions_per_replica: int = 8,
         limits: RequestLimits | None = None,
         auth: AuthConfig | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._targets = {s.name: _TargetState(config_spec=s) for s in specs}
         self._tokenize = tokenize
@@ -255,7 +258,8 @@ class Router:
         self.auth = auth or AuthConfig()
         self.gatekeeper = Gatekeeper.from_config(self.auth)
         self.max_sessions_per_replica = max_sessions_per_replica
-        self.registry = ReplicaRegistry()
+        self.tls = tls or TlsConfig()
+        self.registry = ReplicaRegistry(internal_channel_credentials(self.tls))
         self.draining = False
         self.num_in_flight = 0
         self._idle = asyncio.Event()
@@ -281,7 +285,7 @@ class Router:
             return list(tokenizers[model](text, add_special_tokens=False)["input_ids"])
 
         return cls(specs, tokenize, max_sessions_per_replica=config.max_sessions_per_replica,
-                   limits=config.limits, auth=config.auth)  # fmt: skip
+                   limits=config.limits, auth=config.auth, tls=config.tls)  # fmt: skip
 
     # ------------------------------------------------------------ models and replicas
 
@@ -612,17 +616,19 @@ async def start_grpc_server(router: Router, host: str, port: int) -> GrpcServer:
         reflection.enable_server_reflection(
             (GENERATION_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", public_server_credentials(router.tls))
     if bound == 0:
         raise OSError(f"cannot bind the router's gRPC port {host}:{port}")
     await server.start()
     return GrpcServer(server=server, port=bound, health=health_reporter)
 
 
-async def wait_for_health(address: str, timeout: float, service: str = "") -> None:
+async def wait_for_health(
+    address: str, timeout: float, service: str = "", credentials: grpc.ChannelCredentials | None = None
+) -> None:
     """Poll grpc.health.v1 on `address` until SERVING (raises TimeoutError)."""
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with aio_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

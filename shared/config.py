@@ -176,6 +176,28 @@ class AuthConfig(_Frozen):
         return value
 
 
+class TlsConfig(_Frozen):
+    """Certificate files (PEM) for TLS on every hop (`shared.tls`); none = plaintext."""
+
+    cert_file: Path | None = Field(None, description="Public certificate (router gRPC + HTTPS).")
+    key_file: Path | None = Field(None, description="Its private key.")
+    internal_ca_file: Path | None = Field(None, description="Internal CA: mTLS between services.")
+    internal_cert_file: Path | None = Field(None, description="This deployment's internal certificate.")
+    internal_key_file: Path | None = Field(None, description="Its private key.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsConfig:
+        groups = {"public": (self.cert_file, self.key_file),
+                  "internal": (self.internal_ca_file, self.internal_cert_file, self.internal_key_file)}  # fmt: skip
+        for name, files in groups.items():
+            if any(f is not None for f in files) and any(f is None for f in files):
+                raise ValueError(f"tls: the {name} certificate files must be given together")
+            for f in files:
+                if f is not None and not Path(f).is_file():
+                    raise ValueError(f"tls: {f} is not a file")
+        return self
+
+
 class SpecdecConfig(_Frozen):
     targets: list[TargetConfig] = Field(..., min_length=1, description="Target models served.")
     drafters: list[DrafterConfig] = Field(
@@ -193,6 +215,7 @@ class SpecdecConfig(_Frozen):
     )
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request bounds.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Public API keys and rate limits.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS certificates (none: plaintext).")
 
     @model_validator(mode="after")
     def _unique_names(self) -> SpecdecConfig:

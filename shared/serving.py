@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shared.tls import add_port
+
 if TYPE_CHECKING:
     from shared.config import RequestLimits
 
@@ -117,6 +119,7 @@ async def start_server(
     host: str,
     port: int,
     metrics_port: int | None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[HealthReporter, int, asyncio.Event]:
     """Health at NOT_SERVING, bind, start, announce the port, metrics, SIGTERM event.
 
@@ -125,7 +128,7 @@ async def start_server(
     """
     health = HealthReporter(server, [service_name])
     await health.set(False)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", credentials)
     await server.start()
     announce_port(bound)
     if metrics_port is not None:
@@ -146,6 +149,7 @@ async def run_service(
     load: Callable[[], T],
     on_loaded: Callable[[T, int], Awaitable[None] | None],
     grace: float,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> T | None:
     """The life of a gRPC service process: start (health NOT_SERVING, `LISTENING <port>`),
     run `load` (blocking: models) in an executor, hand its result and the bound port to
@@ -153,7 +157,7 @@ async def run_service(
     `grace` seconds. A stop during loading skips straight to the drain. Returns what `load`
     returned (None if stopped first); exceptions from `load`/`on_loaded` propagate after
     the server stops."""
-    health, bound, stop = await start_server(server, service_name, host, port, metrics_port)
+    health, bound, stop = await start_server(server, service_name, host, port, metrics_port, credentials)
     die_with_parent()  # after the SIGTERM handler is installed: a parent's death drains us
     loaded = asyncio.get_running_loop().run_in_executor(None, load)
     stopped = asyncio.ensure_future(stop.wait())

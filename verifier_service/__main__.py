@@ -16,6 +16,7 @@ import logging
 
 from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import verifier_pb2_grpc
+from shared.tls import internal_server_credentials
 from shared.serving import add_service_arguments, configure_logging, grpc_server, run_service
 
 logger = logging.getLogger("verifier_service")
@@ -57,7 +58,8 @@ async def serve(
         )  # fmt: skip
 
     try:
-        await run_service(server, SERVICE_NAME, host, port, metrics_port, servicer.load, loaded, grace)
+        await run_service(server, SERVICE_NAME, host, port, metrics_port, servicer.load, loaded, grace,
+                          internal_server_credentials(config.tls))  # fmt: skip
     finally:
         servicer.close()
     logger.info("stopped")

@@ -38,6 +38,7 @@ import torch
 
 from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
+from shared import tls
 from shared.errors import status_from_int
 from shared.proposer import Draft, common_prefix_len
 from shared.wire import sampling_to_proto
@@ -66,8 +67,9 @@ CHANNEL_OPTIONS = (
 )
 
 
-def make_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def make_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """Channel to the drafter pool (mTLS when internal credentials are configured)."""
+    return tls.channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
 def decode_draft_probs(

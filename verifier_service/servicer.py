@@ -39,6 +39,7 @@ from shared.pb.specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from shared.serving import wait_shielded
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult
 from shared.validation import check_lengths, check_message_size, check_options, check_prompt_ids
+from shared.tls import internal_channel_credentials
 from verifier_service.draft_client import RemoteProposerFactory, make_channel
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         """Serve with an already loaded loop; connect the model-based methods' drafter."""
         self.tokenizer_hash = tokenizer_hash
         if self.drafter_address:
-            self._channel = make_channel(self.drafter_address)
+            self._channel = make_channel(self.drafter_address, internal_channel_credentials(self.config.tls))
             kinds = {d.kind for d in self.config.drafters} & set(MODEL_METHODS)
             for method in sorted(kinds):
                 self.remote[method] = RemoteProposerFactory(
