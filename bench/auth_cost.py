@@ -1,6 +1,7 @@
-"""What API keys and rate limiting cost per request: p50/p90 latency of short requests
+"""What API keys, rate limiting and TLS cost per request: p50/p90 latency of short requests
 through a real router (gRPC, in process) to a real verifier of codelm-target-s, with keys
-off, keys on, and keys plus a (never reached) rate limit, interleaved request by request.
+off, keys on, keys plus a (never reached) rate limit, TLS (throwaway trustme certificates)
+and TLS plus keys, interleaved request by request.
 
     python -m bench.auth_cost --requests 200
 """
@@ -41,19 +42,35 @@ async def run(num_requests: int) -> dict:
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, verifier)
     verifier_address = f"127.0.0.1:{verifier.add_insecure_port('127.0.0.1:0')}"
     await verifier.start()
-    variants = {"no auth": (None, None), "api key": (KEY, None), "api key + rate limit": (KEY, "100000/second")}
+    import tempfile
+
+    import trustme
+
+    from shared.config import TlsConfig
+
+    ca, pki = trustme.CA(), tempfile.mkdtemp()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(f"{pki}/ca.pem")
+    cert.cert_chain_pems[0].write_to_path(f"{pki}/cert.pem")
+    cert.private_key_pem.write_to_path(f"{pki}/key.pem")
+    tls = TlsConfig(cert_file=f"{pki}/cert.pem", key_file=f"{pki}/key.pem")
+    variants = {"no auth": (None, None, None), "api key": (KEY, None, None),
+                "api key + rate limit": (KEY, "100000/second", None), "tls": (None, None, tls),
+                "tls + api key": (KEY, None, tls)}  # fmt: skip
     clients, servers = {}, []
-    for name, (key, rate) in variants.items():
+    for name, (key, rate, tls_config) in variants.items():
         if key:
             os.environ[API_KEY_ENV] = key
         else:
             os.environ.pop(API_KEY_ENV, None)
-        router = Router.from_config(config.model_copy(update={"auth": AuthConfig(rate_limit=rate)}))
+        router = Router.from_config(config.model_copy(update={"auth": AuthConfig(rate_limit=rate),
+                                                              "tls": tls_config or TlsConfig()}))  # fmt: skip
         await router.add_replica(target, verifier_address)
         server = await start_grpc_server(router, "127.0.0.1", 0)
         await server.set_serving(True)
         servers.append((server, router))
-        clients[name] = AsyncSpecdecClient(f"127.0.0.1:{server.port}", api_key=key or "")
+        clients[name] = AsyncSpecdecClient(f"127.0.0.1:{server.port}", api_key=key or "",
+                                           ca_file=f"{pki}/ca.pem" if tls_config else None)  # fmt: skip
     latencies: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(num_requests + 5):
         for name, client in clients.items():
@@ -85,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["| variant | p50 ms | p90 ms | p50 over no auth |", "|---|---|---|---|"]
     lines += [f"| {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p50_ms'] - base:+.2f} ms |"
               for name, r in result.items()]  # fmt: skip
-    markdown = "# Auth cost per request (1-token requests, gRPC, in process)\n\n" + "\n".join(lines) + "\n"
+    markdown = "# Auth and TLS cost per request (1-token requests, gRPC, in process)\n\n" + "\n".join(lines) + "\n"
     path = write_results("auth-cost", {"env": environment(), "results": result}, markdown)
     print(markdown)
     print(f"results: {path}.{{json,md}}")
