@@ -1,9 +1,9 @@
 """`draft_model`: a small causal LM of the target's tokenizer, classic speculative sampling.
 
 A plain draft model is a nested drafter with a single exit at its last layer, so it runs on
-`sorted_model.NestedDrafter` (the lean `shared.llama` forward, fp16 one-row matmuls, a
+`nested_model.NestedDrafter` (the lean `shared.llama` forward, fp16 one-row matmuls, a
 preallocated cache per session, cross-session batching through `propose_batch`) with the
-sessions of `sorted.NestedProposer`: `propose(context, k)` reconciles the cache with the
+sessions of `nested.NestedProposer`: `propose(context, k)` reconciles the cache with the
 verifier's accepted context (longest common prefix), then drafts k tokens. Greedy sessions
 draft by argmax (`draft_probs=None`: q is one-hot); sampled sessions draw from q (the
 target's temperature/top-p/top-k) with a per-session seeded generator and return q.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from drafter_service.sorted import NestedProposerFactory
-from drafter_service.sorted_model import NestedDrafter
+from drafter_service.nested import NestedProposerFactory
+from drafter_service.nested_model import NestedDrafter
 from shared.loading import DTYPES, load_model, tokenizer_hash
 
 if TYPE_CHECKING:

@@ -1,9 +1,11 @@
-"""S2D nested ("sorted") drafter: one Llama whose first n layers form a sub-model per exit.
+"""Nested drafter: one Llama whose first n layers form a sub-model per exit.
 
 For each configured exit n (e.g. `[1, 2, 3]`), layers `0..n-1` + the shared final norm +
-the shared (tied) LM head form a complete causal LM. Sorted training (`tools.train_sorted`)
-makes every one of them a usable drafter; at draft time each token runs layer by layer and
-leaves at the shallowest exit whose confidence clears that exit's threshold.
+the shared (tied) LM head form a complete causal LM. S2D's sorted training
+(`tools.train_sorted`) makes every one of them a usable drafter (`sorted`); a plain draft
+model (`draft_model`) is the one-exit case (its last layer). At draft time each token runs
+layer by layer and leaves at the shallowest exit whose confidence clears that exit's
+threshold.
 
 Exit rule (documented, tested): at exit n, confidence = the top probability of
 softmax(logits_n / T), with T the session's temperature (T = 1 for greedy sessions, i.e.
@@ -31,23 +33,20 @@ state propagation):
 The layers run on the project's one lean Llama forward (`shared.llama`: packed weights, a
 per-session cache written by position, so rollback is just lowering `filled`). The step
 runs several sessions at once: rows of every session that need layer l are concatenated
-for the matmuls; only RoPE, the cache write and attention run per session. A plain draft
-model (`draft_model`) is the one-exit case.
+for the matmuls; only RoPE, the cache write and attention run per session.
 
 Training (`tools.train_sorted`) runs HF's decoder layers over full sequences instead.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.llama import LlamaWeights, Segment
 from shared.sampling import logits_to_probs, sample_from_probs
@@ -55,66 +54,19 @@ from shared.sampling import logits_to_probs, sample_from_probs
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
-    from shared.sampling import SamplingParams
+    from shared.types import SamplingParams
 
-SORTED_CONFIG_FILE = "sorted.json"
 NEVER = math.inf  # a threshold no confidence clears
 
 
-# --------------------------------------------------------------------------- config
+# --------------------------------------------------------------------------- exits
 
 
 def check_exits(value: list[int]) -> list[int]:
     """Exit depths must be increasing positive layer counts (shared by every exits field)."""
-    if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
+    if value[0] < 1 or any(b <= a for a, b in pairwise(value)):
         raise ValueError(f"exits must be increasing positive layer counts, got {value}")
     return value
-
-
-class SortedExitsConfig(BaseModel):
-    """What `sorted.json` (beside config.json) holds: the exits and their default thresholds."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    exits: list[int] = Field(..., min_length=1, description="Exit depths (layers), increasing.")
-    thresholds: dict[int, float] = Field(
-        default_factory=dict,
-        description="Default confidence threshold per exit (missing: never exit there; the "
-        "deepest exit always emits).",
-    )
-    tokenizer_hash: str | None = Field(
-        None, description="shared.loading.tokenizer_hash of the directory."
-    )
-    matmul_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float16", description="Dtype of the projection/head weights in the lean forward."
-    )
-    training: dict | None = Field(None, description="How the drafter was trained (free form).")
-
-    @field_validator("exits")
-    @classmethod
-    def _increasing(cls, value: list[int]) -> list[int]:
-        return check_exits(value)
-
-    @model_validator(mode="after")
-    def _known_thresholds(self) -> SortedExitsConfig:
-        unknown = set(self.thresholds) - set(self.exits)
-        if unknown:
-            raise ValueError(f"thresholds for unknown exits {sorted(unknown)}; exits {self.exits}")
-        return self
-
-    @classmethod
-    def load(cls, model_dir: str | Path) -> SortedExitsConfig:
-        path = Path(model_dir) / SORTED_CONFIG_FILE
-        if not path.is_file():
-            raise ValueError(f"{str(model_dir)!r} is not a sorted drafter: no {SORTED_CONFIG_FILE}")
-        try:
-            return cls.model_validate_json(path.read_text())
-        except ValueError as e:
-            raise ValueError(f"bad {path}: {e}") from e
-
-    def save(self, model_dir: str | Path) -> None:
-        data = self.model_dump(mode="json")
-        (Path(model_dir) / SORTED_CONFIG_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def thresholds_list(exits: Sequence[int], thresholds: dict[int, float]) -> list[float]:
@@ -161,7 +113,7 @@ def exit_confidence(
 
 
 @dataclass(slots=True)
-class SortedKVState:
+class NestedState:
     """One session's cache, written by position (rollback = lowering `filled`)."""
 
     k: torch.Tensor  # [num_layers, num_kv_heads, capacity, head_dim], RoPE applied
@@ -182,7 +134,7 @@ class SortedKVState:
 class DraftLane:
     """One session's share of a (batched) draft call; the step fills the outputs."""
 
-    state: SortedKVState
+    state: NestedState
     k: int  # tokens to draft
     thresholds: list[float]  # [num_exits] aligned with the exits (deepest = 0)
     sampling: SamplingParams
@@ -222,13 +174,13 @@ class NestedDrafter:
 
     # ------------------------------------------------------------------ state
 
-    def new_state(self, capacity: int = 256) -> SortedKVState:
+    def new_state(self, capacity: int = 256) -> NestedState:
         capacity = max(1, min(capacity, self.max_positions))
         k, v = self.weights.new_kv(capacity)
         hidden = torch.zeros(capacity, self.weights.hidden_size, dtype=self.dtype, device=self.device)
-        return SortedKVState(k=k, v=v, hidden=hidden, filled=[0] * self.num_layers)
+        return NestedState(k=k, v=v, hidden=hidden, filled=[0] * self.num_layers)
 
-    def _reserve(self, state: SortedKVState, length: int) -> None:
+    def _reserve(self, state: NestedState, length: int) -> None:
         """Grow the buffers (doubling, capped at max positions) to hold `length` positions."""
         if length <= state.capacity:
             return
@@ -241,7 +193,7 @@ class NestedDrafter:
         new.hidden[:n] = state.hidden[:n]
         state.k, state.v, state.hidden = new.k, new.v, new.hidden
 
-    def reconcile(self, state: SortedKVState, context_ids: Sequence[int], keep: int) -> None:
+    def reconcile(self, state: NestedState, context_ids: Sequence[int], keep: int) -> None:
         """Keep positions [0, keep) (a common prefix of cache and context), embed the rest.
 
         Callers pass keep <= len(context_ids) - 1: the last context token is always
@@ -262,7 +214,7 @@ class NestedDrafter:
     def _run_layer(
         self,
         li: int,
-        segments: list[tuple[SortedKVState, int, int]],  # (state, start, end): rows [start, end)
+        segments: list[tuple[NestedState, int, int]],  # (state, start, end): rows [start, end)
     ) -> None:
         """Layer `li` over each segment's rows (one set of matmuls for all sessions); writes
         K/V and the residual back by position."""
@@ -281,9 +233,10 @@ class NestedDrafter:
     def _logits(self, rows: torch.Tensor) -> torch.Tensor:  # rows: [b, hidden] -> [b, vocab]
         return self.weights.logits(rows)
 
-    def exit_logits_last(self, state: SortedKVState) -> list[torch.Tensor]:
-        """Every exit's logits for the last position of `state` (runs all layers; for tests
-        and calibration) of a state fresh from `reconcile`. Returns len(exits) x [vocab_size]."""
+    def exit_logits_last(self, state: NestedState) -> list[torch.Tensor]:
+        """Every exit's logits for the last position of a state fresh from `reconcile` (runs
+        all layers; tests compare them with HF's truncated models). Returns len(exits) x
+        [vocab_size]."""
         p = len(state.token_ids) - 1
         assert state.depth(p) == 0, "the last position was already run; reconcile first"
         out = []

@@ -55,7 +55,7 @@ def check_tokenizers(drafters: Sequence[DrafterConfig], targets: Sequence[Target
     """Start-up check from the config alone (tokenizer files, no weights): every drafter of
     the pool serves every target, so each pair must share one tokenizer (ValueError naming
     drafter, target and both hashes otherwise)."""
-    from drafter_service.sorted import check_tokenizer
+    from drafter_service.nested import check_tokenizer
     from shared.loading import tokenizer_hash
 
     target_hashes = {t.name: tokenizer_hash(t.model_dir) for t in targets}

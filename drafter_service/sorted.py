@@ -1,202 +1,73 @@
 """`sorted` (S2D): one nested drafter whose exits serve every target with the same tokenizer.
 
-`SortedProposerFactory(DrafterConfig)` loads a directory written by
-`tools.train_sorted` (HF Llama + `sorted.json`: exits, default thresholds) into
-the lean incremental forward of `sorted_model.NestedDrafter`; `NestedProposerFactory` is
-the same for any nested drafter (`draft_model` is its one-exit case). Each session
-(`NestedProposer`) owns a KV cache; `propose(context, k)` reconciles it with the accepted
-context (longest common prefix; the last context token is always re-run) and drafts k
-tokens, each leaving at the shallowest exit whose confidence clears its threshold (see
-`sorted_model` for the rule and the lazy-fill KV scheme).
-
-- greedy sessions draft by argmax: `draft_probs=None` (q is one-hot);
-- sampled sessions draw from q = the emitting exit's distribution after the session's
-  temperature/top-p/top-k, with a per-session seeded generator, and return q [k, vocab].
-
-Per-token exit depths are in `Draft.exit_layers` (and `proposer.last_exit_layers`);
-`Draft.info` carries the mean exit depth and per-exit counts. Thresholds are per session
-(`set_params` with the `fixed_exit` / `threshold.<exit>` keys of `shared.proposer`, or
-`set_thresholds` / `set_fixed_exit`), because the verifier's policy picks them per target.
-`propose_batch` drafts for several sessions in one set of layer calls (rows of all
-sessions share each matmul; only attention runs per session).
+A sorted drafter is a directory written by `tools.train_sorted`: an HF Llama plus
+`sorted.json` (`SortedExitsConfig`: exits, default thresholds, matmul dtype, how it was
+trained). `SortedProposerFactory(DrafterConfig)` loads it into the lean incremental forward
+of `nested_model.NestedDrafter`; its sessions are `nested.NestedProposer`s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drafter_service.sorted_model import (
-    DraftLane,
-    NestedDrafter,
-    SortedExitsConfig,
-    fixed_exit_thresholds,
-    thresholds_list,
-)
+from drafter_service.nested import NestedProposerFactory
+from drafter_service.nested_model import NestedDrafter, check_exits
 from shared.loading import DTYPES, load_model, tokenizer_hash
-from shared.proposer import Draft, common_prefix_len
-from shared.sampling import DRAFT_SEED_OFFSET, make_generator
 
 if TYPE_CHECKING:
     from shared.config import DrafterConfig
-    from shared.types import SamplingParams
+
+SORTED_CONFIG_FILE = "sorted.json"
 
 
-def check_tokenizer(drafter_hash: str, target_hash: str, drafter: str, target: str) -> None:
-    """A drafter attaches only to a target with the same tokenizer (start-up check)."""
-    if drafter_hash != target_hash:
-        raise ValueError(
-            f"drafter {drafter!r} (tokenizer_hash {drafter_hash}) cannot serve target "
-            f"{target!r} (tokenizer_hash {target_hash}): their tokenizers differ"
-        )
+class SortedExitsConfig(BaseModel):
+    """What `sorted.json` (beside config.json) holds: the exits and their default thresholds."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-class NestedProposer:
-    """One session of a nested drafter."""
+    exits: list[int] = Field(..., min_length=1, description="Exit depths (layers), increasing.")
+    thresholds: dict[int, float] = Field(
+        default_factory=dict,
+        description="Default confidence threshold per exit (missing: never exit there; the "
+        "deepest exit always emits).",
+    )
+    tokenizer_hash: str | None = Field(
+        None, description="shared.loading.tokenizer_hash of the directory."
+    )
+    matmul_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="Dtype of the projection/head weights in the lean forward."
+    )
+    training: dict | None = Field(None, description="How the drafter was trained (free form).")
 
-    def __init__(self, factory: NestedProposerFactory, sampling: SamplingParams) -> None:
-        self.factory = factory
-        self.drafter = factory.drafter
-        self.sampling = sampling
-        seed = None if sampling.seed is None else sampling.seed + DRAFT_SEED_OFFSET
-        self.generator = make_generator(seed, self.drafter.device)
-        self.state = self.drafter.new_state()
-        self.thresholds = list(factory.default_thresholds)  # [num_exits], deepest = 0
-        self.params: dict[str, float] = {}  # sticky set_params keys applied so far
-        self.last_exit_layers: list[int] = []  # exit depth of each token of the last draft
-        self.num_drafted = {e: 0 for e in self.drafter.exits}  # per exit, this session
-        self.num_accepted = {e: 0 for e in self.drafter.exits}
+    @field_validator("exits")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        return check_exits(value)
 
-    # ------------------------------------------------------------------ thresholds
+    @model_validator(mode="after")
+    def _known_thresholds(self) -> SortedExitsConfig:
+        unknown = set(self.thresholds) - set(self.exits)
+        if unknown:
+            raise ValueError(f"thresholds for unknown exits {sorted(unknown)}; exits {self.exits}")
+        return self
 
-    def set_thresholds(self, thresholds: dict[int, float]) -> None:
-        """Confidence threshold per exit (missing: never exit there; deepest always emits)."""
-        self.thresholds = thresholds_list(self.drafter.exits, thresholds)
+    @classmethod
+    def load(cls, model_dir: str | Path) -> SortedExitsConfig:
+        path = Path(model_dir) / SORTED_CONFIG_FILE
+        if not path.is_file():
+            raise ValueError(f"{str(model_dir)!r} is not a sorted drafter: no {SORTED_CONFIG_FILE}")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"bad {path}: {e}") from e
 
-    def set_fixed_exit(self, exit_layer: int) -> None:
-        """Every token leaves at `exit_layer`; deeper layers are not run."""
-        self.set_thresholds(fixed_exit_thresholds(self.drafter.exits, exit_layer))
-
-    def reset_thresholds(self) -> None:
-        self.thresholds = list(self.factory.default_thresholds)
-        self.params = {}
-
-    def set_params(self, params: dict[str, float]) -> None:
-        """The verifier policy's parameters (sticky per key; see `shared.proposer.Proposer`):
-        `fixed_exit` >= 0 pins the exit, else `threshold.<exit>` keys override the default
-        thresholds of their exits. Raises ValueError for an unknown key or exit (and then
-        changes nothing)."""
-        merged = {**self.params, **params}
-        exits = self.drafter.exits
-        thresholds = dict(zip(exits, self.factory.default_thresholds))
-        fixed = -1
-        for key, value in merged.items():
-            if key == "fixed_exit":
-                fixed = int(value)
-                if fixed >= 0 and fixed not in exits:
-                    raise ValueError(f"fixed_exit {fixed} is not one of the exits {exits}")
-                continue
-            name, _, exit_layer = key.partition(".")
-            if name != "threshold" or not exit_layer.isdigit() or int(exit_layer) not in exits:
-                raise ValueError(
-                    f"unknown sorted drafter parameter {key!r} (keys: fixed_exit, "
-                    f"threshold.<exit> with exits {exits})"
-                )
-            thresholds[int(exit_layer)] = float(value)
-        if fixed >= 0:
-            self.set_fixed_exit(fixed)
-        else:
-            self.set_thresholds(thresholds)
-        self.params = merged
-
-    # ------------------------------------------------------------------ Proposer
-
-    def propose(self, context_ids: Sequence[int], k: int) -> Draft:
-        return propose_batch([(self, context_ids, k)])[0]
-
-    def update(self, num_accepted: int) -> None:
-        for e in self.last_exit_layers[:num_accepted]:
-            self.num_accepted[e] += 1
-
-    def close(self) -> None:
-        self.state = None
-        self.last_exit_layers = []
-
-    def _lane(self, context_ids: Sequence[int], k: int) -> DraftLane | None:
-        assert self.state is not None, "propose after close"
-        k = min(k, self.drafter.max_positions - len(context_ids))
-        if k <= 0 or not context_ids:
-            return None
-        keep = min(common_prefix_len(self.state.token_ids, context_ids), len(context_ids) - 1)
-        self.drafter.reconcile(self.state, context_ids, keep)
-        return DraftLane(
-            state=self.state, k=k, thresholds=self.thresholds, sampling=self.sampling,
-            generator=self.generator,
-        )
-
-    def _finish(self, lane: DraftLane | None) -> Draft:
-        if lane is None or not lane.token_ids:
-            self.last_exit_layers = []
-            return Draft(token_ids=[])
-        self.last_exit_layers = lane.exit_layers
-        info: dict[str, float] = {
-            "mean_exit_layer": sum(lane.exit_layers) / len(lane.exit_layers)
-        }
-        for e in self.drafter.exits:
-            n = lane.exit_layers.count(e)
-            self.num_drafted[e] += n
-            info[f"num_exit_{e}"] = float(n)
-        probs = torch.stack(lane.draft_probs) if lane.draft_probs else None
-        return Draft(
-            token_ids=lane.token_ids, draft_probs=probs, info=info,
-            exit_layers=list(lane.exit_layers),
-        )
-
-
-def propose_batch(
-    requests: Sequence[tuple[NestedProposer, Sequence[int], int]],  # (session, context, k)
-) -> list[Draft]:
-    """Draft for several sessions of one drafter at once (same results as one by one)."""
-    if not requests:
-        return []
-    drafter = requests[0][0].drafter
-    assert all(p.drafter is drafter for p, _, _ in requests), "one drafter per batch"
-    assert len({id(p) for p, _, _ in requests}) == len(requests), "a session twice in a batch"
-    with torch.inference_mode():
-        lanes = [p._lane(ctx, k) for p, ctx, k in requests]
-        active = [lane for lane in lanes if lane is not None]
-        if active:
-            drafter.draft(active)
-        return [p._finish(lane) for (p, _, _), lane in zip(requests, lanes)]
-
-
-class NestedProposerFactory:
-    """One nested drafter (weights loaded once) shared by every session of its method;
-    sessions of one drafter draft together through `propose_batch`."""
-
-    method: str
-
-    def __init__(
-        self, config: DrafterConfig, drafter: NestedDrafter, tokenizer_hash_: str, thresholds: dict[int, float]
-    ) -> None:
-        self.config = config
-        self.drafter = drafter
-        self.tokenizer_hash = tokenizer_hash_
-        self.exits = list(drafter.exits)
-        self.default_thresholds = thresholds_list(self.exits, thresholds)
-        self.targets: dict[str, str] = {}  # attached target name -> tokenizer hash
-
-    def attach_target(self, name: str, target_tokenizer_hash: str) -> None:
-        """Register a target this drafter serves; a different tokenizer is a config error."""
-        check_tokenizer(self.tokenizer_hash, target_tokenizer_hash, self.config.name, name)
-        self.targets[name] = target_tokenizer_hash
-
-    def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> NestedProposer:
-        return NestedProposer(self, sampling)
-
-    propose_batch = staticmethod(propose_batch)
+    def save(self, model_dir: str | Path) -> None:
+        data = self.model_dump(mode="json")
+        (Path(model_dir) / SORTED_CONFIG_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
 
 class SortedProposerFactory(NestedProposerFactory):

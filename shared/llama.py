@@ -2,7 +2,7 @@
 position, attention over several sessions' rows in one set of matmuls; no autograd.
 
 HF's generic forward spends most of a one-token step on mask and cache bookkeeping for
-models this small, so drafters (`drafter_service.sorted_model.NestedDrafter`: nested exits,
+models this small, so drafters (`drafter_service.nested_model.NestedDrafter`: nested exits,
 lazy fill, cross-session batches) and the target path (`LlamaForward`: prefill, verify,
 rollback) run on these pieces instead. Weights are copied out of an HF `LlamaForCausalLM`
 once and packed for few ops:

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from drafter_service.nested_model import check_exits
+from drafter_service.sorted import SortedExitsConfig
 from shared.loading import tokenizer_hash
 from shared.paths import PROJECT_ROOT, data_dir, models_dir
-
-from drafter_service.sorted_model import SortedExitsConfig, check_exits
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -231,10 +231,10 @@ def generate_continuations(
         for r, i in enumerate(idx):
             ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[r, width - len(prompts[i]) :] = 1
-        kwargs = dict(do_sample=False)
+        kwargs: dict = {"do_sample": False}
         if mode == "sample":
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            kwargs = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
+            kwargs = {"do_sample": True, "temperature": cfg.temperature, "top_k": 0, "top_p": 1.0}
         seqs = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
             pad_token_id=pad, eos_token_id=eos, **kwargs,
@@ -359,7 +359,7 @@ def exit_predictions(model, exits: list[int], seqs: list[list[int]], batch_size:
     out = []
     for b in range(0, len(seqs), batch_size):
         chunk = seqs[b : b + batch_size]
-        ids, mask = collate(chunk, 0)
+        ids, _ = collate(chunk, 0)  # right padding: no real position attends to it
         hs = sorted_exit_hidden(model, ids, exits)
         probs = torch.stack([F.softmax(model.lm_head(h[:, :-1]).float(), -1) for h in hs])
         conf, arg = probs.max(-1)  # [exits, b, t - 1]

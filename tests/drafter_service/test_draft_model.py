@@ -7,9 +7,9 @@ import random
 import pytest
 
 from drafter_service.draft_model import DraftModelProposerFactory
-from shared.proposer import common_prefix_len
 from shared.config import default_config
 from shared.loading import load_tokenizer
+from shared.proposer import common_prefix_len
 from shared.sampling import SamplingParams
 from tests.exactness import humaneval_prompts
 

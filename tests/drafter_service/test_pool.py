@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from drafter_service.pool import DrafterPool
-from drafter_service.sorted_model import SortedExitsConfig
+from drafter_service.sorted import SortedExitsConfig
 from shared import metrics
 from shared.config import DrafterConfig
 from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError

@@ -1,4 +1,4 @@
-"""S2D nested drafter: exit logits, the exit rule, incremental == from scratch, training.
+"""S2D nested drafter: exit logits, the exit rule, incremental == from scratch, batching.
 
 Tiny random Llama configs (GQA, peaked logits) keep this file fast; one test loads the
 committed demo drafter when it is present.
@@ -13,20 +13,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from drafter_service.sorted import (
-    SortedProposerFactory,
-    check_tokenizer,
-    propose_batch,
-)
-from drafter_service.sorted_model import (
+from drafter_service.nested import check_tokenizer, propose_batch
+from drafter_service.nested_model import (
     NEVER,
     NestedDrafter,
-    SortedExitsConfig,
     choose_exit,
     exit_confidence,
     fixed_exit_thresholds,
     thresholds_list,
 )
+from drafter_service.sorted import SortedExitsConfig, SortedProposerFactory
 from shared.config import DrafterConfig
 from shared.loading import tokenizer_hash
 from shared.paths import PROJECT_ROOT, models_dir

@@ -11,8 +11,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from drafter_service.sorted import SortedProposerFactory
-from drafter_service.sorted_model import SortedExitsConfig
+from drafter_service.sorted import SortedExitsConfig, SortedProposerFactory
 from shared.config import DrafterConfig
 from shared.loading import tokenizer_hash
 from shared.paths import models_dir
@@ -62,7 +61,7 @@ def test_tiny_training_lowers_every_exit_loss():
     # learnable data: repeated random motifs
     rng = random.Random(0)
     motifs = [[rng.randrange(1, VOCAB) for _ in range(5)] for _ in range(4)]
-    seqs = [sum((motifs[rng.randrange(4)] for _ in range(6)), []) for _ in range(8)]
+    seqs = [[t for _ in range(6) for t in motifs[rng.randrange(4)]] for _ in range(8)]
     ids = torch.tensor(seqs)
     mask = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
     logp = target_log_probs([teacher], ids, mask)
