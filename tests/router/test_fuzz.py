@@ -24,6 +24,7 @@ from router.server import Router
 from router.validation import ModelSpec, validate_request
 from shared.errors import SpecdecError
 from shared.pb.specdec.v1 import router_pb2
+from tests.proto_strategies import messages
 
 EXAMPLES = int(os.environ.get("SPECDEC_FUZZ_EXAMPLES", "150"))
 SPEC = ModelSpec("m", max_context=256, max_new_tokens=64, vocab_size=4096, methods=("none", "ngram"))
@@ -131,3 +132,14 @@ def test_grpc_requests_get_a_domain_error_or_pass(r):
 
 def test_router_answers_after_fuzzing():
     assert _post({"model": "m", "prompt": "def f(x):", "max_tokens": 4}).status_code == 503  # no replica: ok
+
+
+@FUZZ
+@given(msg=messages(router_pb2.GenerateRequest))
+def test_any_generate_request_from_the_descriptor(msg):
+    """Any field combination the wire can carry: a domain error or a request within bounds."""
+    try:
+        v = validate_request(msg, {"m": SPEC}, _tokenize)
+    except SpecdecError:
+        return
+    assert 0 < v.max_new_tokens <= SPEC.max_new_tokens and len(v.prompt_ids) + v.max_new_tokens <= SPEC.max_context
