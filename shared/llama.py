@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -228,7 +229,10 @@ class LlamaForward:
         self.weights = weights
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32) -> LlamaForward:
+    def from_pretrained(
+        cls, model_dir: str | Path, dtype: torch.dtype | Literal["auto"] = "auto"
+    ) -> LlamaForward:
+        """Load an HF Llama directory; "auto" keeps the checkpoint's dtype (the target path)."""
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)

@@ -68,5 +68,6 @@ def test_from_pretrained_loads_a_directory():
     hf, tokenizer = load_reference_model("codelm-target-s")
     lean = LlamaForward.from_pretrained(models_dir() / "codelm-target-s")
     assert lean.weights.num_layers == hf.config.num_hidden_layers
+    assert lean.weights.dtype == torch.float32  # the checkpoint's dtype
     ids = tokenizer("import os").input_ids
     assert (lean.forward(lean.new_cache(16), ids) - hf_logits(hf, ids)).abs().max() < TOLERANCE
