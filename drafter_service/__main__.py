@@ -20,13 +20,19 @@ import logging
 from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import drafter_pb2_grpc
 from shared.tls import internal_server_credentials
-from shared.serving import add_service_arguments, configure_logging, grpc_server, run_service
+from shared.serving import (
+    add_service_arguments,
+    configure_logging,
+    grpc_server,
+    load_config_or_exit,
+    CONFIG_ERROR_EXIT,
+    run_service,
+)
 
 logger = logging.getLogger("drafter_service")
 
 SERVICE_NAME = "specdec.v1.DrafterService"
 DEFAULT_PORT = 50061
-CONFIG_ERROR_EXIT = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +83,7 @@ async def serve(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    config = SpecdecConfig.load(args.config)
+    config = load_config_or_exit(args.config)
     if not config.drafters:
         raise SystemExit("the config has no drafters")
     from drafter_service.pool import check_tokenizers

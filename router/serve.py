@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from shared.serving import (
     PARENT_PID_ENV,
     add_common_arguments,
+    load_config_or_exit,
     announce_port,
     configure_logging,
     stop_event,
@@ -391,9 +392,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def serve_main(args: argparse.Namespace) -> int:
     """`specdec serve`."""
     configure_logging(args.log_level)
-    from shared.config import SpecdecConfig
-
-    config = SpecdecConfig.load(args.config)
+    config = load_config_or_exit(args.config)
     if args.host:
         config = config.model_copy(update={"host": args.host})
     port, http_port = _router_ports(args, config)
@@ -420,9 +419,7 @@ def router_main(argv: Sequence[str] | None = None) -> int:
     from shared.tls import internal_channel_credentials
     from router.server import Router, parse_verifier_flags, wait_for_health
 
-    from shared.config import SpecdecConfig
-
-    config = SpecdecConfig.load(args.config)
+    config = load_config_or_exit(args.config)
     try:
         verifiers: Mapping[str, list[str]] = parse_verifier_flags(args.verifier)
     except ValueError as e:

@@ -77,6 +77,24 @@ def grpc_server(limits: RequestLimits, interceptors: Sequence = ()) -> grpc.aio.
     )
 
 
+CONFIG_ERROR_EXIT = 2
+
+
+def load_config_or_exit(path: str | None):
+    """The config every entry point starts from; a bad file (missing, not YAML, invalid)
+    is one clear line on stderr and exit status 2, not a traceback."""
+    import yaml
+    from pydantic import ValidationError
+
+    from shared.config import SpecdecConfig
+
+    try:
+        return SpecdecConfig.load(path)
+    except (OSError, yaml.YAMLError, ValidationError, ValueError) as e:
+        print(f"configuration error in {path}: {e}", file=sys.stderr)
+        raise SystemExit(CONFIG_ERROR_EXIT) from None
+
+
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=level.upper(),

@@ -17,7 +17,13 @@ import logging
 from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import verifier_pb2_grpc
 from shared.tls import internal_server_credentials
-from shared.serving import add_service_arguments, configure_logging, grpc_server, run_service
+from shared.serving import (
+    add_service_arguments,
+    configure_logging,
+    grpc_server,
+    load_config_or_exit,
+    run_service,
+)
 
 logger = logging.getLogger("verifier_service")
 
@@ -68,7 +74,7 @@ async def serve(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    config = SpecdecConfig.load(args.config)
+    config = load_config_or_exit(args.config)
     try:
         config.target(args.target)
     except KeyError:
