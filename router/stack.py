@@ -38,13 +38,14 @@ def metric_samples(text: str, name: str, **labels: str) -> list[float]:
 class ServeProcess:
     """One `specdec serve` process and the state file it writes."""
 
-    def __init__(self, workdir: Path, config: dict) -> None:
+    def __init__(self, workdir: Path, config: dict, grace_s: float = 20.0) -> None:
         self.workdir = workdir
         self.config_path = workdir / "specdec.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.state_path = workdir / "state.json"
         self.log_path = workdir / "serve.log"
         self.proc: subprocess.Popen | None = None
+        self.grace_s = grace_s  # --grace-period of the serve process
         self.startup_s = 0.0
 
     # ------------------------------------------------------------ lifecycle
@@ -57,7 +58,7 @@ class ServeProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config_path),
                  "--port", "0", "--http-port", "0", "--state-file", str(self.state_path),
-                 "--grace-period", "20"],
+                 "--grace-period", str(self.grace_s)],
                 cwd=PROJECT_ROOT, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip

@@ -25,6 +25,7 @@ from tests.integration.test_service import _request, _stub, _tokenize, _wait_unt
 pytestmark = pytest.mark.slow
 
 MODEL = "codelm-target-s"
+GRACE_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def stack(tmp_path_factory):
     config.update(router_port=0, http_port=0)
     # NOTE: a frozen drafter costs at most this per round; short keeps the test fast
     config["speculation"]["draft_timeout_s"] = 0.05
-    stack = ServeProcess(tmp_path_factory.mktemp("faults"), config)
+    stack = ServeProcess(tmp_path_factory.mktemp("faults"), config, grace_s=GRACE_S)
     stack.start()
     yield stack
     if stack.running:
@@ -129,6 +130,35 @@ def test_frozen_drafter_costs_speculation_not_output(stack):
         return g.complete["num_draft_tokens"] > 0
 
     assert _wait_until(speculates, 60, interval=1.0), "speculation did not resume after SIGCONT"
+
+
+def test_a_drain_that_outlives_its_grace_period_ends_on_time(stack):
+    """SIGTERM while a request runs far longer than the grace period: the request ends (in
+    band or with a status) soon after the grace period, the stack exits 0, no child is
+    left; then the stack starts again for the next test."""
+    children = [c["pid"] for c in stack.state["children"]]
+    ended = threading.Event()
+    outcome: dict = {}
+
+    def long_request():
+        try:
+            gen = grpc_generate(_stub(stack.grpc_address), _request(MODEL, method="none", max_new_tokens=1000),
+                                timeout=120, on_first=lambda: outcome.setdefault("first", time.monotonic()))
+            outcome["result"] = gen.complete
+        except BaseException as e:  # noqa: BLE001 - any clean end is fine; we time it
+            outcome["error"] = repr(e)
+        ended.set()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert _wait_until(lambda: "first" in outcome, 60)
+    t0 = time.monotonic()
+    stack.proc.send_signal(signal.SIGTERM)
+    assert ended.wait(GRACE_S + 30), "the request outlived the drain"
+    assert stack.proc.wait(GRACE_S + 60) == 0, stack.log_tail()
+    assert time.monotonic() - t0 < GRACE_S + 60
+    assert _wait_until(lambda: not any(alive(pid) for pid in children), 30)
+    stack.ensure_running()
 
 
 def test_router_sigkill_leaves_no_orphans(stack):
