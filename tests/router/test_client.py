@@ -96,7 +96,7 @@ async def test_retries_only_before_the_first_token():
     client.close()
 
 
-def test_client_imports_without_torch():
+async def test_client_imports_without_torch():
     script = (
         "import sys\n"
         "class Block:\n"
