@@ -183,6 +183,7 @@ class NestedProposerFactory:
         self.exits = list(drafter.exits)
         self.default_thresholds = thresholds_list(self.exits, thresholds)
         self.targets: dict[str, str] = {}  # attached target name -> tokenizer hash
+        self.vocab_size = drafter.vocab_size
 
     def attach_target(self, name: str, target_tokenizer_hash: str) -> None:
         """Register a target this drafter serves; a different tokenizer is a config error."""

@@ -308,6 +308,9 @@ class DrafterPool:
         pool.attach_targets({t.name: tokenizer_hash(t.model_dir) for t in targets})
         return pool
 
+    def vocab_size(self, drafter: str) -> int:
+        return self._drafters[drafter].factory.vocab_size
+
     def attach_targets(self, target_hashes: Mapping[str, str]) -> None:
         """Attach targets (name -> tokenizer hash) to every drafter: each drafter serves only
         targets with its own tokenizer, so a mismatch raises ValueError naming both."""

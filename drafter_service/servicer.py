@@ -64,11 +64,23 @@ def candidates_message(
     return drafter_pb2.DraftResponse(candidates=cand)
 
 
+MAX_DRAFT_TOKENS = 64  # per Commit; no policy asks for more
+
+
+def _check_ids(ids, vocab_size: int, field: str) -> None:
+    """Token ids from the verifier index the drafter's embedding: out of range is bad input
+    (INVALID_ARGUMENT), never an IndexError deep in a forward (found by fuzzing)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidArgumentError(f"token id {bad} outside [0, {vocab_size})", field=field)
+
+
 @dataclass(slots=True)
 class _StreamState:
     """What the reader half has applied; the drafting half reads it."""
 
     context: list[int]  # the verifier's accepted context (prompt + emitted tokens)
+    vocab_size: int  # the drafter's: token ids must be in [0, vocab_size)
     epoch: int = 0  # latest Commit's epoch (0 = none yet)
     k: int = 0  # latest Commit's num_speculative_tokens
     params: dict[str, float] = field(default_factory=dict)
@@ -136,7 +148,13 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             prompt,
             sampling,
         )
-        return session, _StreamState(context=prompt)
+        vocab_size = self.pool.vocab_size(session.drafter)
+        try:
+            _check_ids(prompt, vocab_size, "token_ids")
+        except InvalidArgumentError:
+            await self.pool.run(session.close)
+            raise
+        return session, _StreamState(context=prompt, vocab_size=vocab_size)
 
     @staticmethod
     async def _read_commits(context: grpc.aio.ServicerContext, state: _StreamState) -> None:
@@ -157,6 +175,12 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     raise InvalidArgumentError(
                         f"accepted_length {c.accepted_length} outside [0, {len(state.context)}]",
                         field="accepted_length",
+                    )
+                _check_ids(c.token_ids, state.vocab_size, "token_ids")
+                if not 0 <= c.num_speculative_tokens <= MAX_DRAFT_TOKENS:
+                    raise InvalidArgumentError(
+                        f"num_speculative_tokens {c.num_speculative_tokens} outside [0, {MAX_DRAFT_TOKENS}]",
+                        field="num_speculative_tokens",
                     )
                 del state.context[c.accepted_length :]
                 state.context.extend(c.token_ids)

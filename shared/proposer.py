@@ -113,6 +113,7 @@ class DrafterFactory(ProposerFactory, Protocol):
     """A model-based factory the drafter pool serves to every target of its tokenizer."""
 
     tokenizer_hash: str
+    vocab_size: int  # valid token ids are [0, vocab_size)
     targets: dict[str, str]  # attached target name -> tokenizer hash
 
     def attach_target(self, name: str, target_tokenizer_hash: str) -> None:
