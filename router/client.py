@@ -31,13 +31,13 @@ import grpc
 import tenacity
 from google.protobuf import json_format
 
+from router.auth import API_KEY_ENV
 from shared import tls
-from shared.errors import status_from_int
+from shared.errors import FIELD_METADATA, status_from_int
 from shared.pb.specdec.v1 import common_pb2, router_pb2, router_pb2_grpc
 from shared.types import SamplingParams
 from shared.wire import sampling_to_proto
 
-API_KEY_ENV = "SPECDEC_API_KEY"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
            common_pb2.FINISH_REASON_ABORT: "abort"}  # fmt: skip
@@ -105,7 +105,7 @@ def _completion(c: common_pb2.GenerateComplete) -> Completion:
 
 
 def _rpc_error(e: grpc.RpcError) -> ClientError:
-    field_ = dict(e.trailing_metadata() or ()).get("specdec-field", "")
+    field_ = dict(e.trailing_metadata() or ()).get(FIELD_METADATA, "")
     return ClientError(e.code(), e.details() or "", field_)
 
 

@@ -209,7 +209,10 @@ _HTTP_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
 def http_error(status: int, message: str, param: str | None = None) -> JSONResponse:
     """Any HTTP error in OpenAI's shape (`type` by status, `code` = the status's name)."""
     type_ = _HTTP_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    code = HTTPStatus(status).phrase.lower().replace(" ", "_") if status in HTTPStatus._value2member_map_ else None
+    try:
+        code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+    except ValueError:  # not a standard status (499)
+        code = None
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
 
 

@@ -282,8 +282,9 @@ class ServeStack:
     async def start_children(self) -> None:
         from shared.tls import internal_channel_credentials
 
+        credentials = internal_channel_credentials(self.config.tls)  # files read once
         for child in self.children:
-            child.credentials = internal_channel_credentials(self.config.tls)
+            child.credentials = credentials
         await start_child(self.drafter)
         for v in self.verifiers:
             v.argv += ["--drafter", self.drafter.address]

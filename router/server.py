@@ -48,6 +48,7 @@ from shared.errors import (
     SpecdecError,
     UnavailableError,
     CAPACITY_METADATA,
+    FIELD_METADATA,
     status_from_int,
     status_to_int,
 )
@@ -543,7 +544,7 @@ class GenerationServicer(router_pb2_grpc.GenerationServiceServicer):
                 yield response
         except SpecdecError as e:
             # Raised only before the first message, so a status is still possible.
-            metadata = (("specdec-field", e.field),) if e.field else ()
+            metadata = ((FIELD_METADATA, e.field),) if e.field else ()
             details = f"{e.field}: {e.message}" if e.field and e.field not in e.message else e.message
             await context.abort(e.code, details, trailing_metadata=metadata)
         finally:

@@ -72,6 +72,8 @@ class FailedPreconditionError(SpecdecError):
     openai_type = "invalid_request_error"
 
 
+# gRPC trailing metadata naming the request field at fault (a domain error's `field`)
+FIELD_METADATA = "specdec-field"
 # gRPC trailing metadata on a RESOURCE_EXHAUSTED that means "this replica is full, try
 # again" (a transport RESOURCE_EXHAUSTED, e.g. a message too large, has no such mark)
 CAPACITY_METADATA = "specdec-capacity"

@@ -31,6 +31,7 @@ from shared.errors import (
     SpecdecError,
     UnavailableError,
     CAPACITY_METADATA,
+    FIELD_METADATA,
     status_to_int,
 )
 from shared.methods import IN_PROCESS_METHODS, MODEL_METHODS
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_FIELD_METADATA_KEY = "specdec-field"  # trailing metadata naming the request field at fault
 
 _FINISH_REASONS = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -340,7 +340,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
 
 async def _abort(context, err: SpecdecError) -> None:
-    metadata = [(_FIELD_METADATA_KEY, err.field or "")]
+    metadata = [(FIELD_METADATA, err.field or "")]
     if isinstance(err, ResourceExhaustedError):
         # NOTE: tells the router "full, try again": a transport RESOURCE_EXHAUSTED (message
         # too large) carries no such mark and is never retried

@@ -1,4 +1,4 @@
-"""The router's request path and the CLI client import no torch: a router process needs no
+"""The router's request path, the CLI and the client module import no torch: a router process needs no
 model runtime, and `specdec generate` starts fast."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, NoTorch())
 
-    import router.cli, router.http, router.server, router.validation
+    import router.cli, router.client, router.http, router.server, router.validation
     from router.cli import build_parser, build_request
     from router.http import CompletionRequest, create_app, to_generate_request
     from router.server import Router
