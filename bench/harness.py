@@ -88,11 +88,13 @@ def our_variant(engine, tokenizer, speculation: SpeculationConfig, method: str,
     from verifier_service.loop import SpecDecodeLoop
     from verifier_service.policy import RulePolicy
 
-    default = spec is None or spec == speculation.methods.get(method)
+    configured = speculation.methods.get(method)
+    configured = configured.for_request(sampling.greedy) if configured else None
+    default = spec is None or spec == configured
     if spec is not None:
         speculation = speculation.with_overrides({method: spec})
     loop = SpecDecodeLoop(engine, tokenizer, RulePolicy(speculation))
-    chosen = speculation.methods.get(method)
+    chosen = spec if spec is not None else configured
     label = f"ours {describe(method, chosen) if chosen else method}" + (" [default]" if default and chosen else "")
 
     def run(prompt: list[int], seed: int) -> tuple[list[int], dict]:
@@ -208,5 +210,5 @@ def markdown_table(rows: list[dict]) -> list[str]:
         out.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {f('tau')} | {f('k_mean')} | "
                    f"{f('spec_round_share')} | {f('tokens_per_round')} | {f('gpu_projected')} | "
                    f"{f('draft_ms_per_draft_token', '{:.3f}')} | {f('overhead_ms_per_round', '{:.3f}')} | "
-                   f"{r['repetition_rate']:.2f} | {r['identical']} |")  # fmt: skip
+                   f"{f('repetition_rate')} | {r['identical']} |")  # fmt: skip
     return out

@@ -101,7 +101,7 @@ def run_target(target: str, args, mode: str) -> list[dict]:
     variants = hf_variants(engine.model, hf_draft, sampling, args.max_new_tokens)
     variants += [ours("none", None)] + [ours(m, None) for m in methods]  # defaults first
     if not args.defaults_only:
-        variants += [ours(m, spec) for m in methods for spec in fixed_variants(m, speculation.methods[m])]
+        variants += [ours(m, spec) for m in methods for spec in fixed_variants(m, speculation.methods[m].for_request(sampling.greedy))]
     prompts = humaneval_prompts_that_fit(tokenizer, args.num_prompts, args.max_new_tokens)
     rows = summarize(variants, run_interleaved(variants, prompts, f"{target} {mode}"), mode == "greedy")
     if args.confirm:

@@ -37,6 +37,21 @@ class MethodSpeculation(_Frozen):
         description="Drafter parameters for every request (sorted: 'fixed_exit' or "
         "'threshold.<exit>'; see shared.proposer.Proposer.set_params).",
     )
+    when_greedy: MethodSpeculation | None = Field(
+        None,
+        description="Used instead for greedy requests (temperature 0): greedy outputs of "
+        "small code models repeat, so longer drafts pay there and not under sampling.",
+    )
+
+    @model_validator(mode="after")
+    def _one_level(self) -> MethodSpeculation:
+        if self.when_greedy is not None and self.when_greedy.when_greedy is not None:
+            raise ValueError("when_greedy cannot have its own when_greedy")
+        return self
+
+    def for_request(self, greedy: bool) -> MethodSpeculation:
+        """The settings a request with this sampling mode gets."""
+        return self.when_greedy if greedy and self.when_greedy is not None else self
 
 
 class ModelConfig(_Frozen):
@@ -95,9 +110,15 @@ class NgramConfig(_Frozen):
 # benchmark prompts); docs/speculation.md has the figures. Per-target overrides go in
 # TargetConfig.speculation.
 DEFAULT_METHODS: dict[str, MethodSpeculation] = {
-    "ngram": MethodSpeculation(num_speculative_tokens=3),
+    "ngram": MethodSpeculation(
+        rule="plus2minus1", num_speculative_tokens=5,
+        when_greedy=MethodSpeculation(num_speculative_tokens=5),
+    ),
     "draft_model": MethodSpeculation(num_speculative_tokens=3),
-    "sorted": MethodSpeculation(num_speculative_tokens=3, drafter_params={"fixed_exit": 2.0}),
+    "sorted": MethodSpeculation(
+        num_speculative_tokens=3, drafter_params={"fixed_exit": 2.0},
+        when_greedy=MethodSpeculation(num_speculative_tokens=7, drafter_params={"fixed_exit": 1.0}),
+    ),
 }
 
 
@@ -118,12 +139,13 @@ class SpeculationConfig(_Frozen):
         for name, method in self.methods.items():
             if name not in SPEC_METHODS or name == "none":
                 raise ValueError(f"speculation.methods: unknown method {name!r}")
-            if method.num_speculative_tokens > self.max_speculative_tokens:
-                raise ValueError(
-                    f"speculation.methods.{name}.num_speculative_tokens "
-                    f"{method.num_speculative_tokens} > max_speculative_tokens "
-                    f"{self.max_speculative_tokens}"
-                )
+            for where, spec in ((name, method), (f"{name}.when_greedy", method.when_greedy)):
+                if spec is not None and spec.num_speculative_tokens > self.max_speculative_tokens:
+                    raise ValueError(
+                        f"speculation.methods.{where}.num_speculative_tokens "
+                        f"{spec.num_speculative_tokens} > max_speculative_tokens "
+                        f"{self.max_speculative_tokens}"
+                    )
         return self
 
     def with_overrides(self, methods: dict[str, MethodSpeculation]) -> SpeculationConfig:

@@ -4,11 +4,12 @@ prompts): run every candidate rule of a method on both demo targets, greedy and 
 
     python -m tools.choose_defaults                       # 20 training prompts x 64 tokens
     python -m tools.choose_defaults --methods sorted --modes greedy
+    python -m tools.choose_defaults --reuse bench/results/choose-defaults-<time>.json
 
-A candidate's score is the worst, over (target, mode) cells, of its tokens/s over the best
-candidate's tokens/s in that cell, so a default must hold up on every target and in both
-modes. Candidates are listed from simplest (a fixed k; a fixed exit; smaller k first) to
-least simple (the ±2/−1 rule; confidence thresholds); the first within the tolerance of the
+Each method gets a default per sampling mode (greedy requests get `when_greedy`): a
+candidate's score is the worst, over the mode's target cells, of its tokens/s over the best
+candidate's tokens/s in that cell, so a default must hold up on every target. Candidates
+are listed from simplest (a fixed k; a fixed exit; smaller k first) to least simple (the ±2/−1 rule; confidence thresholds); the first within the tolerance of the
 top score wins. If no single candidate scores >= `--per-target-below` on every cell, the
 report names the best per target too (for `TargetConfig.speculation` overrides).
 
@@ -19,6 +20,8 @@ Writes bench/results/choose-defaults-<time>.{json,md}; the chosen values go into
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from bench.common import environment, train_prompts_that_fit, write_results
 from bench.harness import (
@@ -87,6 +90,19 @@ def choose(method: str, cells: dict[str, list[dict]], tolerance: float) -> dict:
             "scores": scores, "ratios": ratios, "best_per_target": per_target}  # fmt: skip
 
 
+def run_cells(args) -> dict[str, list[dict]]:
+    from verifier_service.engine import load_target
+
+    config = default_config()
+    factories = factories_for(config, args.methods)
+    cells: dict[str, list[dict]] = {}
+    for target in args.targets:
+        engine, tokenizer = load_target(config.target(target))
+        for mode in args.modes:
+            cells[f"{target}/{mode}"] = run_cell(engine, tokenizer, factories, target, mode, args)
+    return cells
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="+", default=["codelm-target-m", "codelm-target-s"])
@@ -97,18 +113,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--tolerance", type=float, default=0.02, help="simplest within this of the top score")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reuse", type=Path, help="choose again from a saved run's JSON instead of running")
     args = parser.parse_args(argv)
     set_num_threads(args.threads)
-    from verifier_service.engine import load_target
-
-    config = default_config()
-    factories = factories_for(config, args.methods)
-    cells: dict[str, list[dict]] = {}
-    for target in args.targets:
-        engine, tokenizer = load_target(config.target(target))
-        for mode in args.modes:
-            cells[f"{target}/{mode}"] = run_cell(engine, tokenizer, factories, target, mode, args)
-    choices = {m: choose(m, cells, args.tolerance) for m in args.methods}
+    if args.reuse:
+        cells = json.loads(args.reuse.read_text())["cells"]
+    else:
+        cells = run_cells(args)
+    # per mode: greedy outputs of the demo models repeat (long drafts pay), sampled ones do not
+    modes = sorted({cell.split("/")[1] for cell in cells})
+    choices = {
+        f"{method}/{mode}": choose(method, {c: r for c, r in cells.items() if c.endswith("/" + mode)}, args.tolerance)
+        for method in args.methods
+        for mode in modes
+    }
 
     env = environment()
     md = [f"# Speculation defaults on training prompts ({env['time']}, {args.num_prompts} prompts x "
@@ -116,12 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     for cell, rows in cells.items():
         md += [f"\n## {cell}\n", *markdown_table(rows)]
     md.append("\n## Chosen (score = worst cell's tokens/s over that cell's best candidate)\n")
-    for method, c in choices.items():
+    for method, c in choices.items():  # method = "<method>/<mode>"
         md.append(f"- **{method}: {c['chosen']}** (score {c['score']:.3f}); best per target: "
                   + ", ".join(f"{t}: {label}" for t, label in c["best_per_target"].items()))
         md += [f"  - {label}: {score:.3f}" for label, score in c["scores"].items()]
     markdown = "\n".join(md) + "\n"
-    base = write_results("choose-defaults", {"env": env, "args": vars(args), "cells": cells,
+    base = write_results("choose-defaults", {"env": env, "args": {**vars(args), "reuse": str(args.reuse or "")}, "cells": cells,
                                              "choices": choices}, markdown)  # fmt: skip
     print(markdown)
     print(f"results: {base}.{{json,md}}")

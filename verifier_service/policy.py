@@ -126,6 +126,8 @@ class RulePolicy:
     def start(self, request: GenerationRequest) -> RowState:
         max_k = self.config.max_speculative_tokens
         method = self.config.methods.get(request.method)
+        if method is not None:
+            method = method.for_request(request.sampling.greedy)
         params = {**(method.drafter_params if method else {}), **request.drafter_params}
         if request.num_speculative_tokens is not None:  # pinned by the request
             return RowState(request.method, FIXED, request.num_speculative_tokens, max_k, params)

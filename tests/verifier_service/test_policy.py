@@ -7,6 +7,7 @@ import pytest
 
 from shared.config import MethodSpeculation, SpeculationConfig
 from shared.types import GenerationRequest
+from shared.sampling import SamplingParams
 from verifier_service.policy import RowOutcome, RulePolicy, StepCost, plus_two_minus_one
 
 CONFIG = SpeculationConfig(
@@ -101,3 +102,25 @@ def test_verify_cost_is_measured_per_token_count():
     step(policy, [row], [RowOutcome(5, 2)], seconds=0.013)
     assert policy.verify_cost.ratio(6) == pytest.approx(1.3)
     assert policy.summary(row)["verify_ratio.5"] == pytest.approx(1.3)
+
+
+def test_greedy_requests_get_the_methods_greedy_settings():
+
+    config = SpeculationConfig(methods={"sorted": MethodSpeculation(
+        num_speculative_tokens=3, drafter_params={"fixed_exit": 2.0},
+        when_greedy=MethodSpeculation(num_speculative_tokens=7, drafter_params={"fixed_exit": 1.0}),
+    )})  # fmt: skip
+    policy = RulePolicy(config)
+    greedy = policy.start(GenerationRequest(prompt_ids=[1], method="sorted"))
+    sampled = policy.start(GenerationRequest(prompt_ids=[1], method="sorted", sampling=SamplingParams(temperature=0.8)))
+    assert (greedy.k, greedy.params) == (7, {"fixed_exit": 1.0})
+    assert (sampled.k, sampled.params) == (3, {"fixed_exit": 2.0})
+
+
+def test_greedy_settings_are_bounded_and_one_level_deep():
+    with pytest.raises(ValueError, match="when_greedy.num_speculative_tokens"):
+        SpeculationConfig(methods={"ngram": MethodSpeculation(
+            num_speculative_tokens=3, when_greedy=MethodSpeculation(num_speculative_tokens=12))})  # fmt: skip
+    with pytest.raises(ValueError, match="its own when_greedy"):
+        MethodSpeculation(num_speculative_tokens=3, when_greedy=MethodSpeculation(
+            num_speculative_tokens=3, when_greedy=MethodSpeculation(num_speculative_tokens=3)))  # fmt: skip
