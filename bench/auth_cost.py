@@ -34,7 +34,7 @@ async def run(num_requests: int) -> dict:
 
     target = "codelm-target-s"
     config = default_config().model_copy(update={"drafters": []})
-    engine, tokenizer = load_target(config.target(target))
+    engine, tokenizer = load_target(config.target(target), max_batch_rows=4)
     servicer = VerifierServicer(config, target)
     servicer.attach(SpecDecodeLoop(engine, tokenizer, RulePolicy(config.speculation)),
                     tokenizer_hash(config.target(target).model_dir))  # fmt: skip

@@ -98,7 +98,8 @@ def run_target(target: str, args, mode: str) -> list[dict]:
         return our_variant(engine, tokenizer, speculation, method, spec, factories.get(method),
                            sampling, args.max_new_tokens)  # fmt: skip
 
-    variants = hf_variants(engine.model, hf_draft, sampling, args.max_new_tokens)
+    hf_target = load_model(config.target(target))  # the baseline: HF's own forward and generate
+    variants = hf_variants(hf_target, hf_draft, sampling, args.max_new_tokens)
     variants += [ours("none", None)] + [ours(m, None) for m in methods]  # defaults first
     if not args.defaults_only:
         variants += [ours(m, spec) for m in methods for spec in fixed_variants(m, speculation.methods[m].for_request(sampling.greedy))]

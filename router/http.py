@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from router.server import http_status_of
 from shared import metrics
-from shared.errors import InvalidArgumentError, RateLimitedError, SpecdecError, UnauthenticatedError
+from shared.errors import InvalidArgumentError, ResourceExhaustedError, SpecdecError, UnauthenticatedError
 from shared.pb.specdec.v1 import common_pb2, router_pb2
 
 if TYPE_CHECKING:
@@ -185,8 +186,8 @@ def error_response(e: SpecdecError) -> JSONResponse:
         error_body(e.message, e.openai_type, param, e.code.name.lower()),
         status_code=e.http_status,
     )
-    if isinstance(e, RateLimitedError):
-        response.headers["Retry-After"] = str(int(e.retry_after_s))
+    if isinstance(e, ResourceExhaustedError):
+        response.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
     elif isinstance(e, UnauthenticatedError):
         response.headers["WWW-Authenticate"] = "Bearer"
     return response

@@ -41,6 +41,7 @@ from shared.tls import add_port, aio_channel, internal_channel_credentials, publ
 from shared.methods import IN_PROCESS_METHODS, SPEC_METHODS
 from shared.serving import HealthReporter, grpc_server
 from shared.errors import (
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -69,6 +70,7 @@ SERVICE = "router"  # `service` label of this process's metrics
 GENERATION_SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _UPSTREAM_RETRIES = 10  # upstream RESOURCE_EXHAUSTED retries before the first message (~1 s)
 _DRAIN_CALL_TIMEOUT_S = 5.0
+DEFAULT_REPLICA_CAPACITY = 256  # a replica's rows + queue when the config does not say
 
 
 # ---------------------------------------------------------------- errors from upstream
@@ -86,6 +88,7 @@ _HTTP_STATUS = {
 _ERROR_CLASSES: dict[grpc.StatusCode, type[SpecdecError]] = {
     cls.code: cls
     for cls in (
+        DeadlineExceededError,
         InvalidArgumentError,
         NotFoundError,
         ResourceExhaustedError,
@@ -182,8 +185,8 @@ class ReplicaRegistry:
         if best.active >= best.max_sessions:
             total = sum(r.max_sessions for r in healthy)
             raise ResourceExhaustedError(
-                f"model {model!r} is at capacity ({total} sessions on {len(healthy)} "
-                "replicas); retry later"
+                f"model {model!r} is at capacity ({total} requests running or queued on "
+                f"{len(healthy)} replicas); retry later"
             )
         self._next[model] = start + 1
         best.active += 1
@@ -248,7 +251,7 @@ class Router:
         specs: Iterable[ModelSpec],
         tokenize: Callable[[str, str], list[int]],
         *,
-        max_sessions_per_replica: int = 8,
+        replica_capacity: dict[str, int] | None = None,
         limits: RequestLimits | None = None,
         auth: AuthConfig | None = None,
         tls: TlsConfig | None = None,
@@ -258,7 +261,8 @@ class Router:
         self.limits = limits or RequestLimits()
         self.auth = auth or AuthConfig()
         self.gatekeeper = Gatekeeper.from_config(self.auth)
-        self.max_sessions_per_replica = max_sessions_per_replica
+        # requests one verifier replica of a target takes at once (its rows + queue)
+        self.replica_capacity = replica_capacity or {}
         self.tls = tls or TlsConfig()
         self.registry = ReplicaRegistry(internal_channel_credentials(self.tls))
         self.draining = False
@@ -285,8 +289,9 @@ class Router:
         def tokenize(model: str, text: str) -> list[int]:
             return list(tokenizers[model](text, add_special_tokens=False)["input_ids"])
 
-        return cls(specs, tokenize, max_sessions_per_replica=config.max_sessions_per_replica,
-                   limits=config.limits, auth=config.auth, tls=config.tls)  # fmt: skip
+        capacity = {t.name: t.replica_capacity for t in config.targets}
+        return cls(specs, tokenize, replica_capacity=capacity, limits=config.limits, auth=config.auth,
+                   tls=config.tls)  # fmt: skip
 
     # ------------------------------------------------------------ models and replicas
 
@@ -297,7 +302,8 @@ class Router:
     async def add_replica(self, model: str, address: str, max_sessions: int | None = None) -> Replica:
         if model not in self._targets:
             raise NotFoundError(f"model {model!r} is not configured", field="model")
-        replica = self.registry.add(model, address, max_sessions or self.max_sessions_per_replica)
+        capacity = max_sessions or self.replica_capacity.get(model, DEFAULT_REPLICA_CAPACITY)
+        replica = self.registry.add(model, address, capacity)
         await self._refresh(replica)
         logger.info("registered verifier %s for %s (methods %s)", address, model, replica.methods)
         return replica

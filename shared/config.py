@@ -81,6 +81,23 @@ class TargetConfig(ModelConfig):
         default_factory=dict,
         description="Per-method overrides of speculation.methods for this target.",
     )
+    max_batch_rows: int = Field(
+        32, gt=0, description="Requests one verifier replica steps together (KV slots, preallocated)."
+    )
+    max_queued_requests: int = Field(
+        224, ge=0, description="Requests a replica holds waiting for a row; beyond it: 429 / RESOURCE_EXHAUSTED."
+    )
+    queue_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for a row; then 504 / DEADLINE_EXCEEDED."
+    )
+    max_step_tokens: int = Field(
+        512, gt=0, description="Token budget of one step: drafts first, prompt chunks fill the rest."
+    )
+
+    @property
+    def replica_capacity(self) -> int:
+        """Requests one replica takes at once (rows + queue); the router admits as many."""
+        return self.max_batch_rows + self.max_queued_requests
 
 
 class DrafterConfig(ModelConfig):
@@ -131,7 +148,12 @@ class SpeculationConfig(_Frozen):
         10, ge=0, description="Upper bound on k (plus2minus1's cap, and on a request's own k)."
     )
     draft_timeout_s: float = Field(
-        0.05, gt=0, description="Longest a round waits for remote candidates before k = 0."
+        0.05, gt=0, description="Longest a step waits for remote candidates before k = 0."
+    )
+    load_aware: bool = Field(
+        True,
+        description="Cut each step's k to the cap that maximises the batch's expected tokens per "
+        "second of measured step time (down to k = 0 when verification is compute-bound).",
     )
 
     @model_validator(mode="after")
@@ -232,9 +254,6 @@ class SpecdecConfig(_Frozen):
     host: str = Field("127.0.0.1", description="Bind address of every service.")
     router_port: int = Field(50051, ge=0, description="Public gRPC port (0 = any free port).")
     http_port: int = Field(8000, ge=0, description="OpenAI-compatible HTTP port (0 = any).")
-    max_sessions_per_replica: int = Field(
-        8, gt=0, description="Admission control: concurrent sessions per verifier replica."
-    )
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request bounds.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Public API keys and rate limits.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS certificates (none: plaintext).")

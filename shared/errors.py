@@ -40,22 +40,29 @@ class UnauthenticatedError(SpecdecError):
     openai_type = "authentication_error"
 
 
-class RateLimitedError(SpecdecError):
-    """A key over its request rate; `retry_after_s` goes into HTTP Retry-After."""
+class ResourceExhaustedError(SpecdecError):
+    """Full (a replica's rows and queue) or over a rate; `retry_after_s` goes into HTTP
+    Retry-After."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
     openai_type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, field: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, field=field)
         self.retry_after_s = retry_after_s
 
 
-class ResourceExhaustedError(SpecdecError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 429
-    openai_type = "rate_limit_error"
+class RateLimitedError(ResourceExhaustedError):
+    """A key over its request rate."""
+
+
+class DeadlineExceededError(SpecdecError):
+    """A request that waited too long (a verifier's queue timeout)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
+    openai_type = "timeout"
 
 
 class UnavailableError(SpecdecError):

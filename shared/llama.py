@@ -16,9 +16,10 @@ once and packed for few ops:
 activations: a one-row step is bound by reading weights from memory. The target path keeps
 the checkpoint's dtype; its logits match HF's within 1e-4 (tests/shared/test_llama.py).
 
-KV cache (gpt-fast's `KVCache`): preallocated [layers, kv_heads, capacity, head_dim] per
-session, written by position, so a rollback only lowers a length. A later batched target
-engine builds on `LlamaWeights.layer` with rows of many sessions (its `segments`).
+KV caches (gpt-fast's `KVCache`) are preallocated and written by position, so a rollback only
+lowers a length: per drafter session ([layers, kv_heads, capacity, head_dim], `Segment`) and,
+for the batched target engine, one `SlotCache` of [layers, slots, kv_heads, capacity,
+head_dim] whose rows `LlamaForward.step` feeds all at once (ragged `RowFeed`s).
 """
 
 from __future__ import annotations
@@ -209,21 +210,57 @@ class LlamaWeights:
 
 
 @dataclass(slots=True)
-class KVCache:
-    """One session's cache for `LlamaForward`; positions [0, length) are valid."""
+class SlotCache:
+    """KV cache of a batched target engine: one slot per row (request), preallocated, written
+    by position; slot s holds positions [0, lengths[s]). A rollback only lowers a length."""
 
-    k: torch.Tensor  # [num_layers, num_kv_heads, capacity, head_dim]
-    v: torch.Tensor
-    length: int = 0
+    k: torch.Tensor  # [num_layers, num_slots, num_kv_heads, capacity, head_dim], RoPE applied
+    v: torch.Tensor  # [num_layers, num_slots, num_kv_heads, capacity, head_dim]
+    lengths: list[int]  # [num_slots]
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
+
+
+@dataclass(slots=True)
+class RowFeed:
+    """One row of a batched step: tokens appended to a slot after its valid prefix."""
+
+    slot: int
+    token_ids: Sequence[int]  # [t], t >= 1
+    num_logits: int  # next-token logits wanted for the last `num_logits` tokens (0..t)
+
+
+@dataclass(slots=True)
+class StepLayout:
+    """Where each of a step's N tokens goes, built once per step and shared by every layer.
+    Rows are padded to T tokens for attention only; matmuls run over the N packed tokens."""
+
+    slots: torch.Tensor  # [B] slot of each row
+    tok_slot: torch.Tensor  # [N] slot of each token
+    tok_pos: torch.Tensor  # [N] position of each token in its row's sequence
+    pad_index: torch.Tensor | None  # [N] index into the padded [B * T] rows; None when B == 1
+    num_rows: int  # B
+    max_tokens: int  # T
+    num_keys: int  # keys attention reads per row: max over rows of start + t
+    mask: torch.Tensor | None  # [B, 1, T, num_keys] True = may attend; None: one token, one row
+    cos: torch.Tensor  # [N, 1, head_dim]
+    sin: torch.Tensor  # [N, 1, head_dim]
 
 
 class LlamaForward:
-    """Target path: every layer for every fed token, one session per cache (the checkpoint's
-    dtype unless `matmul_dtype` says otherwise)."""
+    """Target path: every layer for every fed token, many rows (requests) per step over a
+    `SlotCache`, in the checkpoint's dtype unless `matmul_dtype` says otherwise.
+
+    One step = one call: the matmuls run once over all N tokens of all rows (ragged: a row
+    feeds its pending token plus its draft, or a chunk of its prompt); attention runs once
+    over the rows padded to the longest, with a per-row causal mask by position. No Python
+    loop over rows inside the layers; index tensors are built once per step."""
 
     def __init__(self, weights: LlamaWeights) -> None:
         self.weights = weights
@@ -238,28 +275,92 @@ class LlamaForward:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
         return cls(LlamaWeights(model.eval()))
 
-    def new_cache(self, capacity: int | None = None) -> KVCache:
-        capacity = min(capacity or self.weights.max_positions, self.weights.max_positions)
-        return KVCache(*self.weights.new_kv(capacity))
+    def new_cache(self, num_slots: int, capacity: int | None = None) -> SlotCache:
+        w = self.weights
+        capacity = min(capacity or w.max_positions, w.max_positions)
+        shape = (w.num_layers, num_slots, w.num_kv_heads, capacity, w.head_dim)
+        return SlotCache(torch.zeros(shape, dtype=w.dtype, device=w.device),
+                         torch.zeros(shape, dtype=w.dtype, device=w.device), [0] * num_slots)  # fmt: skip
+
+    def layout(self, cache: SlotCache, feeds: Sequence[RowFeed]) -> StepLayout:
+        w, dev = self.weights, self.weights.device
+        num_rows = len(feeds)
+        counts = [len(f.token_ids) for f in feeds]
+        starts_list = [cache.lengths[f.slot] for f in feeds]
+        for f, start, t in zip(feeds, starts_list, counts):
+            assert t > 0 and start + t <= cache.capacity, (f.slot, start, t, cache.capacity)
+        slots = torch.tensor([f.slot for f in feeds], device=dev)  # [B]
+        t = torch.tensor(counts, device=dev)  # [B]
+        starts = torch.tensor(starts_list, device=dev)  # [B]
+        max_t = max(counts)
+        num_keys = max(s + c for s, c in zip(starts_list, counts))
+        row = torch.repeat_interleave(torch.arange(num_rows, device=dev), t)  # [N]
+        offset = torch.arange(row.numel(), device=dev) - (torch.cumsum(t, 0) - t)[row]  # [N]
+        tok_pos = starts[row] + offset  # [N]
+        if num_rows == 1 and max_t == 1:
+            mask = None
+        else:
+            query_pos = starts.unsqueeze(1) + torch.arange(max_t, device=dev)  # [B, T]
+            keys = torch.arange(num_keys, device=dev)  # [num_keys]
+            mask = (keys <= query_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, num_keys]
+        return StepLayout(
+            slots=slots, tok_slot=slots[row], tok_pos=tok_pos,
+            pad_index=None if num_rows == 1 else row * max_t + offset,
+            num_rows=num_rows, max_tokens=max_t, num_keys=num_keys, mask=mask,
+            cos=w.cos[tok_pos], sin=w.sin_signed[tok_pos],
+        )  # fmt: skip
 
     @torch.inference_mode()
-    def forward(
-        self,
-        cache: KVCache,
-        input_ids: Sequence[int],  # [n] tokens after the cache's valid prefix
-        last_only: bool = False,
-    ) -> torch.Tensor:  # [n, vocab] logits ([1, vocab] when last_only)
+    def step(
+        self, cache: SlotCache, feeds: Sequence[RowFeed]
+    ) -> torch.Tensor:  # [sum of num_logits, vocab] logits, rows in feed order
+        """Append every feed's tokens to its slot; return the wanted next-token logits."""
         w = self.weights
-        start, end = cache.length, cache.length + len(input_ids)
-        assert 0 < len(input_ids) and end <= cache.capacity, (start, end, cache.capacity)
-        x = w.embed[torch.as_tensor(input_ids, dtype=torch.long, device=w.device)]  # [n, hidden]
+        layout = self.layout(cache, feeds)
+        ids = [tok for f in feeds for tok in f.token_ids]
+        x = w.embed[torch.tensor(ids, dtype=torch.long, device=w.device)]  # [N, hidden]
         for li in range(w.num_layers):
-            x = w.layer(li, x, [Segment(cache.k[li], cache.v[li], start, end)])
-        cache.length = end
-        return w.logits(x[-1:] if last_only else x)
+            x = self._layer(li, x, cache, layout)
+        ends = torch.cumsum(torch.tensor([len(f.token_ids) for f in feeds]), 0)  # [B]
+        wanted = torch.tensor([f.num_logits for f in feeds])  # [B]
+        first = torch.repeat_interleave(ends - wanted, wanted)  # [M] a row's first wanted index
+        within = torch.arange(first.numel()) - (torch.cumsum(wanted, 0) - wanted).repeat_interleave(wanted)
+        for f in feeds:
+            cache.lengths[f.slot] += len(f.token_ids)
+        return w.logits(x[(first + within).to(w.device)])
+
+    def _layer(self, li: int, x: torch.Tensor, cache: SlotCache, layout: StepLayout) -> torch.Tensor:
+        w = self.weights
+        lw = w.layers[li]
+        nh, nkv, hd = w.num_heads, w.num_kv_heads, w.head_dim
+        n = x.shape[0]
+        qkv = w.mm(w.norm(x), lw.wqkv)  # [N, (nh + 2 nkv) hd], q pre-scaled
+        qk = qkv[:, : (nh + nkv) * hd].view(n, nh + nkv, hd)
+        qk = qk * layout.cos + qk[..., w.rot_perm] * layout.sin  # RoPE on q and k at once
+        ck, cv = cache.k[li], cache.v[li]  # [slots, nkv, capacity, hd]
+        ck[layout.tok_slot, :, layout.tok_pos] = qk[:, nh:]  # [N, nkv, hd]
+        cv[layout.tok_slot, :, layout.tok_pos] = qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
+        b, t, length = layout.num_rows, layout.max_tokens, layout.num_keys
+        if b == 1:
+            s = int(layout.slots[0])  # no copy: a view of the slot
+            keys, values = ck[s : s + 1, :, :length], cv[s : s + 1, :, :length]  # [1, nkv, L, hd]
+            q = qk[:, :nh].transpose(0, 1).unsqueeze(0)  # [1, nh, t, hd]
+        else:
+            keys = ck.index_select(0, layout.slots)[:, :, :length]  # [B, nkv, L, hd]
+            values = cv.index_select(0, layout.slots)[:, :, :length]
+            q = x.new_zeros(b * t, nh, hd).index_copy_(0, layout.pad_index, qk[:, :nh])
+            q = q.view(b, t, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=layout.mask, scale=1.0, enable_gqa=nh != nkv
+        )  # [B, nh, T, hd]
+        o = o.transpose(1, 2).reshape(b * t, nh * hd)
+        a = o if layout.pad_index is None else o.index_select(0, layout.pad_index)  # [N, nh hd]
+        x = x + w.mm(a, lw.wo)
+        gate, up = w.mm(w.norm(x), lw.wgu).split(w.intermediate, dim=-1)
+        return x + w.mm(F.silu(gate) * up, lw.wdown)
 
     @staticmethod
-    def rollback(cache: KVCache, num_keep: int) -> None:
-        """Drop positions past the first `num_keep` (rejected drafts): a length, no copy."""
-        assert 0 <= num_keep <= cache.length, (num_keep, cache.length)
-        cache.length = num_keep
+    def rollback(cache: SlotCache, slot: int, num_keep: int) -> None:
+        """Drop a slot's positions past the first `num_keep` (rejected drafts): no copy."""
+        assert 0 <= num_keep <= cache.lengths[slot], (num_keep, cache.lengths[slot])
+        cache.lengths[slot] = num_keep

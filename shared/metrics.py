@@ -163,6 +163,31 @@ DRAFTER_BATCH_SIZE = Histogram(
     buckets=_BATCH_BUCKETS,
 )
 
+# verifier step loop and request queue (label `model`: the target)
+BATCH_ROWS = Histogram(
+    "specdec:batch_rows", "Rows (requests) in one target step of a verifier.", ["model"],
+    buckets=_BATCH_BUCKETS,
+)
+STEP_TOKENS = Histogram(
+    "specdec:step_tokens", "Tokens one target step fed (prompt chunks + pending + drafts).", ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+)
+LATE_DRAFTS = Counter(
+    "specdec:num_late_drafts", "Rows that ran a step with k = 0 because their remote draft was late.",
+    ["model"],
+)
+NUM_QUEUED_REQUESTS = Gauge(
+    "specdec:num_queued_requests", "Requests waiting in a verifier's queue for a batch row.", ["model"]
+)
+QUEUE_TIME = Histogram(
+    "specdec:queue_time_seconds", "Time a request waited in a verifier's queue before its first step.",
+    ["model"], buckets=_TTFT_BUCKETS,
+)
+NUM_REJECTED_REQUESTS = Counter(
+    "specdec:num_rejected_requests", "Requests refused (queue full) or dropped (queue timeout) by a verifier.",
+    ["model", "reason"],
+)
+
 
 def observe_request(model: str, method: str, stats: SpecStats) -> None:
     """Record one request's speculation stats (call once per request, where the loop ran)."""

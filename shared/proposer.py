@@ -101,6 +101,22 @@ class Proposer(Protocol):
         ...
 
 
+@runtime_checkable
+class PipelinedProposer(Proposer, Protocol):
+    """A proposer that drafts elsewhere (the drafter pool): the batched loop asks every
+    such row first and collects all drafts by one deadline, so drafts of different rows
+    are computed at the same time instead of one after another."""
+
+    def request(self, context_ids: Sequence[int], k: int) -> None:
+        """Start drafting up to k tokens after `context_ids`; returns at once."""
+        ...
+
+    def collect(self, deadline: float) -> Draft:
+        """The requested draft once it arrives, or an empty draft at `deadline`
+        (`time.monotonic()`); what already arrived counts even past the deadline."""
+        ...
+
+
 class ProposerFactory(Protocol):
     """Shared state of one proposer kind; makes per-session proposers."""
 

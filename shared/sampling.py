@@ -8,6 +8,9 @@ a per-request `torch.Generator` (gpt-fast's `multinomial_sample_one_no_sync`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 from shared.types import SamplingParams
@@ -55,3 +58,47 @@ def sample_from_probs(
     """One draw per row without a host sync: argmax(probs / E), E ~ Exp(1)."""
     exp = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return torch.argmax(probs / exp, dim=-1)
+
+
+def position_uniforms(
+    seeds: Sequence[int],  # [M] a request's seed per position
+    positions: Sequence[int],  # [M] the position in the request's sequence being sampled
+) -> torch.Tensor:  # [M] float64 in [0, 1)
+    """One uniform per (seed, position), the same wherever and whenever it is drawn
+    (splitmix64 of the pair): a seeded request's tokens do not depend on what else shares
+    its steps or on how many draft tokens a step verified."""
+    s = np.asarray(seeds, dtype=np.uint64)
+    p = np.asarray(positions, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as splitmix64 wants
+        z = s * np.uint64(0x9E3779B97F4A7C15) + (p + np.uint64(1)) * np.uint64(0xD1B54A32D192ED03)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+def sample_at(
+    logits: torch.Tensor,  # [M, vocab_size] one row per position to sample
+    params: Sequence[SamplingParams],  # [R] sampling of each request (row group)
+    counts: Sequence[int],  # [R] positions of each request, in order; sum = M
+    uniforms: torch.Tensor,  # [M] from `position_uniforms` (ignored for greedy requests)
+) -> torch.Tensor:  # [M] int64 the target's token at every position
+    """The target's own token at every position: argmax for greedy requests, an inverse-CDF
+    draw from p (temperature, top-k, top-p) with the position's uniform for sampled ones.
+    Vectorized over positions; one softmax per distinct (temperature, top-p, top-k)."""
+    out = logits.argmax(-1)  # [M]
+    if all(p.greedy for p in params):
+        return out
+    row = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(counts))  # [M]
+    groups: dict[tuple[float, float, int], list[int]] = {}
+    for i, p in enumerate(params):
+        if not p.greedy:
+            groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(i)
+    for members in groups.values():
+        index = torch.nonzero(torch.isin(row, torch.tensor(members))).squeeze(1)  # [m]
+        probs = logits_to_probs(logits.index_select(0, index), params[members[0]])  # [m, vocab]
+        cdf = torch.cumsum(probs, dim=-1)  # [m, vocab]
+        u = (uniforms.index_select(0, index).to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # [m, 1]
+        drawn = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)
+        out.index_copy_(0, index.to(out.device), drawn)
+    return out

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_service_arguments(p, DEFAULT_PORT, default_grace=30.0)
     p.add_argument("--target", required=True, help="target name from the config")
     p.add_argument("--drafter", help="drafter pool address HOST:PORT (model-based methods)")
-    p.add_argument("--max-sessions", type=int, help="default: the config's max_sessions_per_replica")
+    p.add_argument("--max-batch-rows", type=int, help="default: the target's max_batch_rows")
+    p.add_argument("--max-queued-requests", type=int, help="default: the target's max_queued_requests")
     return p.parse_args(argv)
 
 
@@ -48,19 +49,22 @@ async def serve(
     *,
     drafter: str | None = None,
     metrics_port: int | None = None,
-    max_sessions: int | None = None,
+    max_batch_rows: int | None = None,
+    max_queued_requests: int | None = None,
     grace: float = 30.0,
 ) -> None:
     from verifier_service.servicer import VerifierServicer
 
-    servicer = VerifierServicer(config, target, drafter_address=drafter, max_sessions=max_sessions)
+    servicer = VerifierServicer(config, target, drafter_address=drafter, max_batch_rows=max_batch_rows,
+                                max_queued_requests=max_queued_requests)  # fmt: skip
     server = grpc_server(config.limits)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
 
     def loaded(_, bound: int) -> None:
         logger.info(
-            "verifier of %r serving on %s:%d (methods %s, drafter %s, max sessions %d)",
-            target, host, bound, servicer.methods, drafter or "none", servicer.max_sessions,
+            "verifier of %r serving on %s:%d (methods %s, drafter %s, %d batch rows, queue %d)",
+            target, host, bound, servicer.methods, drafter or "none", servicer.max_batch_rows,
+            servicer.max_queued_requests,
         )  # fmt: skip
 
     try:
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             args.port,
             drafter=args.drafter,
             metrics_port=args.metrics_port,
-            max_sessions=args.max_sessions,
+            max_batch_rows=args.max_batch_rows,
+            max_queued_requests=args.max_queued_requests,
             grace=args.grace,
         )
     )

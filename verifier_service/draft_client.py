@@ -1,13 +1,15 @@
 """The verifier's side of `DrafterService.Draft`: a `Proposer` backed by the remote pool.
 
-The loop calls `propose(context_ids, k)` synchronously from its executor thread, so the
-client is synchronous too: one sync gRPC stream per session, requests fed from a queue
-(gRPC's own thread consumes the iterator) and responses drained by a reader thread into
-another queue. Per round:
+The batched loop calls `request(context_ids, k)` for every row that drafts remotely, then
+`collect(deadline)` for each (`shared.proposer.PipelinedProposer`; `propose` = both), from
+its step thread, so the client is synchronous: one sync gRPC stream per session, requests
+fed from a queue (gRPC's own thread consumes the iterator) and responses drained by a
+reader thread into another queue. Per round:
 
-    Commit{epoch + 1, accepted_length = common prefix with what the drafter has,
-           token_ids = the new tail, num_speculative_tokens = k}  -> wait for that epoch's
-    Candidates at most `timeout_s`; older epochs are stale (a round that timed out) and dropped.
+    request: Commit{epoch + 1, accepted_length = common prefix with what the drafter has,
+                    token_ids = the new tail, num_speculative_tokens = k}
+    collect: wait for that epoch's Candidates until the deadline; older epochs are stale
+             (a round that timed out) and dropped.
 
 `set_params` (the policy's exit thresholds) is sticky on both ends: each Commit carries
 only the keys whose value the drafter's stream does not have yet.
@@ -32,9 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
-import numpy as np
 import tenacity
-import torch
 
 from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
@@ -70,21 +70,6 @@ CHANNEL_OPTIONS = (
 def make_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
     """Channel to the drafter pool (mTLS when internal credentials are configured)."""
     return tls.channel(address, credentials, options=CHANNEL_OPTIONS)
-
-
-def decode_draft_probs(
-    data: bytes, num_tokens: int, vocab_size: int
-) -> torch.Tensor:  # [num_tokens, vocab_size], float32
-    """Candidates.draft_probs (little-endian float32, row-major) as a tensor."""
-    q = np.frombuffer(data, dtype="<f4")
-    if vocab_size <= 0 or q.size != num_tokens * vocab_size:
-        raise ValueError(f"draft_probs has {q.size} floats, expected {num_tokens} x {vocab_size}")
-    q = q.reshape(num_tokens, vocab_size)
-    # NOTE: the rejection sampler divides by q: a NaN, negative or unnormalised row from a
-    # faulty drafter would bias the output, so such candidates are dropped (never trusted)
-    if not np.isfinite(q).all() or (q < 0).any() or not np.allclose(q.sum(-1), 1.0, atol=1e-2):
-        raise ValueError("draft_probs rows are not probability distributions")
-    return torch.from_numpy(q.astype(np.float32, copy=True))
 
 
 def reopen_delay_s(failures_in_row: int, interval_s: float) -> float:
@@ -204,6 +189,7 @@ class RemoteProposer:
         self._permanent = False
         self._consecutive_timeouts = 0
         self._closed = False
+        self._asked: tuple[int, int, int] | None = None  # (epoch, context length, k) to collect
         self.degraded = False
         self.drafter_name = ""
         # Counters (per session; tests and logs).
@@ -268,29 +254,31 @@ class RemoteProposer:
     # ---------------------------------------------------------------- Proposer
 
     def propose(self, context_ids: Sequence[int], k: int) -> Draft:
+        self.request(context_ids, k)
+        return self.collect(time.monotonic() + self.timeout_s)
+
+    def request(self, context_ids: Sequence[int], k: int) -> None:
+        """Send the Commit of a new epoch (k tokens after `context_ids`); never waits."""
+        self._asked = None
         if k <= 0 or self._closed:
-            return Draft(token_ids=[])
+            return
         context = context_ids if isinstance(context_ids, list) else list(context_ids)
         if self._stream is None:
             if self._permanent or time.monotonic() < self._retry_at:
-                return Draft(token_ids=[])
+                return
             self.num_reopens += 1
             self._open(list(context))
             if self._stream is None:
-                return Draft(token_ids=[])
-        stream = self._stream
-
+                return
         keep = common_prefix_len(self._drafter_context, context)
         self._epoch += 1
-        epoch = self._epoch
-        deadline = time.monotonic() + self.timeout_s
         changed = {
             key: value for key, value in self._params.items() if self._sent_params.get(key) != value
         }
-        stream.send(
+        self._stream.send(
             drafter_pb2.DraftRequest(
                 commit=drafter_pb2.Commit(
-                    epoch=epoch,
+                    epoch=self._epoch,
                     accepted_length=keep,
                     token_ids=context[keep:],
                     num_speculative_tokens=k,
@@ -302,9 +290,16 @@ class RemoteProposer:
         del self._drafter_context[keep:]
         self._drafter_context.extend(context[keep:])
         self.num_proposals += 1
+        self._asked = (self._epoch, len(context), k)
 
+    def collect(self, deadline: float) -> Draft:
+        """The Candidates of the last `request`, or an empty draft at `deadline`."""
+        asked, self._asked = self._asked, None
+        if asked is None or self._stream is None:
+            return Draft(token_ids=[])
+        epoch, context_len, k = asked
         try:
-            cand = self._wait(stream, epoch, deadline)
+            cand = self._wait(self._stream, epoch, deadline)
         except StreamBroken as err:
             self._fail(err)
             return Draft(token_ids=[])
@@ -321,7 +316,7 @@ class RemoteProposer:
             logger.info("drafter %s is back for target %s", self.factory.address, self.factory.target)
             self.degraded = False
             self._num_failures_in_row = 0
-        return self._decode(cand, len(context), k)
+        return self._decode(cand, context_len, k)
 
     def _wait(
         self, stream: _DraftStream, epoch: int, deadline: float
@@ -359,14 +354,9 @@ class RemoteProposer:
                 "candidates start at %d, context has %d tokens: dropped", cand.start_position, context_len
             )
             return Draft(token_ids=[])
+        # NOTE: Candidates.draft_probs (q) is not read: the verifier checks every draft
+        # against the target's own token (one-hot q, shared.rejection)
         token_ids = list(cand.token_ids)
-        draft_probs = None
-        if cand.draft_probs:
-            try:
-                draft_probs = decode_draft_probs(cand.draft_probs, len(token_ids), cand.vocab_size)
-            except ValueError as e:
-                logger.warning("malformed candidates dropped: %s", e)
-                return Draft(token_ids=[])
         info: dict[str, float] = {}
         exit_layers = None
         if cand.exit_layers:
@@ -380,11 +370,8 @@ class RemoteProposer:
             info["mean_exit_layer"] = float(sum(exit_layers)) / len(exit_layers)
         if len(token_ids) > k:
             token_ids = token_ids[:k]
-            draft_probs = draft_probs[:k] if draft_probs is not None else None
             exit_layers = exit_layers[:k] if exit_layers is not None else None
-        return Draft(
-            token_ids=token_ids, draft_probs=draft_probs, info=info, exit_layers=exit_layers
-        )
+        return Draft(token_ids=token_ids, info=info, exit_layers=exit_layers)
 
     def update(self, num_accepted: int) -> None:
         pass  # the next Commit carries the accepted context itself

@@ -1,179 +1,330 @@
-"""The speculative decoding loop of one request (transport-free; gpt-fast's
-`speculative_decode` in a loop).
+"""The speculative decoding loop over a batch of rows (one row = one request): continuous
+batching, transport-free. The scheduler (`verifier_service.scheduler`) owns one loop per
+replica and calls `add` and `step` from its thread; `generate` runs one request alone (in
+process benchmarks and tests).
 
-State between rounds: `tokens` = prompt + everything emitted; the target's KV cache holds
-all of them but the last (the *pending* token, fed at the start of the next round).
-One round:
+State of a row between steps: `tokens` = prompt + everything emitted; the row's slot of the
+engine's KV cache holds all of them but the last (the *pending* token, fed next step). One
+step:
 
-    k, params = policy.plan([row])                           # this request is a one-row step
-    draft   = proposer.propose(tokens, k)                    # k draft tokens (maybe fewer)
-    logits  = target.forward([pending, *draft])              # [k + 1, vocab], one forward
-    emitted = accept(draft, logits)                          # num_accepted + 1 tokens
-    rollback the KV entries of rejected drafts; emitted[-1] becomes the new pending token
-    policy.observe([row], [outcome], step cost)
+    plans  = policy.plan(decoding rows)                   # k per row, k = 0 allowed
+    drafts = each row's proposer (remote ones all asked first, collected by one deadline)
+    logits = engine.step([pending, *draft] per decoding row, a prompt chunk per prefilling row)
+    y      = the target's own token at every verified position (argmax, or a draw from p
+             with the (seed, position) uniform: `shared.rejection`)
+    per row: accept the draft's prefix that equals y, emit it + y after it, roll back the
+             rest (a length), stream the tokens, finish on EOS / length / stop string
+    policy.observe(rows, outcomes, step cost)
 
-k = 0 is an ordinary decoding step through the same code. The loop is a synchronous
-generator (run it in an executor thread); `close()` on it aborts the request.
+Prefill is chunked: decoding rows go first, prompt chunks fill the step's token budget
+(`max_step_tokens`, at least one chunk per step), so a long prompt never stalls running
+streams. A row whose remote draft is late runs with k = 0 that step (counted), so a slow
+drafter never stalls the batch. Rows report through their `sink` (called in the loop's
+thread): a `GenerationChunk` per step that emitted tokens, then a `GenerationResult`, or an
+exception; a cancelled row leaves at the next step without a result.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from shared import metrics
 from shared.detokenize import IncrementalDetokenizer
-from shared.proposer import EMPTY_DRAFT, Draft, Proposer
-from shared.rejection import greedy_accept, rejection_sample
-from shared.sampling import logits_to_probs, make_generator, sample_from_probs
+from shared.llama import RowFeed
+from shared.proposer import EMPTY_DRAFT, Draft, PipelinedProposer, Proposer
+from shared.rejection import accept_prefix
+from shared.sampling import position_uniforms, sample_at
 from shared.stop import StopChecker
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult, SpecStats
-from verifier_service.policy import RowOutcome, StepCost
+from verifier_service.policy import RowOutcome, RowState, StepCost
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from verifier_service.engine import TargetEngine
+    from verifier_service.engine import Engine
     from verifier_service.policy import SpeculationPolicy
 
 logger = logging.getLogger(__name__)
 
+Sink = Callable[[GenerationChunk | GenerationResult | BaseException], None]
+
+DEFAULT_MAX_STEP_TOKENS = 512
+DEFAULT_DRAFT_WAIT_S = 0.05
+
+
+@dataclass(slots=True, eq=False)
+class Row:
+    """One request inside the loop."""
+
+    request: GenerationRequest
+    proposer: Proposer | None
+    sink: Sink
+    state: RowState  # the policy's
+    slot: int
+    seed: int  # (seed, position) uniforms for sampled rows; random when the request has none
+    tokens: list[int]
+    max_total: int  # prompt + generated tokens this row may reach
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    stats: SpecStats = field(default_factory=SpecStats)
+    text_parts: list[str] = field(default_factory=list)
+    num_prefilled: int = 0  # prompt tokens in the cache; == len(prompt) once decoding
+    cancelled: bool = False  # set from any thread; the row leaves at the next step
+    draft: Draft = field(default_factory=lambda: EMPTY_DRAFT)  # this step's
+
+    @property
+    def decoding(self) -> bool:
+        return self.num_prefilled == len(self.request.prompt_ids)
+
 
 class SpecDecodeLoop:
-    def __init__(
-        self, engine: TargetEngine, tokenizer: PreTrainedTokenizerBase, policy: SpeculationPolicy
-    ) -> None:
+    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, policy: SpeculationPolicy,
+                 *, max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, draft_wait_s: float = DEFAULT_DRAFT_WAIT_S,
+                 target: str = "") -> None:  # fmt: skip
         self.engine = engine
         self.tokenizer = tokenizer
         self.policy = policy
+        self.max_step_tokens = max_step_tokens
+        self.draft_wait_s = draft_wait_s
+        self.target = target  # metrics label
+        self.rows: list[Row] = []
+        self.num_steps = 0
+        self.peak_rows = 0  # most rows one step fed (tests, logs)
+        self.num_late_drafts = 0  # rows that ran with k = 0 because their draft was late
+
+    # ---------------------------------------------------------------- rows in and out
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.engine.max_batch_rows - len(self.rows)
+
+    def add(self, request: GenerationRequest, proposer: Proposer | None, sink: Sink) -> Row:
+        """Start a request (its prefill runs in the next steps); needs a free slot."""
+        slot = self.engine.allocate()
+        if slot is None:
+            raise RuntimeError("no free slot: the scheduler admits at most max_batch_rows rows")
+        prompt = list(request.prompt_ids)
+        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        row = Row(
+            request=request, proposer=proposer, sink=sink, state=self.policy.start(request), slot=slot,
+            seed=seed, tokens=prompt, max_total=min(self.engine.max_context, len(prompt) + request.max_new_tokens),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt), stop=StopChecker(request.stop),
+        )  # fmt: skip
+        self.rows.append(row)
+        return row
+
+    def _remove(self, row: Row) -> None:
+        self.rows.remove(row)
+        self.engine.release(row.slot)
+        if row.proposer is not None:
+            try:
+                row.proposer.close()
+            except Exception:  # noqa: BLE001 - a drafter's failure never fails the loop
+                logger.exception("closing a proposer failed")
+        row.stats.policy = self.policy.summary(row.state)
+
+    def _fail(self, row: Row, err: BaseException) -> None:
+        self._remove(row)
+        row.sink(err)
+
+    # ---------------------------------------------------------------- one step
+
+    def step(self) -> None:
+        """One target forward over every row (no-op without rows)."""
+        for row in [r for r in self.rows if r.cancelled]:
+            self._remove(row)
+        if not self.rows:
+            return
+        t0 = time.perf_counter()
+        decoding = [r for r in self.rows if r.decoding]
+        self._draft(decoding)
+        feeds, fed = self._feeds(decoding)
+        t1 = time.perf_counter()
+        try:
+            logits = self.engine.step(feeds)  # [sum of num_logits, vocab]
+            uniforms = position_uniforms(
+                [r.seed for r, f in zip(fed, feeds) for _ in range(f.num_logits)],
+                [len(r.tokens) + i for r, f in zip(fed, feeds) for i in range(f.num_logits)],
+            )
+            wanted = [(r, f) for r, f in zip(fed, feeds) if f.num_logits]
+            y = sample_at(logits, [r.request.sampling for r, _ in wanted], [f.num_logits for _, f in wanted],
+                          uniforms).tolist()  # fmt: skip  # the step's one host sync
+        except Exception as e:  # noqa: BLE001 - the step failed: its rows fail, the loop goes on
+            logger.exception("target step failed")
+            for row in fed:
+                self._fail(row, e)
+            return
+        t2 = time.perf_counter()
+        step_s = t2 - t1
+        self.num_steps += 1
+        self.peak_rows = max(self.peak_rows, len(feeds))
+        metrics.BATCH_ROWS.labels(self.target).observe(len(feeds))
+        metrics.STEP_TOKENS.labels(self.target).observe(sum(len(f.token_ids) for f in feeds))
+
+        outcomes, observed = [], []
+        offset = 0
+        for i, (row, feed) in enumerate(zip(fed, feeds)):
+            ys = y[offset : offset + feed.num_logits]
+            offset += feed.num_logits
+            try:
+                if i < len(decoding):
+                    outcomes.append(self._verify(row, feed, ys, step_s))
+                    observed.append(row.state)
+                else:  # a prompt chunk; the last one gives the first generated token
+                    row.stats.target_time_s += step_s
+                    if ys:
+                        self._emit(row, ys)
+            except Exception as e:  # noqa: BLE001 - one row's failure is that row's
+                logger.exception("request %s failed", row.request.request_id or "-")
+                self._fail(row, e)
+        if observed:
+            num_tokens = sum(len(f.token_ids) for f in feeds)
+            self.policy.observe(observed, outcomes, StepCost(len(feeds), num_tokens, step_s))
+        t3 = time.perf_counter()
+        overhead = (t1 - t0) + (t3 - t2)
+        for row in fed:
+            row.stats.other_time_s += overhead / len(fed)
+
+    def _draft(self, rows: Sequence[Row]) -> None:
+        """Each decoding row's draft for this step: in-process proposers run here, remote
+        ones are all asked first and collected by one deadline; late = empty (k = 0)."""
+        plans = self.policy.plan([r.state for r in rows])
+        pending: list[tuple[Row, int]] = []
+        for row, plan in zip(rows, plans):
+            row.draft = EMPTY_DRAFT
+            # the verify forward writes len(tokens) + k positions; emitted tokens stop at max_total
+            k = min(plan.k, row.max_total - len(row.tokens) - 1)
+            if row.proposer is None or k <= 0:
+                continue
+            t = time.perf_counter()
+            try:
+                if plan.params is not None:
+                    row.proposer.set_params(plan.params)
+                if isinstance(row.proposer, PipelinedProposer):
+                    row.proposer.request(row.tokens, k)
+                    pending.append((row, k))
+                else:
+                    row.draft = self._checked(row.proposer.propose(row.tokens, k), k)
+            except Exception:  # noqa: BLE001 - a drafter's failure costs speculation, never the request
+                logger.exception("proposer failed; this step runs with k = 0")
+            row.stats.draft_time_s += time.perf_counter() - t
+        if pending:
+            t = time.perf_counter()
+            deadline = time.monotonic() + self.draft_wait_s
+            for row, k in pending:
+                draft = row.proposer.collect(deadline)
+                if not draft.token_ids:
+                    self.num_late_drafts += 1
+                    metrics.LATE_DRAFTS.labels(self.target).inc()
+                row.draft = self._checked(draft, k)
+            waited = time.perf_counter() - t
+            for row, _ in pending:
+                row.stats.draft_time_s += waited / len(pending)
+
+    def _checked(self, draft: Draft, k: int) -> Draft:
+        """The draft cut to k tokens, or empty when malformed (a faulty drafter costs
+        speculation, never the request)."""
+        ids = draft.token_ids
+        if not ids:
+            return EMPTY_DRAFT
+        vocab = self.engine.vocab_size
+        if not (0 <= min(ids) and max(ids) < vocab):
+            logger.warning("malformed draft dropped (token ids outside [0, %d))", vocab)
+            return EMPTY_DRAFT
+        if len(ids) <= k:
+            return draft
+        return Draft(token_ids=ids[:k], info=draft.info, exit_layers=draft.exit_layers and draft.exit_layers[:k])
+
+    def _feeds(self, decoding: Sequence[Row]) -> tuple[list[RowFeed], list[Row]]:
+        """Decoding rows first (pending token + draft), then prompt chunks within the budget."""
+        feeds = [RowFeed(r.slot, [r.tokens[-1], *r.draft.token_ids], len(r.draft.token_ids) + 1) for r in decoding]
+        fed = list(decoding)
+        budget = self.max_step_tokens - sum(len(f.token_ids) for f in feeds)
+        for row in self.rows:
+            if row.decoding:
+                continue
+            if budget <= 0 and len(fed) > len(decoding):
+                break  # at least one prompt chunk per step: prefill never starves
+            prompt = row.request.prompt_ids
+            n = min(len(prompt) - row.num_prefilled, max(budget, 16))
+            chunk = prompt[row.num_prefilled : row.num_prefilled + n]
+            row.num_prefilled += n
+            feeds.append(RowFeed(row.slot, chunk, 1 if row.decoding else 0))
+            fed.append(row)
+            budget -= n
+        return feeds, fed
+
+    def _verify(self, row: Row, feed: RowFeed, ys: list[int], step_s: float) -> RowOutcome:
+        draft_ids = feed.token_ids[1:]
+        num_accepted = accept_prefix(draft_ids, ys)
+        # the cache holds tokens + draft; keep tokens (the pending one included) + accepted
+        self.engine.rollback(row.slot, len(row.tokens) + num_accepted)
+        stats = row.stats
+        stats.num_rounds += 1
+        stats.target_time_s += step_s
+        if draft_ids:
+            stats.observe_round(len(draft_ids), num_accepted, row.draft.exit_layers)
+            row.proposer.update(num_accepted)
+        self._emit(row, ys[: num_accepted + 1])
+        return RowOutcome(len(draft_ids), num_accepted)
+
+    def _emit(self, row: Row, emitted: list[int]) -> None:
+        """Cut at EOS / max tokens, detokenize, stop strings; stream; finish when done."""
+        eos_ids = self.engine.eos_token_ids
+        hit_eos = False
+        for i, tok in enumerate(emitted):
+            if tok in eos_ids:
+                emitted, hit_eos = emitted[: i + 1], True
+                break
+        room = row.max_total - len(row.tokens)
+        if len(emitted) > room:
+            emitted, hit_eos = emitted[:room], False
+        done = hit_eos or len(emitted) == room
+        finish = FinishReason.STOP if hit_eos else FinishReason.LENGTH
+        row.tokens.extend(emitted)
+        visible = [t for t in emitted if t not in eos_ids]
+        text, stopped = row.stop.feed(row.detok.add(visible))
+        if stopped:
+            finish, done = FinishReason.STOP, True
+        if done:
+            text += "" if stopped else row.stop.flush()
+        row.text_parts.append(text)
+        row.sink(GenerationChunk(token_ids=emitted, text=text))
+        if done:
+            self._remove(row)
+            num_prompt = len(row.request.prompt_ids)
+            row.sink(GenerationResult(
+                finish_reason=finish, prompt_tokens=num_prompt, completion_tokens=len(row.tokens) - num_prompt,
+                token_ids=row.tokens[num_prompt:], text="".join(row.text_parts), stats=row.stats,
+            ))  # fmt: skip
+
+    # ---------------------------------------------------------------- one request alone
 
     def generate(
         self, request: GenerationRequest, proposer: Proposer | None
     ) -> Iterator[GenerationChunk | GenerationResult]:
-        with torch.inference_mode():
-            yield from self._generate(request, proposer)
-
-    def _generate(
-        self, request: GenerationRequest, proposer: Proposer | None
-    ) -> Iterator[GenerationChunk | GenerationResult]:
-        engine = self.engine
-        sampling = request.sampling
-        generator = make_generator(sampling.seed, engine.device)
-        policy = self.policy
-        row = policy.start(request)
-        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
-        stop = StopChecker(request.stop)
-        stats = SpecStats()
-        tokens = list(request.prompt_ids)
-        num_prompt = len(tokens)
-        max_total = min(engine.max_context, num_prompt + request.max_new_tokens)
-        eos_ids = engine.eos_token_ids
-        session = engine.new_session()
-        text_parts: list[str] = []
-
-        t0 = time.perf_counter()
-        logits = engine.forward(session, tokens, last_only=True)  # [1, vocab]
-        t1 = time.perf_counter()
-        stats.target_time_s += t1 - t0
-        emitted = self._sample(logits, sampling, generator)
+        """Run one request to its end in this thread (in-process benchmarks and tests);
+        closing the iterator early cancels it."""
+        items: list = []
+        row = self.add(request, proposer, items.append)
         try:
-            while True:
-                t_round = time.perf_counter()
-                # --- emit: cut at EOS / max tokens, detokenize, stop strings
-                hit_eos = False
-                for i, tok in enumerate(emitted):
-                    if tok in eos_ids:
-                        emitted, hit_eos = emitted[: i + 1], True
-                        break
-                room = max_total - len(tokens)
-                if len(emitted) > room:
-                    emitted, hit_eos = emitted[:room], False
-                done = hit_eos or len(emitted) == room
-                finish = FinishReason.STOP if hit_eos else FinishReason.LENGTH
-                tokens.extend(emitted)
-                visible = [t for t in emitted if t not in eos_ids]
-                text, stopped = stop.feed(detok.add(visible))
-                if stopped:
-                    finish, done = FinishReason.STOP, True
-                if done:
-                    text += "" if stopped else stop.flush()
-                text_parts.append(text)
-                stats.other_time_s += time.perf_counter() - t_round
-                yield GenerationChunk(token_ids=emitted, text=text)
-                if done:
-                    break
-
-                # --- draft
-                t_draft = time.perf_counter()
-                plan = policy.plan([row])[0]
-                # The verify forward writes len(tokens) + k positions; emitted tokens stop at max_total.
-                k = min(plan.k, max_total - len(tokens) - 1)
-                if proposer is not None and k > 0:
-                    if plan.params is not None:
-                        proposer.set_params(plan.params)
-                    draft = proposer.propose(tokens, k)
-                else:
-                    draft = EMPTY_DRAFT
-                if draft.token_ids and not self._well_formed(draft):
-                    draft = EMPTY_DRAFT  # a faulty drafter costs speculation, never the request
-                draft_ids = draft.token_ids[:k] if k > 0 else []
-                t_verify = time.perf_counter()
-                stats.draft_time_s += t_verify - t_draft
-
-                # --- verify: one forward over [pending, *draft]
-                logits = engine.forward(session, [tokens[-1], *draft_ids])  # [k + 1, vocab]
-                t_accept = time.perf_counter()
-                stats.target_time_s += t_accept - t_verify
-                if sampling.greedy:
-                    emitted, num_accepted = greedy_accept(draft_ids, logits.argmax(-1))
-                else:
-                    draft_probs = draft.draft_probs[: len(draft_ids)] if draft.draft_probs is not None else None
-                    target_probs = logits_to_probs(logits, sampling)  # [k + 1, vocab]
-                    emitted, num_accepted = rejection_sample(draft_ids, draft_probs, target_probs, generator)
-                engine.rollback(session, len(tokens) + num_accepted)
-
-                # --- bookkeeping
-                num_draft = len(draft_ids)
-                policy.observe([row], [RowOutcome(num_draft, num_accepted)],
-                               StepCost(1, num_draft + 1, t_accept - t_verify))  # fmt: skip
-                stats.num_rounds += 1
-                if num_draft:
-                    stats.observe_round(num_draft, num_accepted, draft.exit_layers)
-                    proposer.update(num_accepted)
-                stats.other_time_s += time.perf_counter() - t_accept
+            with torch.inference_mode():
+                while True:
+                    self.step()
+                    for item in items:
+                        if isinstance(item, BaseException):
+                            raise item
+                        yield item
+                        if isinstance(item, GenerationResult):
+                            return
+                    items.clear()
         finally:
-            if proposer is not None:
-                proposer.close()
-            stats.policy = policy.summary(row)
-
-        yield GenerationResult(
-            finish_reason=finish,
-            prompt_tokens=num_prompt,
-            completion_tokens=len(tokens) - num_prompt,
-            token_ids=tokens[num_prompt:],
-            text="".join(text_parts),
-            stats=stats,
-        )
-
-    def _well_formed(self, draft: Draft) -> bool:
-        """Draft token ids inside the target's vocabulary, q (if any) over that vocabulary."""
-        vocab = self.engine.vocab_size
-        ok = 0 <= min(draft.token_ids) and max(draft.token_ids) < vocab and (
-            draft.draft_probs is None or tuple(draft.draft_probs.shape) == (len(draft.token_ids), vocab)
-        )
-        if not ok:
-            logger.warning("malformed draft dropped (token ids outside [0, %d) or draft_probs shape)", vocab)
-        return ok
-
-    @staticmethod
-    def _sample(
-        logits: torch.Tensor,  # [1, vocab_size]
-        sampling,
-        generator: torch.Generator | None,
-    ) -> list[int]:
-        if sampling.greedy:
-            return logits.argmax(-1).tolist()
-        return sample_from_probs(logits_to_probs(logits, sampling), generator).tolist()
+            if row in self.rows:
+                self._remove(row)

@@ -1,28 +1,24 @@
-"""`VerifierService`: runs the speculative loop of one target for each request.
+"""`VerifierService`: one target's replica, serving every request through its scheduler.
 
 `Generate` validates the request again (the router already did; a verifier may be called
-directly), admits it (at most `max_sessions` at once, else RESOURCE_EXHAUSTED), picks the
-proposer (none / ngram in process / model-based methods over `DrafterService.Draft`) and
-steps `SpecDecodeLoop.generate` one round at a time in an executor thread, so sessions
-interleave on one set of weights with no global lock and the event loop stays free for
-streams, health checks and cancellation. A cancelled stream waits for its running round,
-closes the generator (which closes the proposer: the drafter frees its session) and only
-then leaves the active count.
+directly), submits it to the replica's `Scheduler` (one step loop over a batch of rows, a
+bounded queue in front: RESOURCE_EXHAUSTED when the queue is full, DEADLINE_EXCEEDED after
+`queue_timeout_s` in it), picks the proposer (none / ngram in process / model-based methods
+over `DrafterService.Draft`) and streams what the step thread hands over. A cancelled
+stream cancels its ticket: a queued request leaves the queue at once, a running one leaves
+the batch at the next step (its drafter session is closed there).
 
 Errors: validation and admission fail the RPC with their status before anything is
-streamed; a failure mid-stream goes in-band as the `error` branch.
+streamed (a queue timeout too); a failure mid-stream goes in-band as the `error` branch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
 from shared import metrics
 from shared.errors import (
@@ -37,17 +33,15 @@ from shared.errors import (
 from shared.methods import IN_PROCESS_METHODS, MODEL_METHODS
 from shared.ngram import NgramProposerFactory
 from shared.pb.specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from shared.serving import wait_shielded
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult
 from shared.validation import check_lengths, check_message_size, check_options, check_prompt_ids
 from shared.tls import internal_channel_credentials
 from verifier_service.draft_client import RemoteProposerFactory, make_channel
+from verifier_service.scheduler import QueueFull, Scheduler
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-
     from shared.config import SpecdecConfig
-    from shared.proposer import Proposer, ProposerFactory
+    from shared.proposer import ProposerFactory
     from shared.types import SpecStats
     from verifier_service.loop import SpecDecodeLoop
 
@@ -105,42 +99,6 @@ def error_to_proto(err: SpecdecError) -> common_pb2.GenerateResponse:
     )
 
 
-# ---------------------------------------------------------------- producer thread
-
-_DONE = object()
-
-
-def _produce(
-    gen: Iterator,
-    proposer: Proposer | None,
-    cancel: threading.Event,
-    emit: Callable[[object], None],
-) -> None:
-    """Run the loop to its end in this executor thread, handing every item to `emit`.
-
-    Rounds run back to back: the event loop writes chunk n while round n + 1 computes, so
-    no thread hop or stream write sits between two target forwards. `cancel` stops it
-    after the current round; the generator and the proposer are always closed here, in
-    the thread that ran them (inference_mode is thread-local).
-    """
-    try:
-        with torch.inference_mode():
-            for item in gen:
-                emit(item)
-                if cancel.is_set():
-                    break
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer, in-band
-        emit(e)
-    finally:
-        try:
-            with torch.inference_mode():
-                gen.close()
-        finally:
-            if proposer is not None:
-                proposer.close()
-    emit(_DONE)
-
-
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     """One target's verifier replica. `attach()` (or `load()`) makes it ready."""
 
@@ -150,21 +108,22 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         target: str,
         *,
         drafter_address: str | None = None,
-        max_sessions: int | None = None,
+        max_batch_rows: int | None = None,
+        max_queued_requests: int | None = None,
     ) -> None:
         self.config = config
         self.target = config.target(target)
-        self.max_sessions = max_sessions or config.max_sessions_per_replica
+        self.max_batch_rows = max_batch_rows or self.target.max_batch_rows
+        self.max_queued_requests = (
+            self.target.max_queued_requests if max_queued_requests is None else max_queued_requests
+        )
         self.drafter_address = drafter_address
         self.spec_loop: SpecDecodeLoop | None = None
+        self.scheduler: Scheduler | None = None
         self.tokenizer_hash = ""
-        self.executor = ThreadPoolExecutor(max_workers=self.max_sessions, thread_name_prefix="verifier")
         self.ngram = NgramProposerFactory(config.ngram)
         self.remote: dict[str, RemoteProposerFactory] = {}
         self._channel: grpc.Channel | None = None
-        self._lock = threading.Lock()
-        self.active_sessions = 0
-        self.peak_active_sessions = 0
 
     # ---------------------------------------------------------------- setup
 
@@ -175,12 +134,15 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         from verifier_service.loop import SpecDecodeLoop
         from verifier_service.policy import RulePolicy
 
-        engine, tokenizer = load_target(self.target)
+        engine, tokenizer = load_target(self.target, self.max_batch_rows)
         policy = RulePolicy(self.config.speculation_for(self.target.name))
-        self.attach(SpecDecodeLoop(engine, tokenizer, policy), tokenizer_hash(self.target.model_dir))
+        loop = SpecDecodeLoop(engine, tokenizer, policy, max_step_tokens=self.target.max_step_tokens,
+                              draft_wait_s=self.config.speculation.draft_timeout_s, target=self.target.name)  # fmt: skip
+        self.attach(loop, tokenizer_hash(self.target.model_dir))
 
     def attach(self, spec_loop: SpecDecodeLoop, tokenizer_hash: str) -> None:
-        """Serve with an already loaded loop; connect the model-based methods' drafter."""
+        """Serve with an already loaded loop (its engine's slots are the batch rows);
+        connect the model-based methods' drafter."""
         self.tokenizer_hash = tokenizer_hash
         if self.drafter_address:
             self._channel = make_channel(self.drafter_address, internal_channel_credentials(self.config.tls))
@@ -194,11 +156,20 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     timeout_s=self.config.speculation.draft_timeout_s,
                     channel=self._channel,
                 )
+        self.max_batch_rows = spec_loop.engine.max_batch_rows
+        spec_loop.target = self.target.name  # its metrics' label
         self.spec_loop = spec_loop
+        self.scheduler = Scheduler(spec_loop, max_queued_requests=self.max_queued_requests,
+                                   queue_timeout_s=self.target.queue_timeout_s)  # fmt: skip
 
     @property
     def ready(self) -> bool:
-        return self.spec_loop is not None
+        return self.scheduler is not None
+
+    @property
+    def active_sessions(self) -> int:
+        """Requests running or queued."""
+        return self.scheduler.num_running + self.scheduler.num_queued if self.scheduler else 0
 
     @property
     def methods(self) -> list[str]:
@@ -206,7 +177,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         return [*IN_PROCESS_METHODS, *(m for m, f in self.remote.items() if f.available)]
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.scheduler is not None:
+            self.scheduler.stop()
         if self._channel is not None:
             self._channel.close()
 
@@ -214,7 +186,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
     def build_request(self, msg: verifier_pb2.VerifierGenerateRequest) -> GenerationRequest:
         """The loop's request, or the domain error naming the field at fault."""
-        if self.spec_loop is None:
+        if self.scheduler is None:
             raise UnavailableError(f"target {self.target.name!r} is still loading")
         if msg.model and msg.model != self.target.name:
             raise NotFoundError(
@@ -257,61 +229,46 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         return verifier_pb2.GetLoadResponse(
             model=self.target.name,
             active_sessions=self.active_sessions,
-            max_sessions=self.max_sessions,
+            max_sessions=self.scheduler.capacity if self.scheduler else 0,
             methods=self.methods if self.ready else [],
         )
 
     async def Generate(self, request: verifier_pb2.VerifierGenerateRequest, context) -> None:
-        try:
-            gen_request = self.build_request(request)
-            self._admit()
-        except SpecdecError as e:
-            await _abort(context, e)
-            return
-        try:
-            await self._generate(gen_request, context)
-        finally:
-            self._leave()
-
-    def _admit(self) -> None:
-        with self._lock:
-            if self.active_sessions >= self.max_sessions:
-                raise ResourceExhaustedError(
-                    f"verifier of {self.target.name!r} is at capacity ({self.max_sessions} sessions)"
-                )
-            self.active_sessions += 1
-            self.peak_active_sessions = max(self.peak_active_sessions, self.active_sessions)
-        metrics.NUM_ACTIVE_SESSIONS.labels("verifier", self.target.name).inc()
-
-    def _leave(self) -> None:
-        with self._lock:
-            self.active_sessions -= 1
-        metrics.NUM_ACTIVE_SESSIONS.labels("verifier", self.target.name).dec()
-
-    async def _generate(self, request: GenerationRequest, context) -> None:
-        factory = self.proposer_factory(request.method)
-        proposer = factory.new_session(request.prompt_ids, request.sampling) if factory else None
-        gen = self.spec_loop.generate(request, proposer)
-        recorder = metrics.TokenLatencyRecorder("verifier", self.target.name)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
 
-        def emit(item: object) -> None:
+        def sink(item: object) -> None:  # the step thread: never blocks
             try:
                 loop.call_soon_threadsafe(items.put_nowait, item)
             except RuntimeError:  # the event loop is gone (shutdown): nobody to tell
-                cancel.set()
+                pass
 
-        producer = loop.run_in_executor(self.executor, _produce, gen, proposer, cancel, emit)
+        try:
+            gen_request = self.build_request(request)
+            ticket = self.scheduler.submit(gen_request, self.proposer_factory(gen_request.method), sink)
+        except SpecdecError as e:
+            await _abort(context, e)
+            return
+        with metrics.track_session("verifier", self.target.name):
+            try:
+                await self._stream(gen_request, items, context)
+            finally:
+                self.scheduler.cancel(ticket)  # no-op once finished
+
+    async def _stream(self, request: GenerationRequest, items: asyncio.Queue, context) -> None:
+        recorder = metrics.TokenLatencyRecorder("verifier", self.target.name)  # TTFT counts queue time
         finish = "abort"
+        started = False
         try:
             while True:
                 item = await items.get()
+                if isinstance(item, SpecdecError) and not started:
+                    finish = "rejected"
+                    await _abort(context, item)  # queue timeout or shutdown: a status, nothing streamed
+                    return
                 if isinstance(item, BaseException):
                     raise item
-                if item is _DONE:
-                    raise RuntimeError("the loop ended without a result")
+                started = True
                 if isinstance(item, GenerationChunk):
                     await context.write(chunk_to_proto(item))
                     recorder.on_tokens(len(item.token_ids))
@@ -333,10 +290,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             await context.write(error_to_proto(SpecdecError(f"internal error (request {request.request_id or '-'})")))
         finally:
             recorder.finish(finish)
-            cancel.set()
-            # a cancelled stream's round may still run; the session is freed only when it
-            # ends, so the caller leaves the active count after this
-            await wait_shielded(producer, logger, "cleanup of a generation")
 
 
 async def _abort(context, err: SpecdecError) -> None:

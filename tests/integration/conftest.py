@@ -1,7 +1,7 @@
 """The real `specdec serve` stack as subprocesses on loopback, shared by the whole session.
 
-`serve_stack` starts `python -m router.cli serve` once (demo models, admission limit 2 per
-replica so capacity tests stay cheap) and tears it down at the end of the session; tests
+`serve_stack` starts `python -m router.cli serve` once (demo models, 2 batch rows and no
+queue per replica so capacity tests stay cheap) and tears it down at the end of the session; tests
 use the function-scoped `stack`, which restarts it only if a test stopped it (the SIGTERM
 test). Process handling lives in `router/stack.py` (shared with `bench.speedup --e2e`).
 """
@@ -19,7 +19,9 @@ MAX_SESSIONS_PER_REPLICA = 2
 @pytest.fixture(scope="session")
 def serve_stack(tmp_path_factory):
     config = default_config().model_dump(mode="json")
-    config.update(router_port=0, http_port=0, max_sessions_per_replica=MAX_SESSIONS_PER_REPLICA)
+    config.update(router_port=0, http_port=0)
+    for target in config["targets"]:
+        target.update(max_batch_rows=MAX_SESSIONS_PER_REPLICA, max_queued_requests=0)
     stack = ServeProcess(tmp_path_factory.mktemp("serve"), config)
     stack.start()
     print(f"\nspecdec serve ready in {stack.startup_s:.1f}s ({stack.grpc_address}, {stack.http_url})")

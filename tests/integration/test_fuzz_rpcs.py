@@ -71,7 +71,7 @@ def servers():
     pool = DrafterPool.load(CONFIG.drafters, CONFIG.targets)
     drafter, drafter_address = loop.run(_serve(drafter_pb2_grpc.add_DrafterServiceServicer_to_server,
                                                DrafterServicer(pool)))  # fmt: skip
-    engine, tokenizer = load_target(CONFIG.target(TARGET))
+    engine, tokenizer = load_target(CONFIG.target(TARGET), max_batch_rows=4)
     verifier_servicer = VerifierServicer(CONFIG, TARGET, drafter_address=drafter_address)
     verifier_servicer.attach(SpecDecodeLoop(engine, tokenizer, RulePolicy(CONFIG.speculation)),
                              tokenizer_hash(CONFIG.target(TARGET).model_dir))  # fmt: skip

@@ -29,7 +29,7 @@ KEY = "sk-client-test"
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def address(monkeypatch_module):
-    engine, tokenizer = load_target(CONFIG.target(TARGET))
+    engine, tokenizer = load_target(CONFIG.target(TARGET), max_batch_rows=4)
     servicer = VerifierServicer(CONFIG, TARGET)
     servicer.attach(SpecDecodeLoop(engine, tokenizer, RulePolicy(CONFIG.speculation)),
                     tokenizer_hash(CONFIG.target(TARGET).model_dir))  # fmt: skip

@@ -24,7 +24,9 @@ from verifier_service.servicer import VerifierServicer
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 
 TARGET = "codelm-target-s"
-CONFIG = default_config(max_sessions_per_replica=2).model_copy(update={"drafters": []})
+_DEFAULT = default_config()
+CONFIG = _DEFAULT.model_copy(update={"drafters": [], "targets": [
+    t.model_copy(update={"max_batch_rows": 2, "max_queued_requests": 0}) for t in _DEFAULT.targets]})  # fmt: skip
 LONG = 1000
 
 
@@ -36,7 +38,9 @@ def spec_loop():
 
 async def _start_replica(spec_loop):
     servicer = VerifierServicer(CONFIG, TARGET)
-    servicer.attach(spec_loop, tokenizer_hash(CONFIG.target(TARGET).model_dir))
+    # each replica its own step loop and slots, over the same weights
+    engine = spec_loop.engine.resized(CONFIG.target(TARGET).max_batch_rows)
+    servicer.attach(SpecDecodeLoop(engine, spec_loop.tokenizer, spec_loop.policy), tokenizer_hash(CONFIG.target(TARGET).model_dir))
     return await start_verifier_server(servicer)
 
 

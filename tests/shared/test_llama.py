@@ -1,12 +1,13 @@
-"""The lean Llama forward (`shared.llama`) on the target path: logits within 1e-4 of HF's
-for a prefill and for verify forwards after rollbacks, on both demo targets."""
+"""The lean Llama forward (`shared.llama`) on the target path: logits within 1e-4 of HF's for
+a prefill and for verify forwards after rollbacks, on both demo targets; a ragged batch of
+rows (different lengths, drafts, rollbacks, slot reuse) gives each row its batch-1 logits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from shared.llama import LlamaForward, LlamaWeights
+from shared.llama import LlamaForward, LlamaWeights, RowFeed
 from shared.paths import models_dir
 from tests.exactness import humaneval_prompts, load_reference_model
 
@@ -24,43 +25,79 @@ def hf_logits(hf, ids: list[int]) -> torch.Tensor:  # [len(ids), vocab]
         return hf(torch.tensor([ids])).logits[0]
 
 
+def one_row(lean, cache, ids, num_logits=None, slot=0):  # [num_logits, vocab]
+    return lean.step(cache, [RowFeed(slot, ids, len(ids) if num_logits is None else num_logits)])
+
+
 def test_prefill_and_verify_after_rollback_match_hf(models):
     hf, lean, tokenizer = models
     prompt = tokenizer(humaneval_prompts(1, offset=3)[0]).input_ids
     cont = hf_logits(hf, prompt)[-1].argmax().item()
-    cache = lean.new_cache(512)
-    ours = lean.forward(cache, prompt)  # [n, vocab]
+    cache = lean.new_cache(2, 512)
+    ours = one_row(lean, cache, prompt, slot=1)  # [n, vocab]
     ref = hf_logits(hf, prompt)
     assert ours.dtype == torch.float32
     assert (ours - ref).abs().max() < TOLERANCE
     # verify 4 tokens, reject 3 of them, verify 4 others from the kept prefix (twice)
     tokens = list(prompt)
     for step, draft in enumerate(([cont, 5, 6, 7], [9, 10, 11, 12], [13, 14, 15, 16])):
-        out = lean.forward(cache, draft)  # [4, vocab]
+        out = one_row(lean, cache, draft, slot=1)  # [4, vocab]
         ref = hf_logits(hf, tokens + draft)[-4:]
         assert (out - ref).abs().max() < TOLERANCE, step
         tokens.append(draft[0])
-        lean.rollback(cache, len(tokens))
-    assert cache.length == len(prompt) + 3
+        lean.rollback(cache, 1, len(tokens))
+    assert cache.lengths == [0, len(prompt) + 3]
 
 
-def test_last_only_and_a_wrong_weight_is_caught(models):
+def test_ragged_batch_equals_each_row_alone(models):
+    """Hand-built rows: a prompt chunk, a one-token step, verify rows of different draft
+    lengths, rows after rollbacks, and a reused slot, all in the same steps."""
+    hf, lean, tokenizer = models
+    prompts = [tokenizer(p).input_ids for p in humaneval_prompts(4)]
+    prompts = [p[:n] for p, n in zip(prompts, (40, 7, 23, 60))]
+    batched, alone = lean.new_cache(5, 256), lean.new_cache(5, 256)
+    # slots 3, 0, 4, 1: not in the rows' order, slot 2 unused
+    # step 1: full prefills of rows 0 and 1, the first half of row 2's prompt; row 3 waits
+    steps = [
+        [RowFeed(3, prompts[0], 1), RowFeed(0, prompts[1], 3), RowFeed(4, prompts[2][:12], 0)],
+        [RowFeed(3, [11, 12, 13, 14], 4), RowFeed(0, [7], 1), RowFeed(4, prompts[2][12:], 2),
+         RowFeed(1, prompts[3], 1)],  # fmt: skip
+        [RowFeed(3, [21, 22], 2), RowFeed(0, [8, 9, 10, 11, 12, 13], 6), RowFeed(1, [5], 1)],
+    ]
+    rollbacks = [{}, {3: len(prompts[0]) + 1, 0: len(prompts[1]) + 1}, {0: len(prompts[1]) + 3}]
+    for feeds, keep in zip(steps, rollbacks):
+        out = lean.step(batched, feeds)  # [sum of num_logits, vocab]
+        ref = torch.cat([lean.step(alone, [f]) for f in feeds])
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max() < TOLERANCE
+        for slot, n in keep.items():
+            lean.rollback(batched, slot, n)
+            lean.rollback(alone, slot, n)
+    assert batched.lengths == alone.lengths
+    # slot reuse: slot 0 restarts from 0 with another prompt beside a running row
+    lean.rollback(batched, 0, 0)
+    out = lean.step(batched, [RowFeed(0, prompts[3][:30], 30), RowFeed(3, [31], 1)])
+    ref_new = hf_logits(hf, prompts[3][:30])
+    assert (out[:30] - ref_new).abs().max() < TOLERANCE
+
+
+def test_last_logits_only_and_a_wrong_weight_is_caught(models):
     hf, lean, tokenizer = models
     ids = tokenizer("def fib(n):\n    ").input_ids
     ref = hf_logits(hf, ids)[-1:]
-    assert (lean.forward(lean.new_cache(64), ids, last_only=True) - ref).abs().max() < TOLERANCE
+    assert (one_row(lean, lean.new_cache(1, 64), ids, 1) - ref).abs().max() < TOLERANCE
     # the comparison can fail: a perturbed weight moves the logits far beyond the tolerance
     broken = LlamaForward(LlamaWeights(hf))
     wo = broken.weights.layers[0].wo
     wo.small = wo.small * 1.01  # a new tensor: the packed fp32 weights alias the HF model's
-    assert (broken.forward(broken.new_cache(64), ids, last_only=True) - ref).abs().max() > TOLERANCE
+    assert (one_row(broken, broken.new_cache(1, 64), ids, 1) - ref).abs().max() > TOLERANCE
 
 
 def test_fp16_matmuls_stay_close():
     hf, tokenizer = load_reference_model("codelm-target-s")
     lean = LlamaForward(LlamaWeights(hf, matmul_dtype=torch.float16))
     ids = tokenizer("def add(a, b):\n    return").input_ids
-    diff = (lean.forward(lean.new_cache(64), ids) - hf_logits(hf, ids)).abs().max()
+    diff = (one_row(lean, lean.new_cache(1, 64), ids) - hf_logits(hf, ids)).abs().max()
     assert diff < 0.1  # fp16 weights move logits by ~1e-2: acceptance only, never output
 
 
@@ -70,4 +107,4 @@ def test_from_pretrained_loads_a_directory():
     assert lean.weights.num_layers == hf.config.num_hidden_layers
     assert lean.weights.dtype == torch.float32  # the checkpoint's dtype
     ids = tokenizer("import os").input_ids
-    assert (lean.forward(lean.new_cache(16), ids) - hf_logits(hf, ids)).abs().max() < TOLERANCE
+    assert (one_row(lean, lean.new_cache(1, 16), ids) - hf_logits(hf, ids)).abs().max() < TOLERANCE

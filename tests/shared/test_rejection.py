@@ -1,8 +1,9 @@
 """Verification (`shared.rejection`) and sampling (`shared.sampling`).
 
-Tiny hand-built distributions force outcomes; one χ² test per draft kind checks the
-lossless guarantee (the first emitted token is distributed as target_probs[0]), and a
-deliberately wrong sampler (p and q swapped in the accept test) shows the χ² test can fail.
+The verifier accepts the draft's prefix equal to the target's own tokens; the target's token
+at a sampled position is an inverse-CDF draw with the (seed, position) uniform. χ² tests check
+the lossless guarantee (the drawn tokens follow p), and a deliberately wrong sampler (the
+uniform applied to a shifted distribution) shows the χ² test can fail.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import torch
 from scipy.stats import chisquare
 
 from shared.errors import InvalidArgumentError
-from shared.rejection import greedy_accept, rejection_sample
-from shared.sampling import SamplingParams, logits_to_probs, make_generator, sample_from_probs
+from shared.rejection import accept_prefix
+from shared.sampling import (
+    SamplingParams,
+    logits_to_probs,
+    make_generator,
+    position_uniforms,
+    sample_at,
+    sample_from_probs,
+)
 
 VOCAB_SIZE = 8
 NUM_SAMPLES = 20_000
-# Target and draft distributions for the χ² tests: far apart, every p(x) large enough
-# that each expected count is >= 400.
-P0 = [0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02]
-Q0 = [0.02, 0.05, 0.08, 0.10, 0.10, 0.15, 0.20, 0.30]
+P0 = [0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02]  # every expected count >= 400
 
 
 def one_hot_probs(token_ids: list[int], vocab_size: int = VOCAB_SIZE) -> torch.Tensor:
@@ -35,183 +40,83 @@ def probs(rows: list[list[float]]) -> torch.Tensor:  # [num_rows, vocab_size]
     return torch.tensor(rows, dtype=torch.float32)
 
 
-########################### greedy_accept ###########################
+########################### accept_prefix ###########################
 
 
 @pytest.mark.parametrize(
-    "draft,target_argmax,expected_tokens,expected_num_accepted",
+    "draft,target,expected",
     [
-        ([1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4], 3),  # all accepted, then the bonus token
-        ([1, 2, 3], [5, 2, 3, 4], [5], 0),  # first rejected: only the target's token
-        ([1, 2, 3], [1, 7, 3, 4], [1, 7], 1),  # middle rejected: later matches don't count
-        ([1, 2, 3], [1, 2, 9, 4], [1, 2, 9], 2),  # last rejected
-        ([4], [4, 0], [4, 0], 1),  # k = 1, accepted
-        ([], [6], [6], 0),  # k = 0: plain decoding step
+        ([], [7], 0),  # no draft: the target's token only
+        ([1, 2, 3], [1, 2, 3, 4], 3),  # all accepted, then the bonus
+        ([1, 2, 3], [1, 5, 3, 4], 1),  # first mismatch at 1: later matches do not count
+        ([1, 2, 3], [9, 2, 3, 4], 0),
     ],
 )
-def test_greedy_accept_table(draft, target_argmax, expected_tokens, expected_num_accepted):
-    tokens, num_accepted = greedy_accept(draft, torch.tensor(target_argmax))
-    assert tokens == expected_tokens
-    assert num_accepted == expected_num_accepted
-    assert len(tokens) == num_accepted + 1
+def test_accept_prefix_table(draft, target, expected):
+    assert accept_prefix(draft, target) == expected
 
 
-# The target must score k + 1 positions.
-def test_greedy_accept_shape_mismatch():
+def test_accept_prefix_shape_mismatch():
     with pytest.raises(AssertionError):
-        greedy_accept([1, 2], torch.tensor([1, 2]))
+        accept_prefix([1, 2], [1, 2])
 
 
-########################### rejection_sample: forced outcomes ###########################
+########################### position_uniforms ###########################
 
 
-@pytest.mark.parametrize(
-    "draft,target_tokens,expected_tokens,expected_num_accepted",
-    [
-        ([1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4], 3),  # p(x) = 1 everywhere: all + bonus
-        ([1, 2, 3], [5, 2, 3, 4], [5], 0),  # p(x) = 0: rejected, recovered = p's token
-        ([1, 2, 3], [1, 6, 3, 4], [1, 6], 1),  # rejected in the middle
-        ([], [7], [7], 0),  # k = 0: one token from p
-    ],
-)
-@pytest.mark.parametrize("with_draft_probs", [False, True])
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_rejection_sample_one_hot_target(
-    draft, target_tokens, expected_tokens, expected_num_accepted, with_draft_probs, seed
-):
-    # One-hot p makes the outcome certain whatever the random draws (and q one-hot on drafts).
-    draft_probs = None
-    if with_draft_probs:
-        draft_probs = one_hot_probs(draft) if draft else torch.zeros(0, VOCAB_SIZE)
-    tokens, num_accepted = rejection_sample(
-        draft, draft_probs, one_hot_probs(target_tokens), make_generator(seed)
-    )
-    assert tokens == expected_tokens
-    assert num_accepted == expected_num_accepted
+def test_position_uniforms_depend_only_on_seed_and_position():
+    a = position_uniforms([5, 5, 6], [10, 11, 10])
+    again = position_uniforms([6, 5], [10, 10])  # other order, other company
+    assert a[2] == again[0] and a[0] == again[1]
+    assert len(set(a.tolist())) == 3
+    big = position_uniforms([2**64 - 1], [0])  # a uint64 seed
+    assert 0.0 <= float(big[0]) < 1.0
+    u = position_uniforms([3] * 20_000, range(20_000)).numpy()
+    counts = np.histogram(u, bins=10, range=(0, 1))[0]
+    assert chisquare(counts).pvalue > 1e-3  # uniform
 
 
-# q(x) > p(x) = 0 for the drafted token: always rejected, recovered from p alone.
-def test_rejection_sample_zero_target_prob_is_never_accepted():
-    target_probs = probs([[0.0, 0.5, 0.5, 0, 0, 0, 0, 0], [1.0] + [0.0] * 7])
-    draft_probs = probs([[0.9, 0.1, 0, 0, 0, 0, 0, 0]])
-    generator = make_generator(0)
-    for _ in range(200):
-        tokens, num_accepted = rejection_sample([0], draft_probs, target_probs, generator)
-        assert num_accepted == 0 and tokens[0] in (1, 2)
+########################### sample_at: distribution (χ²) ###########################
 
 
-# The uniform draw u can be exactly 0.0 (torch.rand is in [0, 1)): the accept test must be
-# strict (u * q < p), or a token the target gives probability 0 would be accepted.
-@pytest.mark.parametrize("with_draft_probs", [False, True])
-def test_rejection_sample_u_zero_rejects_zero_prob_draft(monkeypatch, with_draft_probs):
-    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.zeros(args[0]))
-    target_probs = one_hot_probs([5, 4])
-    draft_probs = one_hot_probs([3]) if with_draft_probs else None
-    tokens, num_accepted = rejection_sample([3], draft_probs, target_probs, make_generator(0))
-    assert (tokens, num_accepted) == ([5], 0)
+def _draws(sampler, p: torch.Tensor, seeds) -> np.ndarray:
+    logits = p.log().expand(len(seeds), -1)  # [n, vocab]
+    params = [SamplingParams(temperature=1.0, seed=s) for s in seeds]
+    u = position_uniforms(seeds, [0] * len(seeds))
+    return sampler(logits, params, [1] * len(seeds), u).numpy()
 
 
-# Shapes are checked at entry.
-@pytest.mark.parametrize(
-    "draft,draft_probs,target_probs",
-    [
-        ([1, 2], None, torch.ones(2, VOCAB_SIZE) / VOCAB_SIZE),  # target needs k + 1 rows
-        ([1], torch.ones(2, VOCAB_SIZE) / VOCAB_SIZE, torch.ones(2, VOCAB_SIZE) / VOCAB_SIZE),
-    ],
-)
-def test_rejection_sample_shape_mismatch(draft, draft_probs, target_probs):
-    with pytest.raises(AssertionError):
-        rejection_sample(draft, draft_probs, target_probs)
-
-
-########################### rejection_sample: distribution (χ²) ###########################
-
-
-def _swapped_rejection_sample(draft_token_ids, draft_probs, target_probs, generator):
-    """WRONG on purpose: accepts with min(1, q/p) instead of min(1, p/q) (k = 1 only)."""
-    x = draft_token_ids[0]
-    q_full = draft_probs[0] if draft_probs is not None else one_hot_probs([x])[0]
-    p, q = target_probs[0, x], q_full[x]
-    u = torch.rand(1, generator=generator)
-    if bool(u * p < q):
-        return [x, int(sample_from_probs(target_probs[1], generator))], 1
-    residual = torch.clamp(target_probs[0] - q_full, min=0.0)
-    return [int(sample_from_probs(residual / residual.sum(), generator))], 0
-
-
-def _emitted_counts(
-    sampler, target_probs: torch.Tensor, draft_rows: torch.Tensor, deterministic: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of the first and second emitted token over NUM_SAMPLES rounds.
-
-    target_probs: [k + 1, vocab_size] p; draft_rows: [k, vocab_size] q. Deterministic
-    drafts are argmax(q) with draft_probs=None; otherwise drafts are sampled from q.
-    """
-    k = draft_rows.shape[0]
-    draft_gen = make_generator(1234)
-    if deterministic:
-        drafts = draft_rows.argmax(-1).repeat(NUM_SAMPLES, 1)  # [NUM_SAMPLES, k]
-    else:
-        drafts = torch.multinomial(draft_rows, NUM_SAMPLES, replacement=True, generator=draft_gen).T
-    draft_probs = None if deterministic else draft_rows
-    generator = make_generator(4321)
-    first = np.zeros(VOCAB_SIZE, dtype=np.int64)
-    second = np.zeros(VOCAB_SIZE, dtype=np.int64)
-    for draft in drafts.tolist():
-        tokens, _ = sampler(draft[:k], draft_probs, target_probs, generator)
-        first[tokens[0]] += 1
-        if len(tokens) > 1:
-            second[tokens[1]] += 1
-    return first, second
-
-
-def _chi2_pvalue(counts: np.ndarray, expected_probs: torch.Tensor) -> float:
-    expected = expected_probs.double().numpy()
+def _chi2_pvalue(draws: np.ndarray, expected_probs: list[float]) -> float:
+    counts = np.bincount(draws, minlength=VOCAB_SIZE)
+    expected = np.asarray(expected_probs)
     return float(chisquare(counts, expected / expected.sum() * counts.sum()).pvalue)
 
 
-# Lossless: drafts sampled from a real q (draft_probs given) or argmax drafts (one-hot q);
-# the first emitted token follows p[0] and, when present, the second follows p[1].
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_rejection_sample_recovers_target_distribution(deterministic):
-    target_probs = probs([P0, P0[::-1], P0[2:] + P0[:2]])  # [k + 1 = 3, vocab_size]
-    draft_rows = probs([Q0, Q0[3:] + Q0[:3]])  # [k = 2, vocab_size]
-    first, second = _emitted_counts(rejection_sample, target_probs, draft_rows, deterministic)
-    assert _chi2_pvalue(first, target_probs[0]) > 1e-3
-    assert second.sum() > 300  # enough rounds accepted the first draft (argmax: p = 0.02)
-    assert _chi2_pvalue(second, target_probs[1]) > 1e-3
+def test_sample_at_follows_p():
+    draws = _draws(sample_at, probs([P0])[0], range(NUM_SAMPLES))
+    assert _chi2_pvalue(draws, P0) > 1e-3
 
 
-# The χ² test has power: swapping p and q in the accept test is detected.
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_chi2_rejects_swapped_acceptance(deterministic):
-    target_probs = probs([P0, P0[::-1]])  # [k + 1 = 2, vocab_size]
-    draft_rows = probs([Q0])  # [k = 1, vocab_size]
-    first, _ = _emitted_counts(_swapped_rejection_sample, target_probs, draft_rows, deterministic)
-    assert _chi2_pvalue(first, target_probs[0]) < 1e-6
+def _shifted_sample_at(logits, params, counts, uniforms):
+    """WRONG on purpose: draws from p shifted by one token."""
+    return (sample_at(logits, params, counts, uniforms) + 1) % VOCAB_SIZE
 
 
-########################### seeded determinism ###########################
+def test_chi2_detects_a_wrong_sampler():
+    draws = _draws(_shifted_sample_at, probs([P0])[0], range(NUM_SAMPLES))
+    assert _chi2_pvalue(draws, P0) < 1e-6
 
 
-def _seeded_run(seed: int | None, draft_probs: torch.Tensor | None) -> list[tuple[list[int], int]]:
-    rng = torch.Generator().manual_seed(99)  # fixed inputs; only the sampler's seed varies
-    target_probs = torch.softmax(torch.randn(5, VOCAB_SIZE, generator=rng), -1)  # [k + 1, V]
-    generator = make_generator(seed)
-    return [
-        rejection_sample([1, 2, 3, 4], draft_probs, target_probs, generator) for _ in range(50)
-    ]
-
-
-@pytest.mark.parametrize("with_draft_probs", [False, True])
-def test_rejection_sample_seeded_determinism(with_draft_probs):
-    rng = torch.Generator().manual_seed(7)
-    draft_probs = (
-        torch.softmax(torch.randn(4, VOCAB_SIZE, generator=rng), -1) if with_draft_probs else None
-    )
-    # same seed -> the same 50 rounds; a different seed -> different rounds
-    assert _seeded_run(123, draft_probs) == _seeded_run(123, draft_probs)
-    assert _seeded_run(123, draft_probs) != _seeded_run(124, draft_probs)
+def test_sample_at_mixes_greedy_and_sampled_requests_by_rows():
+    logits = torch.log(probs([P0, P0, [0.0, 0.5, 0.0, 0.25, 0.0, 0.25, 0.0, 0.0], P0]))  # [4, V]
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=0.7)]
+    # row 0: greedy (1 position); row 1: 2 positions; row 2: 1 position
+    out = sample_at(logits, params, [1, 2, 1], position_uniforms([1, 2, 2, 3], [0, 5, 6, 0]))
+    assert out[0] == 0  # argmax
+    assert 0 <= int(out[3]) < VOCAB_SIZE
+    many = sample_at(logits[2:3].expand(3000, -1), [params[1]], [3000],
+                     position_uniforms([9] * 3000, range(3000)))  # fmt: skip
+    assert set(many.tolist()) == {1, 3, 5}  # p = 0 is never drawn, top-k 3 keeps all three
 
 
 def test_make_generator():

@@ -1,5 +1,5 @@
 """`RulePolicy`: the configured rule per method, a request's own k and drafter params, the
-±2/−1 rule, several rows in one step, and the measured verify cost per token count."""
+±2/−1 rule, several rows in one step, the measured step cost line and the load-aware cap."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import pytest
 from shared.config import MethodSpeculation, SpeculationConfig
 from shared.types import GenerationRequest
 from shared.sampling import SamplingParams
-from verifier_service.policy import RowOutcome, RulePolicy, StepCost, plus_two_minus_one
+from verifier_service.policy import (
+    RowOutcome,
+    RulePolicy,
+    StepCost,
+    StepCostModel,
+    expected_tokens,
+    plus_two_minus_one,
+)
 
 CONFIG = SpeculationConfig(
     methods={
@@ -17,6 +24,7 @@ CONFIG = SpeculationConfig(
         "sorted": MethodSpeculation(num_speculative_tokens=4, drafter_params={"fixed_exit": 2.0}),
     },
     max_speculative_tokens=8,
+    load_aware=False,  # the rules alone; the cap has its own tests below
 )
 
 
@@ -94,14 +102,68 @@ def test_several_rows_in_one_step_each_follow_their_rule():
     assert [p.k for p in policy.plan(rows)] == [5, 5, 0]
 
 
-def test_verify_cost_is_measured_per_token_count():
-    policy = RulePolicy(CONFIG)
-    row = policy.start(GenerationRequest(prompt_ids=[1], method="ngram"))
-    assert policy.verify_cost.ratio(6) is None
-    step(policy, [row], [RowOutcome(0, 0)], seconds=0.010)
-    step(policy, [row], [RowOutcome(5, 2)], seconds=0.013)
-    assert policy.verify_cost.ratio(6) == pytest.approx(1.3)
-    assert policy.summary(row)["verify_ratio.5"] == pytest.approx(1.3)
+def test_step_cost_line_is_fitted_from_steps_of_different_sizes():
+    model = StepCostModel()
+    assert model.line() is None
+    for _ in range(4):
+        model.observe(StepCost(1, 1, 0.0025))
+    assert model.line() is None  # one size only: no slope yet
+    for n in (4, 16, 64, 128, 8):
+        model.observe(StepCost(1, n, 0.002 + 0.0005 * n))
+    a, b = model.line()
+    assert a == pytest.approx(0.002, rel=1e-3) and b == pytest.approx(0.0005, rel=1e-3)
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(1.0, 3) == 4.0
+
+
+def _rows(policy, n: int, accepted: tuple[int, int], **kw):
+    """n ngram rows (k = 5) that accepted `accepted[0]` of `accepted[1]` drafts, many rounds;
+    then the step cost line a + b·n is all the policy knows of step times."""
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram", **kw)) for _ in range(n)]
+    for row in rows:
+        for _ in range(20):
+            policy.observe([row], [RowOutcome(accepted[1], accepted[0])], StepCost(1, 4, 0.0))
+    return rows
+
+
+def _measured(policy, a: float, b: float) -> RulePolicy:
+    policy.step_cost = StepCostModel()
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        policy.step_cost.observe(StepCost(1, n, a + b * n))
+    return policy
+
+
+LOAD_AWARE = CONFIG.model_copy(update={"load_aware": True})
+
+
+def test_a_lone_row_keeps_its_k_when_steps_cost_mostly_overhead():
+    policy = RulePolicy(LOAD_AWARE)
+    (row,) = _rows(policy, 1, accepted=(2, 5))
+    _measured(policy, a=0.010, b=0.0001)  # 1 row x 6 tokens: 1.05 x a one-token step
+    assert [p.k for p in policy.plan([row])] == [5]
+
+
+def test_a_full_batch_drops_drafts_that_do_not_pay_and_keeps_those_that_do():
+    policy = RulePolicy(LOAD_AWARE)
+    rows = _rows(policy, 32, accepted=(0, 5))  # never accepted
+    _measured(policy, a=0.002, b=0.0005)  # compute-bound: every token costs
+    assert {p.k for p in policy.plan(rows)} == {0}
+    policy = RulePolicy(LOAD_AWARE)
+    good = _rows(policy, 32, accepted=(5, 5))  # always accepted: 6 tokens for 6 fed
+    _measured(policy, a=0.002, b=0.0005)
+    assert {p.k for p in policy.plan(good)} == {5}
+    assert policy.summary(good[0])["load_cap"] == 5.0
+
+
+def test_a_pinned_k_is_never_cut():
+    policy = RulePolicy(LOAD_AWARE)
+    rows = _rows(policy, 32, accepted=(0, 5), num_speculative_tokens=4)
+    _measured(policy, a=0.002, b=0.0005)
+    assert {p.k for p in policy.plan(rows)} == {4}
 
 
 def test_greedy_requests_get_the_methods_greedy_settings():
@@ -124,3 +186,12 @@ def test_greedy_settings_are_bounded_and_one_level_deep():
     with pytest.raises(ValueError, match="its own when_greedy"):
         MethodSpeculation(num_speculative_tokens=3, when_greedy=MethodSpeculation(
             num_speculative_tokens=3, when_greedy=MethodSpeculation(num_speculative_tokens=3)))  # fmt: skip
+
+
+def test_a_cut_batch_still_probes_its_drafts_now_and_then():
+    policy = RulePolicy(LOAD_AWARE)
+    rows = _rows(policy, 32, accepted=(0, 5))
+    _measured(policy, a=0.002, b=0.0005)
+    ks = [policy.plan(rows)[0].k for _ in range(2 * RulePolicy.PROBE_EVERY)]
+    assert ks.count(5) == 2 and ks.count(0) == len(ks) - 2
+    assert [p.k for p in policy.plan(rows[:3])] == [5, 5, 5]  # a few rows: never cut

@@ -61,9 +61,10 @@ async def drafter(pool):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def verifier(target, drafter):
-    spec_loop, _ = target
+    spec_loop, _ = target  # the in-process reference; the servicer steps its own loop and slots
     servicer = VerifierServicer(CONFIG, TARGET, drafter_address=drafter["server"].address)
-    servicer.attach(spec_loop, tokenizer_hash(CONFIG.target(TARGET).model_dir))
+    own = SpecDecodeLoop(spec_loop.engine.resized(4), spec_loop.tokenizer, spec_loop.policy)
+    servicer.attach(own, tokenizer_hash(CONFIG.target(TARGET).model_dir))
     running = await start_verifier_server(servicer)
     yield running
     await running.stop(None)
@@ -190,25 +191,49 @@ async def test_bad_request_rejected_naming_the_field(stub, verifier, overrides, 
     assert verifier.servicer.active_sessions == 0
 
 
-async def test_over_capacity_is_resource_exhausted(stub, verifier, prompts):
-    servicer = verifier.servicer
-    servicer.max_sessions = 1
+async def test_queue_full_timeout_and_cancel_while_queued(stub, verifier, prompts):
+    """Rows full → requests wait in the queue (no first message yet); queue full →
+    RESOURCE_EXHAUSTED marked as capacity; a queued request times out with DEADLINE_EXCEEDED;
+    a cancelled queued request leaves the queue at once."""
+    scheduler = verifier.servicer.scheduler
+    rows = scheduler.max_batch_rows
+    saved = scheduler.max_queued_requests, scheduler.queue_timeout_s
+    scheduler.max_queued_requests = 1
+    running = []
     try:
-        first = stub.Generate(make_request(prompts[0], max_new_tokens=64))
-        await first.read()  # admitted and running
+        for i in range(rows):  # fill every row with a long request
+            call = stub.Generate(make_request(prompts[i % len(prompts)], max_new_tokens=200))
+            await call.read()
+            running.append(call)
+        queued = stub.Generate(make_request(prompts[0], max_new_tokens=4))
+        assert await wait_for(lambda: scheduler.num_queued == 1)
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await collect(stub.Generate(make_request(prompts[1])))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        first.cancel()
+        assert ("specdec-capacity", "1") in tuple(e.value.trailing_metadata())
+        queued.cancel()
+        assert await wait_for(lambda: scheduler.num_queued == 0, timeout=1.0)  # at once, rows still busy
+        assert scheduler.num_running == rows
+        scheduler.queue_timeout_s = 0.3
+        t0 = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(stub.Generate(make_request(prompts[2])))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t0 < 5
     finally:
-        servicer.max_sessions = CONFIG.max_sessions_per_replica
-    assert await wait_for(lambda: servicer.active_sessions == 0)
+        scheduler.max_queued_requests, scheduler.queue_timeout_s = saved
+        for call in running:
+            call.cancel()
+    assert await wait_for(lambda: verifier.servicer.active_sessions == 0)
+    # a queued request that waits its turn completes once a row frees
+    tokens, _ = await collect(stub.Generate(make_request(prompts[3], max_new_tokens=4)))
+    assert len(tokens) == 4
 
 
 async def test_get_load(stub, verifier):
     load = await stub.GetLoad(verifier_pb2.GetLoadRequest())
     assert load.model == TARGET
-    assert load.max_sessions == CONFIG.max_sessions_per_replica
+    assert load.max_sessions == verifier.servicer.scheduler.capacity
     assert load.active_sessions == 0
     assert list(load.methods) == ["none", "ngram", "draft_model"]
 
@@ -270,7 +295,7 @@ async def test_drafter_down_mid_generation_then_back(target, stub, verifier, dra
 async def test_concurrent_sessions_overlap(target, stub, verifier, prompts):
     """Three requests at once (one per method): each is exact, and their chunks interleave,
     which a global lock around generation would make impossible."""
-    verifier.servicer.peak_active_sessions = 0
+    verifier.servicer.spec_loop.peak_rows = 0
     times: dict[int, list[float]] = {0: [], 1: [], 2: []}
     methods = ["none", "ngram", "draft_model"]
     max_new_tokens = 32
@@ -285,7 +310,7 @@ async def test_concurrent_sessions_overlap(target, stub, verifier, prompts):
     results = await asyncio.gather(*(run(i) for i in range(3)))
     for i, (tokens, _) in enumerate(results):
         assert_same_greedy(target, prompts[i], tokens, max_new_tokens)
-    assert verifier.servicer.peak_active_sessions == 3
+    assert verifier.servicer.spec_loop.peak_rows == 3  # one batch
     # Chunks of other requests streamed while request i was between its first and last chunk.
     interleaved = [
         sum(times[i][0] < t < times[i][-1] for j in times if j != i for t in times[j]) for i in times

@@ -80,7 +80,9 @@ async def verifiers(loops, pool):
     running = {}
     for name in TARGETS:
         servicer = VerifierServicer(CONFIG, name, drafter_address=drafter.address)
-        servicer.attach(loops[name][0], tokenizer_hash(CONFIG.target(name).model_dir))
+        ref = loops[name][0]  # the in-process reference; the servicer steps its own loop and slots
+        own = SpecDecodeLoop(ref.engine.resized(4), ref.tokenizer, RulePolicy(CONFIG.speculation))
+        servicer.attach(own, tokenizer_hash(CONFIG.target(name).model_dir))
         running[name] = await start_verifier_server(servicer)
     yield running
     for r in running.values():
@@ -141,9 +143,10 @@ async def test_greedy_sorted_equals_target_only(loops, verifiers, prompts, model
         assert_same_greedy(loops, model, prompt, tokens)
         num_draft_tokens += complete.stats.num_draft_tokens
         policy = dict(complete.stats.policy)
-        # the configured default (speculation.methods.sorted), in the final stats
-        assert policy["k"] == CONFIG.speculation.methods["sorted"].num_speculative_tokens, policy
-        assert {"k", *CONFIG.speculation.methods["sorted"].drafter_params} <= set(policy), policy
+        # the configured greedy default (speculation.methods.sorted), in the final stats
+        default = CONFIG.speculation.methods["sorted"].for_request(greedy=True)
+        assert policy["k"] == default.num_speculative_tokens, policy
+        assert {"k", *default.drafter_params} <= set(policy), policy
     assert num_draft_tokens > 0  # the shared drafter really drafted
     labels = {"model": model}
     drafted = [
