@@ -1,0 +1,675 @@
+"""Load test: throughput and latency of a serving cluster under concurrency or Poisson load.
+
+Drives `specdec serve` (OpenAI HTTP or gRPC), or any OpenAI-compatible server, with a
+closed-loop concurrency sweep and open-loop Poisson arrivals:
+
+    python -m bench.loadtest                                    # starts specdec serve itself
+    python -m bench.loadtest --methods none ngram sorted --concurrency 1 8 32 --temperature 0.8
+    python -m bench.loadtest --http-url http://127.0.0.1:8000   # a running specdec serve
+    python -m bench.loadtest --protocols http grpc --http-url http://127.0.0.1:8000 \\
+        --grpc-address 127.0.0.1:50051
+    python -m bench.loadtest --rates 2 4 8 --duration-s 30 --concurrency   # open loop only
+    python -m bench.loadtest --http-url http://127.0.0.1:8001 --targets my-model \\
+        --methods default --tokenizer /path/to/tokenizer                   # e.g. vLLM
+    python -m bench.loadtest --config cfg.yaml --dataset spec_bench        # YAML over the default
+
+Without `--http-url` / `--grpc-address` the tool starts `specdec serve` (the default config,
+`--config` YAML merged over it, only the `--targets`) and stops it at the end.
+
+Closed loop: at each `--concurrency` level that many workers send requests back to back,
+`--requests-per-level` in all (default max(2 x level, 16)). Open loop: requests arrive as a
+Poisson process at each of `--rates` (req/s) for `--duration-s`, whatever the server's pace
+(seeded by `--seed`; the same schedule for every target and method).
+
+Prompts are distinct as far as the data set allows (HumanEval, MT-Bench or Spec-Bench first
+turns from ../shared/data, taken in order and cycled; each target, method and protocol starts
+at the first, so they all see the same prompts):
+only those of at most `--max-prompt-tokens` (default 256 - `--max-tokens`, the demo models'
+window) by the target's tokenizer, or by `--tokenizer`, or else by a budget of 2 characters
+per token. `--methods` are sent as specdec's `method` extension, except `default`, which sends
+none (the server's default; any OpenAI server).
+
+Nothing is retried: HTTP 429 and gRPC RESOURCE_EXHAUSTED count as rejected, any other error
+as failed (the first messages are kept); the gRPC client runs with attempts=1.
+
+Per (target, method, protocol, level): requests/s, output tokens/s, TTFT, TPOT, ITL and
+end-to-end latency (mean, p50, p90, p99), goodput (requests/s meeting TTFT <= `--slo-ttft-s`
+and TPOT <= `--slo-tpot-ms`), rejected and failed counts, tau (mean acceptance length over
+the requests that report one), mean batch rows per verifier step (the `specdec:batch_rows`
+histogram before and after, when a scraped /metrics has it; n/a otherwise) and the tool's
+own CPU use (user + system seconds over wall seconds).
+TPOT = (end-to-end - TTFT) / (tokens - 1), for requests of at least 2 tokens. ITL is the
+time between received chunks: a speculative chunk carries several tokens, so ITL is per
+chunk, not per token. Tokens come from `usage.completion_tokens`, else from specdec's
+per-chunk `token_ids`, else one per non-empty chunk (a lower bound; the report says which).
+
+Results: `--out-dir` (bench/results)/loadtest-<time>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import gzip
+import json
+import resource
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS_DIR, environment
+from shared.paths import data_dir
+
+DEMO_WINDOW = 256  # tokens the demo models were trained on: prompt + completion
+CHARS_PER_TOKEN_FLOOR = 2  # prompt budget without a tokenizer (the data sets average 2.5-2.9)
+HTTP_TOO_MANY_REQUESTS = 429
+BATCH_ROWS = "specdec:batch_rows"
+DEFAULT_METHOD = "default"  # --methods value that sends no `method` field
+ERRORS_KEPT = 3
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request as the client saw it; times in seconds from when it was sent."""
+
+    ok: bool = False
+    rejected: bool = False  # HTTP 429 / RESOURCE_EXHAUSTED
+    error: str = ""
+    ttft_s: float | None = None  # first chunk that carries a token
+    e2e_s: float = 0.0
+    chunk_times_s: list[float] = field(default_factory=list)  # arrival of each chunk with tokens
+    num_tokens: int = 0
+    token_source: str = ""  # usage | token_ids | chunks (a lower bound)
+    tau: float | None = None  # mean acceptance length, when the server reports it
+
+    @property
+    def tpot_s(self) -> float | None:
+        if not self.ok or self.ttft_s is None or self.num_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.num_tokens - 1)
+
+    @property
+    def itls_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times_s, self.chunk_times_s[1:])]
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    ttft_s: float
+    tpot_s: float
+
+    def met_by(self, rec: RequestRecord) -> bool:
+        """Completed within the TTFT bound, and the TPOT bound when TPOT exists (>= 2 tokens)."""
+        if not rec.ok or rec.ttft_s is None or rec.ttft_s > self.ttft_s:
+            return False
+        tpot = rec.tpot_s
+        return tpot is None or tpot <= self.tpot_s
+
+
+# ---------------------------------------------------------------- pure arithmetic
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """mean, p50, p90, p99 (numpy's linear interpolation); None for no values."""
+    if not values:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    a = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def poisson_arrivals(rate: float, duration_s: float, rng: np.random.Generator) -> list[float]:
+    """Arrival times in [0, duration_s) of a Poisson process of `rate` per second: running
+    sums of exponential gaps with mean 1 / rate."""
+    assert rate > 0 and duration_s > 0
+    times, t = [], rng.exponential(1.0 / rate)
+    while t < duration_s:
+        times.append(float(t))
+        t += rng.exponential(1.0 / rate)
+    return times
+
+
+def summarize(records: list[RequestRecord], wall_s: float, cpu_s: float, slo: Slo) -> dict:
+    """One level's row (without its labels); rates are over the level's wall time."""
+    ok = [r for r in records if r.ok]
+    taus = [r.tau for r in ok if r.tau]  # 0 = not reported (a proto default)
+    return {
+        "requests": len(records),
+        "completed": len(ok),
+        "rejected": sum(r.rejected for r in records),
+        "failed": sum(not r.ok and not r.rejected for r in records),
+        "errors": list(dict.fromkeys(r.error for r in records if r.error))[:ERRORS_KEPT],
+        "wall_s": wall_s,
+        "requests_per_s": len(ok) / wall_s,
+        "output_tokens_per_s": sum(r.num_tokens for r in ok) / wall_s,
+        "goodput_requests_per_s": sum(slo.met_by(r) for r in ok) / wall_s,
+        "ttft_s": percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "tpot_s": percentiles([t for r in ok if (t := r.tpot_s) is not None]),
+        "itl_s": percentiles([x for r in ok for x in r.itls_s]),
+        "e2e_s": percentiles([r.e2e_s for r in ok]),
+        "tau": float(np.mean(taus)) if taus else None,
+        "token_sources": sorted({r.token_source for r in ok}),
+        "client_cpu_share": cpu_s / wall_s,
+    }
+
+
+def merge_config(base: dict, override: dict) -> dict:
+    """`override` over `base`: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_config(out[key], value) if both_maps else value
+    return out
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def load_prompts(dataset: str) -> list[str]:
+    """HumanEval's `prompt`s, or the first of MT-Bench's / Spec-Bench's `turns`."""
+    root = data_dir()
+    if dataset == "humaneval":
+        with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
+            return [json.loads(line)["prompt"] for line in f]
+    with open(root / dataset / "question.jsonl") as f:
+        return [json.loads(line)["turns"][0] for line in f]
+
+
+def fitting_prompts(prompts: list[str], num_tokens: Callable[[str], int], max_prompt_tokens: int) -> list[str]:
+    """The distinct prompts of at most `max_prompt_tokens` tokens, in order."""
+    return [p for p in dict.fromkeys(prompts) if num_tokens(p) <= max_prompt_tokens]
+
+
+def token_counter(tokenizer_dir: Path | None) -> Callable[[str], int]:
+    if tokenizer_dir is None:
+        return lambda text: -(-len(text) // CHARS_PER_TOKEN_FLOOR)
+    from shared.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return lambda text: len(tokenizer(text).input_ids)
+
+
+class PromptCycle:
+    """Prompts in order, wrapping around: each request gets the next one."""
+
+    def __init__(self, prompts: list[str]) -> None:
+        assert prompts, "no prompt fits the token budget"
+        self.prompts, self.next_index = prompts, 0
+
+    def __call__(self) -> str:
+        prompt = self.prompts[self.next_index % len(self.prompts)]
+        self.next_index += 1
+        return prompt
+
+
+# ---------------------------------------------------------------- clients
+
+
+@dataclass(frozen=True, slots=True)
+class RequestShape:
+    max_tokens: int
+    temperature: float
+
+
+def observe_event(rec: RequestRecord, event: dict, now_s: float) -> None:
+    """Fold one OpenAI completion SSE event into `rec` (specdec's extension is optional)."""
+    ext = event.get("specdec") or {}
+    choices = event.get("choices") or [{}]
+    if "token_ids" in ext:
+        n, rec.token_source = len(ext["token_ids"]), "token_ids"
+    else:
+        n = int(bool(choices[0].get("text")))
+        rec.token_source = rec.token_source or "chunks"
+    if n:
+        if rec.ttft_s is None:
+            rec.ttft_s = now_s
+        rec.chunk_times_s.append(now_s)
+        rec.num_tokens += n
+    if ext.get("stats"):
+        rec.tau = ext["stats"].get("mean_acceptance_length")
+    if event.get("usage"):
+        rec.num_tokens, rec.token_source = event["usage"]["completion_tokens"], "usage"
+
+
+class HttpLoadClient:
+    """`POST /v1/completions` with `stream: true`, one pooled httpx.AsyncClient."""
+
+    def __init__(self, base_url: str, shape: RequestShape, max_connections: int, timeout_s: float,
+                 connect_timeout_s: float, api_key: str | None) -> None:  # fmt: skip
+        import httpx
+
+        self.shape = shape
+        self.client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"authorization": f"Bearer {api_key}"} if api_key else {},
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    async def send(self, model: str, prompt: str, method: str | None) -> RequestRecord:
+        body = {"model": model, "prompt": prompt, "max_tokens": self.shape.max_tokens,
+                "temperature": self.shape.temperature, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        if method is not None:
+            body["method"] = method
+        rec, t0 = RequestRecord(), time.perf_counter()
+        try:
+            async with self.client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    rec.rejected = response.status_code == HTTP_TOO_MANY_REQUESTS
+                    body = (await response.aread())[:200].decode(errors="replace")
+                    rec.error = f"HTTP {response.status_code}: {body}"
+                    return rec
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
+                        continue
+                    event = json.loads(data)
+                    if "error" in event:
+                        rec.error = f"in-band error: {event['error'].get('message')}"
+                        return rec
+                    observe_event(rec, event, time.perf_counter() - t0)
+            rec.ok = True
+        except Exception as e:  # noqa: BLE001 - every other failure is counted, never retried
+            rec.error = f"{type(e).__name__}: {e}"
+        finally:
+            rec.e2e_s = time.perf_counter() - t0
+        return rec
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class GrpcLoadClient:
+    """`router.client.AsyncSpecdecClient` with attempts=1 (its retries off), one channel."""
+
+    def __init__(self, address: str, shape: RequestShape, timeout_s: float, api_key: str | None) -> None:
+        from router.client import AsyncSpecdecClient
+
+        self.shape = shape
+        self.client = AsyncSpecdecClient(address, api_key=api_key, timeout_s=timeout_s, attempts=1)
+
+    async def send(self, model: str, prompt: str, method: str | None) -> RequestRecord:
+        import grpc
+
+        from router.client import Chunk, ClientError
+
+        rec, t0 = RequestRecord(), time.perf_counter()
+        try:
+            async for item in self.client.stream(model, prompt, max_new_tokens=self.shape.max_tokens,
+                                                 temperature=self.shape.temperature, method=method or ""):  # fmt: skip
+                now = time.perf_counter() - t0
+                if isinstance(item, Chunk):
+                    if item.token_ids:
+                        rec.ttft_s = now if rec.ttft_s is None else rec.ttft_s
+                        rec.chunk_times_s.append(now)
+                else:
+                    rec.num_tokens, rec.token_source = item.completion_tokens, "usage"
+                    rec.tau = item.stats.get("mean_acceptance_length")
+                    rec.ok = True
+            if not rec.ok:
+                rec.error = "the stream ended without a completion"
+        except ClientError as e:
+            rec.rejected = e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            rec.error = str(e)
+        except Exception as e:  # noqa: BLE001 - counted, never retried
+            rec.error = f"{type(e).__name__}: {e}"
+        finally:
+            rec.e2e_s = time.perf_counter() - t0
+        return rec
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+# ---------------------------------------------------------------- load shapes
+
+
+async def closed_loop(send: Callable, next_prompt: PromptCycle, concurrency: int, num_requests: int,
+                      on_done: Callable[[], None]) -> list[RequestRecord]:  # fmt: skip
+    """`concurrency` workers sending `num_requests` requests back to back."""
+    remaining = iter(range(num_requests))
+    records: list[RequestRecord] = []
+
+    async def worker() -> None:
+        for _ in remaining:
+            records.append(await send(next_prompt()))
+            on_done()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records
+
+
+async def open_loop(send: Callable, next_prompt: PromptCycle, arrivals_s: list[float],
+                    on_done: Callable[[], None]) -> list[RequestRecord]:  # fmt: skip
+    """One request at each arrival time (s from now), however many are in flight."""
+    t0 = time.perf_counter()
+
+    async def one(at_s: float, prompt: str) -> RequestRecord:
+        await asyncio.sleep(at_s - (time.perf_counter() - t0))
+        rec = await send(prompt)
+        on_done()
+        return rec
+
+    return list(await asyncio.gather(*(one(at, next_prompt()) for at in arrivals_s)))
+
+
+# ---------------------------------------------------------------- server side
+
+
+class BatchRowsProbe:
+    """(sum, count) of the `specdec:batch_rows` histogram of one target over /metrics URLs;
+    None when no URL answers with it (another server, or metrics behind a key we lack)."""
+
+    def __init__(self, urls: list[str], target: str, api_key: str | None) -> None:
+        self.urls, self.target = urls, target
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def read(self) -> tuple[float, float] | None:
+        from router.stack import metric_samples
+
+        total, steps, seen = 0.0, 0.0, False
+        for url in self.urls:
+            try:
+                request = urllib.request.Request(url, headers=self.headers)
+                text = urllib.request.urlopen(request, timeout=10).read().decode()
+            except OSError:
+                continue
+            sums = metric_samples(text, f"{BATCH_ROWS}_sum", model=self.target)
+            counts = metric_samples(text, f"{BATCH_ROWS}_count", model=self.target)
+            seen = seen or f"# TYPE {BATCH_ROWS} " in text  # declared, maybe with no step yet
+            total, steps = total + sum(sums), steps + sum(counts)
+        return (total, steps) if seen else None
+
+
+def mean_batch_rows(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+@dataclass(slots=True)
+class Endpoints:
+    http_url: str | None
+    grpc_address: str | None
+    metrics_urls: list[str]
+    config: dict  # the specdec config (tokenizers of known targets)
+
+
+@contextlib.contextmanager
+def endpoints(args: argparse.Namespace) -> Iterator[Endpoints]:
+    """The given server, or a `specdec serve` of `--targets` started here and stopped after."""
+    from shared.config import default_config
+
+    config = default_config().model_dump(mode="json")
+    if args.config is not None:
+        import yaml
+
+        config = merge_config(config, yaml.safe_load(args.config.read_text()) or {})
+    if args.http_url or args.grpc_address:
+        metrics = [f"{args.http_url.rstrip('/')}/metrics"] if args.http_url else []
+        yield Endpoints(args.http_url, args.grpc_address, metrics + args.metrics_url, config)
+        return
+    from router.stack import ServeProcess
+
+    unknown = set(args.targets) - {t["name"] for t in config["targets"]}
+    if unknown:
+        raise ValueError(f"targets {sorted(unknown)} are not in the config; name its targets or pass --http-url")
+    served = dict(config, router_port=0, http_port=0,
+                  targets=[t for t in config["targets"] if t["name"] in args.targets])  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="loadtest-") as workdir:
+        stack = ServeProcess(Path(workdir), served)
+        stack.start()
+        try:
+            children = [f"http://127.0.0.1:{c['metrics_port']}/metrics" for c in stack.state["children"]
+                        if c.get("metrics_port")]  # fmt: skip
+            yield Endpoints(stack.http_url, stack.grpc_address, children + args.metrics_url, config)
+        finally:
+            if stack.stop() != 0:
+                print(f"specdec serve exited with {stack.proc.returncode}:\n{stack.log_tail()}")
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---------------------------------------------------------------- run
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    load: str  # concurrency | rate
+    value: float
+    num_requests: int
+    arrivals_s: tuple[float, ...] = ()  # open loop
+
+
+def levels(args: argparse.Namespace) -> list[Level]:
+    closed = [Level("concurrency", c, args.requests_per_level or max(2 * c, 16)) for c in args.concurrency]
+    opened = []
+    for rate in args.rates:
+        arrivals = poisson_arrivals(rate, args.duration_s, np.random.default_rng(args.seed))
+        opened.append(Level("rate", rate, len(arrivals), tuple(arrivals)))
+    return closed + opened
+
+
+def make_client(protocol: str, args: argparse.Namespace, ends: Endpoints) -> HttpLoadClient | GrpcLoadClient:
+    shape = RequestShape(args.max_tokens, args.temperature)
+    if protocol == "grpc":
+        return GrpcLoadClient(ends.grpc_address, shape, args.timeout_s, args.api_key)
+    max_connections = args.max_connections or max(args.concurrency + ([1024] if args.rates else []))
+    return HttpLoadClient(ends.http_url, shape, max_connections, args.timeout_s, args.connect_timeout_s,
+                          args.api_key)
+
+
+async def run_level(client: HttpLoadClient | GrpcLoadClient, target: str, method: str, level: Level,
+                    next_prompt: PromptCycle) -> tuple[list[RequestRecord], float, float]:  # fmt: skip
+    """(records, wall s, client CPU s) of one level."""
+    from tqdm import tqdm
+
+    wire_method = None if method == DEFAULT_METHOD else method
+    send = functools.partial(client.send, target, method=wire_method)
+    desc = f"{target} {method} {level.load}={level.value:g}"
+    with tqdm(total=level.num_requests, desc=desc, leave=False) as bar:
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        if level.load == "concurrency":
+            records = await closed_loop(send, next_prompt, int(level.value), level.num_requests, bar.update)
+        else:
+            records = await open_loop(send, next_prompt, list(level.arrivals_s), bar.update)
+        return records, time.perf_counter() - t0, cpu_seconds() - cpu0
+
+
+async def run_all(args: argparse.Namespace, ends: Endpoints, prompts: dict[str, list[str]]) -> list[dict]:
+    from tqdm import tqdm
+
+    slo, plan, rows = Slo(args.slo_ttft_s, args.slo_tpot_ms / 1e3), levels(args), []
+    for protocol in args.protocols:
+        client = make_client(protocol, args, ends)
+        try:
+            for target in args.targets:
+                probe = BatchRowsProbe(ends.metrics_urls, target, args.api_key)
+                for method in args.methods:
+                    next_prompt = PromptCycle(prompts[target])
+                    for level in plan:
+                        before = probe.read()
+                        records, wall_s, cpu_s = await run_level(client, target, method, level, next_prompt)
+                        row = {"target": target, "method": method, "protocol": protocol, "load": level.load,
+                               "level": level.value, **summarize(records, wall_s, cpu_s, slo),
+                               "mean_batch_rows": mean_batch_rows(before, probe.read())}  # fmt: skip
+                        rows.append(row)
+                        tqdm.write(one_line(row))
+        finally:
+            await client.close()
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1e3:.0f}"
+
+
+def _load(row: dict) -> str:
+    return f"c={row['level']:g}" if row["load"] == "concurrency" else f"{row['level']:g} req/s"
+
+
+def one_line(r: dict) -> str:
+    return (f"{r['target']} {r['method']} {r['protocol']} {_load(r)}: {r['completed']}/{r['requests']} ok, "
+            f"{r['rejected']} rejected, {r['failed']} failed, {r['requests_per_s']:.2f} req/s, "
+            f"{r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {_ms(r['ttft_s']['p50'])} ms, "
+            f"TPOT p50 {_ms(r['tpot_s']['p50'])} ms")  # fmt: skip
+
+
+def _dist(d: dict) -> str:
+    return "/".join(_ms(d[k]) for k in ("mean", "p50", "p90", "p99"))
+
+
+def to_markdown(rows: list[dict], args: argparse.Namespace, env: dict) -> str:
+    lines = [
+        f"# Load test ({env['time']}, {args.dataset}, max_tokens {args.max_tokens}, T = {args.temperature:g})\n",
+        (f"Goodput: requests/s with TTFT <= {args.slo_ttft_s:g} s and TPOT <= {args.slo_tpot_ms:g} ms. "
+        "Latencies in ms as mean/p50/p90/p99. ITL is per received chunk: a speculative chunk carries "
+        "several tokens, so it is not per token. TPOT = (e2e - TTFT) / (tokens - 1). tau: mean "
+        "acceptance length over the requests that report it. Batch rows: mean rows per verifier step "
+        f"(`{BATCH_ROWS}`), n/a where no scraped /metrics has it. Client CPU: the load tool's own "
+         "user + system time over wall time.\n"),
+        ("| target | method | protocol | load | ok | rejected | failed | req/s | out tok/s | goodput req/s "
+         "| TTFT | TPOT | ITL | e2e | tau | batch rows | client CPU |"),
+        "|---" * 17 + "|",
+    ]
+    for r in rows:
+        tau = "n/a" if r["tau"] is None else f"{r['tau']:.2f}"
+        batch = "n/a" if r["mean_batch_rows"] is None else f"{r['mean_batch_rows']:.1f}"
+        lines.append(
+            f"| {r['target']} | {r['method']} | {r['protocol']} | {_load(r)} | {r['completed']}/{r['requests']} "
+            f"| {r['rejected']} | {r['failed']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} "
+            f"| {r['goodput_requests_per_s']:.2f} | {_dist(r['ttft_s'])} | {_dist(r['tpot_s'])} "
+            f"| {_dist(r['itl_s'])} | {_dist(r['e2e_s'])} | {tau} | {batch} | {r['client_cpu_share']:.0%} |"
+        )  # fmt: skip
+    if any("chunks" in r["token_sources"] for r in rows):
+        lines.append("\nSome servers reported neither usage nor token ids: their tokens are counted one per "
+                     "chunk, a lower bound (tok/s and TPOT too low).")  # fmt: skip
+    errors = [f"- {r['target']} {r['method']} {r['protocol']} {_load(r)}: `{e}`" for r in rows for e in r["errors"]]
+    if errors:
+        lines += ["\nFirst errors per level:\n", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Per load kind: output tok/s, TTFT and ITL p50/p99 against load, a line per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("concurrency", "rate") if any(r["load"] == k for r in rows)]
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(16, 4.5 * len(kinds)), squeeze=False)
+    for ax_row, kind in zip(axes, kinds):
+        mine = [r for r in rows if r["load"] == kind]
+        for series in dict.fromkeys((r["target"], r["method"], r["protocol"]) for r in mine):
+            rs = [r for r in mine if (r["target"], r["method"], r["protocol"]) == series]
+            x, label = [r["level"] for r in rs], " ".join(series)
+            (line,) = ax_row[0].plot(x, [r["output_tokens_per_s"] for r in rs], marker="o", label=label)
+            for ax, key in ((ax_row[1], "ttft_s"), (ax_row[2], "itl_s")):
+                for pct, style in (("p50", "-"), ("p99", "--")):
+                    ys = [np.nan if r[key][pct] is None else r[key][pct] * 1e3 for r in rs]
+                    ax.plot(x, ys, style, marker="o", color=line.get_color(), label=f"{label} {pct}")
+        xlabel = "concurrent requests" if kind == "concurrency" else "offered rate (req/s)"
+        titles = ("output tokens/s", "TTFT (ms; p50 solid, p99 dashed)", "ITL per chunk (ms; p50 solid, p99 dashed)")
+        for ax, title in zip(ax_row, titles):
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlabel(xlabel)
+            ax.set_title(title)
+        ax_row[0].legend(fontsize=7)
+        ax_row[2].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, payload: dict, markdown: str) -> Path:
+    """loadtest-<time>.{json,md,png} in `out_dir`; returns the path without suffix."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    base.with_suffix(".md").write_text(markdown)
+    plot(payload["rows"], base.with_suffix(".png"))
+    return base
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from router.client import default_api_key
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--http-url", help="a running server's base URL (default: start specdec serve)")
+    p.add_argument("--grpc-address", help="a running specdec router's gRPC address")
+    p.add_argument("--protocols", "--protocol", nargs="+", choices=["http", "grpc"], default=["http"])
+    p.add_argument("--config", type=Path, help="YAML merged over the default config (for the server started here)")
+    p.add_argument("--metrics-url", nargs="*", default=[], help="more /metrics URLs to scrape for batch rows")
+    p.add_argument("--targets", nargs="+", default=["codelm-target-m", "codelm-target-s"])
+    p.add_argument("--methods", nargs="+", default=["none"],
+                   help=f"specdec methods; '{DEFAULT_METHOD}' sends no method field (any OpenAI server)")
+    p.add_argument("--concurrency", nargs="*", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    p.add_argument("--requests-per-level", type=int, help="closed loop; default max(2 x concurrency, 16)")
+    p.add_argument("--rates", nargs="*", type=float, default=[], help="open-loop Poisson arrival rates (req/s)")
+    p.add_argument("--duration-s", type=float, default=30.0, help="of each open-loop rate")
+    p.add_argument("--dataset", choices=["humaneval", "mt_bench", "spec_bench"], default="humaneval")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-prompt-tokens", type=int, help=f"default {DEMO_WINDOW} - max_tokens")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory for targets not in the config")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (e.g. 0.8 for sampled runs)")
+    p.add_argument("--slo-ttft-s", type=float, default=1.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    p.add_argument("--timeout-s", type=float, default=600.0, help="gRPC deadline; HTTP read/write/pool timeout")
+    p.add_argument("--connect-timeout-s", type=float, default=10.0)
+    p.add_argument("--max-connections", type=int,
+                   help="HTTP pool size (default: the highest concurrency, 1024 with --rates)")
+    p.add_argument("--api-key", default=default_api_key(), help="Bearer key (default: SPECDEC_API_KEY's first)")
+    p.add_argument("--seed", type=int, default=0, help="of the Poisson arrivals")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    if not args.concurrency and not args.rates:
+        p.error("nothing to run: give --concurrency levels or --rates")
+    if args.http_url or args.grpc_address:
+        missing = [x for x in args.protocols if not (args.http_url if x == "http" else args.grpc_address)]
+        if missing:
+            p.error(f"--protocols {' '.join(missing)} needs its address (--http-url / --grpc-address)")
+    return args
+
+
+def prompts_per_target(args: argparse.Namespace, config: dict) -> dict[str, list[str]]:
+    model_dirs = {t["name"]: Path(t["model_dir"]) for t in config["targets"]}
+    budget = args.max_prompt_tokens or DEMO_WINDOW - args.max_tokens
+    raw = load_prompts(args.dataset)
+    return {t: fitting_prompts(raw, token_counter(model_dirs.get(t, args.tokenizer)), budget) for t in args.targets}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    with endpoints(args) as ends:
+        prompts = prompts_per_target(args, ends.config)
+        rows = asyncio.run(run_all(args, ends, prompts))
+    env = environment()
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"}
+    payload = {"env": env, "args": settings, "num_prompts": {t: len(p) for t, p in prompts.items()}, "rows": rows}
+    markdown = to_markdown(rows, args, env)
+    base = write_report(args.out_dir, payload, markdown)
+    print(markdown)
+    print(f"results: {base}.{{json,md,png}}")
+    return base
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`python -m bench.loadtest` against the real processes: a running `specdec serve` (one target,
+its default batch rows and queue) over HTTP and gRPC, and a stack the tool starts itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import loadtest
+from router.stack import ServeProcess
+from shared.config import default_config
+
+pytestmark = pytest.mark.slow
+
+TARGET = "codelm-target-s"
+
+
+@pytest.fixture(scope="module")
+def one_target_stack(tmp_path_factory):
+    config = default_config().model_dump(mode="json")
+    config.update(router_port=0, http_port=0)
+    config["targets"] = [t for t in config["targets"] if t["name"] == TARGET]
+    stack = ServeProcess(tmp_path_factory.mktemp("loadtest"), config)
+    stack.start()
+    yield stack
+    stack.stop()
+
+
+def report(base):
+    return json.loads(base.with_suffix(".json").read_text())["rows"], base.with_suffix(".md").read_text()
+
+
+def test_sweep_over_http_and_grpc_completes_every_request(one_target_stack, tmp_path):
+    stack = one_target_stack
+    verifier_metrics = f"http://127.0.0.1:{stack.child(TARGET)['metrics_port']}/metrics"
+    base = loadtest.main([
+        "--http-url", stack.http_url, "--grpc-address", stack.grpc_address, "--protocols", "http", "grpc",
+        "--metrics-url", verifier_metrics, "--targets", TARGET, "--methods", "ngram",
+        "--concurrency", "1", "4", "--requests-per-level", "8", "--max-tokens", "16", "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    rows, markdown = report(base)
+    assert [(r["protocol"], r["level"]) for r in rows] == [("http", 1), ("http", 4), ("grpc", 1), ("grpc", 4)]
+    for row in rows:
+        assert (row["requests"], row["completed"], row["rejected"], row["failed"]) == (8, 8, 0, 0), row
+        assert row["requests_per_s"] > 0 and row["output_tokens_per_s"] > 0
+        assert 0 < row["ttft_s"]["p50"] <= row["e2e_s"]["p50"]
+        assert row["token_sources"] == ["usage"]
+        assert row["tau"] >= 1.0  # specdec's stats reach the report over both protocols
+        assert row["mean_batch_rows"] >= 1.0
+    assert markdown.count(f"| {TARGET} | ngram |") == 4
+    assert base.with_suffix(".png").stat().st_size > 0
+
+
+def test_without_a_url_it_serves_the_targets_itself_and_stops_them(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("limits:\n  max_stop_strings: 2\n")  # merged over the default config
+    base = loadtest.main([
+        "--config", str(override), "--targets", TARGET, "--methods", "none", "--concurrency", "2",
+        "--requests-per-level", "4", "--max-tokens", "8", "--dataset", "mt_bench", "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    (row,) = report(base)[0]
+    assert (row["protocol"], row["completed"], row["failed"]) == ("http", 4, 0), row
+    assert row["mean_batch_rows"] >= 1.0  # the verifier's own /metrics was scraped
