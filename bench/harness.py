@@ -85,7 +85,6 @@ def our_variant(engine, tokenizer, speculation: SpeculationConfig, method: str,
                 spec: MethodSpeculation | None, factory, sampling: SamplingParams,
                 max_new_tokens: int) -> Variant:  # fmt: skip
     """Our loop with `method`; `spec` None = the configured default of `speculation`."""
-    from shared.rejection import DRAFT_SAMPLING
     from verifier_service.loop import SpecDecodeLoop
     from verifier_service.policy import RulePolicy
 
@@ -102,7 +101,7 @@ def our_variant(engine, tokenizer, speculation: SpeculationConfig, method: str,
         params = SamplingParams(sampling.temperature, seed=None if sampling.greedy else seed)
         request = GenerationRequest(prompt_ids=prompt, max_new_tokens=max_new_tokens,
                                     sampling=params, method=method)  # fmt: skip
-        proposer = factory.new_session(prompt, DRAFT_SAMPLING) if factory else None
+        proposer = factory.new_session(prompt, params) if factory else None
         *_, result = loop.generate(request, proposer)
         return result.token_ids, result.stats.to_dict()
 

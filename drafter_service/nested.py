@@ -8,8 +8,11 @@ always re-run) and drafts k tokens, each leaving at the shallowest exit whose co
 clears its threshold (see `nested_model` for the rule and the lazy-fill KV scheme).
 
 - greedy sessions draft by argmax: `draft_probs=None` (q is one-hot);
-- sampled sessions draw from q = the emitting exit's distribution after the session's
-  temperature/top-p/top-k, with a per-session seeded generator, and return q [k, vocab].
+- seeded sampled sessions (the verifier seeds every sampled request) draw from q = the
+  emitting exit's distribution after the session's temperature/top-p/top-k with the
+  target's own noise at each position (`shared.sampling.position_noise`), so the draft
+  is the target's draw wherever q is close to p; q is not returned (one-hot);
+- unseeded sampled sessions draw from q at random and return q [k, vocab].
 
 Per-token exit depths are in `Draft.exit_layers` (and `proposer.last_exit_layers`);
 `Draft.info` carries the mean exit depth and per-exit counts. Thresholds are per session
@@ -33,7 +36,6 @@ from drafter_service.nested_model import (
     thresholds_list,
 )
 from shared.proposer import Draft, common_prefix_len
-from shared.sampling import DRAFT_SEED_OFFSET, make_generator
 
 if TYPE_CHECKING:
     from shared.config import DrafterConfig
@@ -56,8 +58,6 @@ class NestedProposer:
         self.factory = factory
         self.drafter = factory.drafter
         self.sampling = sampling
-        seed = None if sampling.seed is None else sampling.seed + DRAFT_SEED_OFFSET
-        self.generator = make_generator(seed, self.drafter.device)
         self.state = self.drafter.new_state()
         self.thresholds = list(factory.default_thresholds)  # [num_exits], deepest = 0
         self.params: dict[str, float] = {}  # sticky set_params keys applied so far
@@ -129,7 +129,6 @@ class NestedProposer:
         self.drafter.reconcile(self.state, context_ids, keep)
         return DraftLane(
             state=self.state, k=k, thresholds=self.thresholds, sampling=self.sampling,
-            generator=self.generator,
         )
 
     def _finish(self, lane: DraftLane | None) -> Draft:

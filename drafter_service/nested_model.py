@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from shared.llama import LlamaWeights, Segment
-from shared.sampling import logits_to_probs, sample_from_probs
+from shared.sampling import logits_to_probs, position_noise, sample_from_probs
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -138,7 +138,6 @@ class DraftLane:
     k: int  # tokens to draft
     thresholds: list[float]  # [num_exits] aligned with the exits (deepest = 0)
     sampling: SamplingParams
-    generator: torch.Generator | None = None
     # outputs
     token_ids: list[int] = field(default_factory=list)  # [<= k]
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # sampled only: [vocab_size]
@@ -324,8 +323,16 @@ class NestedDrafter:
                 gi += 1
             else:
                 q = logits_to_probs(logits[r], lane.sampling)  # [vocab_size]
-                token = int(sample_from_probs(q, lane.generator))
-                lane.draft_probs.append(q)
+                if lane.sampling.seed is not None:
+                    # the target's own noise at this position (Gumbel-max coupling): the
+                    # draft is what the target draws wherever q is close to p, and the
+                    # verifier accepts it iff it is (no q needed: one-hot)
+                    p = len(lane.state.token_ids)  # the drafted token's position in the sequence
+                    noise = position_noise([lane.sampling.seed], [p], q.shape[-1])[0]
+                    token = int(torch.argmax(q / noise))
+                else:
+                    token = int(sample_from_probs(q))
+                    lane.draft_probs.append(q)
             lane.token_ids.append(token)
             lane.exit_layers.append(exit_layer)
             st = lane.state

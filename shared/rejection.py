@@ -5,27 +5,23 @@ drafting: the argmax (greedy) or a draw from p (sampling, `shared.sampling.sampl
 draft is accepted up to its first token that differs from y, and y there (or after the last
 draft token, the bonus) is emitted too, so every round emits num_accepted + 1 tokens.
 
-Under sampling this treats every draft as deterministic (one-hot q, DESIGN.md): accepting x
-iff y == x with y ~ p emits exactly p at every position, whatever drafted x (Leviathan et al.
-2023 with q one-hot: the test u <= p(x) and the residual p without x are the same draw as
-y ~ p). Why not min(1, p/q) with the drafter's q, which accepts more from a sampling drafter:
-the batched scheduler chooses k by load, and with q-tests which uniform meets which token
-depends on k, so a seeded request would change with the load. Here y at a position depends
-only on (seed, position) and p, so a seeded request is reproducible alone or in any batch
-(`tests/verifier_service/test_sampling.py`).
+Under sampling every draft is treated as deterministic (one-hot q, DESIGN.md): accepting x
+iff y == x with y ~ p emits exactly p at every position, whatever drafted x (Leviathan et
+al. 2023 with q one-hot). y at a position is an exponential race whose noise depends only
+on the request's seed and the position (`shared.sampling.position_noise`; the verifier
+seeds every sampled request), so the output is the target's own seeded draw:
+the same alone, in any batch, whatever k the load picks and whatever was drafted.
+
+The drafter draws its token at that position with the same noise from q (Gumbel-max
+coupling, `drafter_service.nested_model`): where q is close to p the two races pick the
+same token (P(same) >= (1 - TV) / (1 + TV)), so acceptance stays near that of rejection
+sampling with q, min(1, p/q), which could not be reproducible across k (which uniform meets
+which token would depend on where the drafts stop), and no q crosses the wire.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from shared.types import SamplingParams
-
-# What a verifier asks its drafters for, whatever the request's sampling: the argmax of q.
-# Accepted iff it equals y ~ p, a draft x passes with probability p(x), so the drafter's
-# best guess is its most likely token (for q close to p, max p >= sum p^2, what a sampled
-# draft would get), and no q needs computing or shipping.
-DRAFT_SAMPLING = SamplingParams()
 
 
 def accept_prefix(draft_ids: Sequence[int], target_ids: Sequence[int]) -> int:

@@ -1,31 +1,22 @@
-"""Sampling: logits → probabilities (temperature, top-k, top-p) and seeded draws.
+"""Sampling: logits → probabilities (temperature, top-k, top-p) and draws.
 
 The same `SamplingParams` (defined in torch-free `shared.types`, for the router) shape p
-(target_probs) and q (draft_probs), so the rejection sampler compares like with like. Draws
-use the exponential-race trick (argmax(probs / Exp(1))), which needs no host sync and takes
-a per-request `torch.Generator` (gpt-fast's `multinomial_sample_one_no_sync`).
+(the target's) and q (a drafter's). Draws are exponential races, argmax(probs / E) with
+E ~ Exp(1) per token (no host sync). The target's draws (`sample_at`) and seeded drafters'
+take E from `position_noise` (seed, position): reproducible whatever shares the step, and
+common to target and drafter. Unseeded drafter sessions draw E at random
+(`sample_from_probs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from shared.types import SamplingParams
-
-
-# Draft generators are seeded apart from the target's so the two streams of uniforms differ.
-DRAFT_SEED_OFFSET = 0x5EED
-
-
-def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
 
 
 def logits_to_probs(
@@ -60,45 +51,68 @@ def sample_from_probs(
     return torch.argmax(probs / exp, dim=-1)
 
 
-def position_uniforms(
+def _mix(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): a generator seed per position."""
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xD1B54A32D192ED03) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def position_noise(
     seeds: Sequence[int],  # [M] a request's seed per position
     positions: Sequence[int],  # [M] the position in the request's sequence being sampled
-) -> torch.Tensor:  # [M] float64 in [0, 1)
-    """One uniform per (seed, position), the same wherever and whenever it is drawn
-    (splitmix64 of the pair): a seeded request's tokens do not depend on what else shares
-    its steps or on how many draft tokens a step verified."""
-    s = np.asarray(seeds, dtype=np.uint64)
-    p = np.asarray(positions, dtype=np.uint64)
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as splitmix64 wants
-        z = s * np.uint64(0x9E3779B97F4A7C15) + (p + np.uint64(1)) * np.uint64(0xD1B54A32D192ED03)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+    vocab_size: int,
+) -> torch.Tensor:  # [M, vocab_size] float32, Exp(1)
+    """Exponential noise per (seed, position, token), the same wherever and whenever it is
+    drawn: argmax(p / E) is a draw from p (the exponential race), so a seeded request's
+    tokens do not depend on what shares its steps or on how many drafts a step verified,
+    and a drafter drawing argmax(q / E) with the same E proposes the target's own draw
+    wherever q is close to p (Gumbel-max coupling; P(same) >= (1 - TV) / (1 + TV)).
+
+    NOTE: one generator seeding per position (about 10 us each): the sampled positions of
+    a step, not its tokens x vocabulary, are what this loops over."""
+    out = torch.empty(len(seeds), vocab_size)
+    generator = torch.Generator()
+    for row, (seed, position) in enumerate(zip(seeds, positions)):
+        generator.manual_seed(_mix(seed, position))
+        out[row].exponential_(1.0, generator=generator)
+    return out
 
 
 def sample_at(
     logits: torch.Tensor,  # [M, vocab_size] one row per position to sample
-    params: Sequence[SamplingParams],  # [R] sampling of each request (row group)
+    params: Sequence[SamplingParams],  # [R] sampling of each request (row group); sampled ones seeded
     counts: Sequence[int],  # [R] positions of each request, in order; sum = M
-    uniforms: torch.Tensor,  # [M] from `position_uniforms` (ignored for greedy requests)
+    first_positions: Sequence[int],  # [R] position of each request's first row
 ) -> torch.Tensor:  # [M] int64 the target's token at every position
-    """The target's own token at every position: argmax for greedy requests, an inverse-CDF
-    draw from p (temperature, top-k, top-p) with the position's uniform for sampled ones.
-    Vectorized over positions; one softmax per distinct (temperature, top-p, top-k)."""
+    """The target's own token at every position: argmax for greedy requests, the exponential
+    race argmax(p / E) with the (seed, position) noise for sampled ones (p after
+    temperature, top-k, top-p). One softmax per distinct (temperature, top-p, top-k)."""
     out = logits.argmax(-1)  # [M]
     if all(p.greedy for p in params):
         return out
-    row = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(counts))  # [M]
+    starts = np.cumsum([0, *counts[:-1]])
     groups: dict[tuple[float, float, int], list[int]] = {}
     for i, p in enumerate(params):
         if not p.greedy:
             groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(i)
     for members in groups.values():
-        index = torch.nonzero(torch.isin(row, torch.tensor(members))).squeeze(1)  # [m]
+        index = torch.tensor([starts[i] + j for i in members for j in range(counts[i])], dtype=torch.long)  # [m]
+        seeds = [params[i].seed for i in members for _ in range(counts[i])]
+        positions = [first_positions[i] + j for i in members for j in range(counts[i])]
         probs = logits_to_probs(logits.index_select(0, index), params[members[0]])  # [m, vocab]
-        cdf = torch.cumsum(probs, dim=-1)  # [m, vocab]
-        u = (uniforms.index_select(0, index).to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # [m, 1]
-        drawn = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)
-        out.index_copy_(0, index.to(out.device), drawn)
+        noise = position_noise(seeds, positions, logits.shape[-1])  # [m, vocab]
+        out.index_copy_(0, index.to(out.device), torch.argmax(probs / noise, dim=-1))
     return out
+
+
+def with_seed(params: SamplingParams) -> SamplingParams:
+    """`params` with a random seed when it samples without one: the target's draws and the
+    drafter's then share their (seed, position) noise."""
+    if params.greedy or params.seed is not None:
+        return params
+    import secrets
+
+    return dataclasses.replace(params, seed=secrets.randbits(63))

@@ -11,7 +11,7 @@ step:
     drafts = each row's proposer (remote ones all asked first, collected by one deadline)
     logits = engine.step([pending, *draft] per decoding row, a prompt chunk per prefilling row)
     y      = the target's own token at every verified position (argmax, or a draw from p
-             with the (seed, position) uniform: `shared.rejection`)
+             with the (seed, position) noise: `shared.rejection`)
     per row: accept the draft's prefix that equals y, emit it + y after it, roll back the
              rest (a length), stream the tokens, finish on EOS / length / stop string
     policy.observe(rows, outcomes, step cost)
@@ -27,7 +27,6 @@ exception; a cancelled row leaves at the next step without a result.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,9 +39,9 @@ from shared.detokenize import IncrementalDetokenizer
 from shared.llama import RowFeed
 from shared.proposer import EMPTY_DRAFT, Draft, PipelinedProposer, Proposer
 from shared.rejection import accept_prefix
-from shared.sampling import position_uniforms, sample_at
+from shared.sampling import sample_at, with_seed
 from shared.stop import StopChecker
-from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult, SpecStats
+from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult, SamplingParams, SpecStats
 from verifier_service.policy import RowOutcome, RowState, StepCost
 
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ class Row:
     sink: Sink
     state: RowState  # the policy's
     slot: int
-    seed: int  # (seed, position) uniforms for sampled rows; random when the request has none
+    sampling: SamplingParams  # the request's; sampled rows seeded (random seed if it had none)
     tokens: list[int]
     max_total: int  # prompt + generated tokens this row may reach
     detok: IncrementalDetokenizer
@@ -111,10 +110,10 @@ class SpecDecodeLoop:
         if slot is None:
             raise RuntimeError("no free slot: the scheduler admits at most max_batch_rows rows")
         prompt = list(request.prompt_ids)
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         row = Row(
             request=request, proposer=proposer, sink=sink, state=self.policy.start(request), slot=slot,
-            seed=seed, tokens=prompt, max_total=min(self.engine.max_context, len(prompt) + request.max_new_tokens),
+            sampling=with_seed(request.sampling), tokens=prompt,
+            max_total=min(self.engine.max_context, len(prompt) + request.max_new_tokens),
             detok=IncrementalDetokenizer(self.tokenizer, prompt), stop=StopChecker(request.stop),
         )  # fmt: skip
         self.rows.append(row)
@@ -149,13 +148,9 @@ class SpecDecodeLoop:
         t1 = time.perf_counter()
         try:
             logits = self.engine.step(feeds)  # [sum of num_logits, vocab]
-            uniforms = position_uniforms(
-                [r.seed for r, f in zip(fed, feeds) for _ in range(f.num_logits)],
-                [len(r.tokens) + i for r, f in zip(fed, feeds) for i in range(f.num_logits)],
-            )
             wanted = [(r, f) for r, f in zip(fed, feeds) if f.num_logits]
-            y = sample_at(logits, [r.request.sampling for r, _ in wanted], [f.num_logits for _, f in wanted],
-                          uniforms).tolist()  # fmt: skip  # the step's one host sync
+            y = sample_at(logits, [r.sampling for r, _ in wanted], [f.num_logits for _, f in wanted],
+                          [len(r.tokens) for r, _ in wanted]).tolist()  # fmt: skip  # the step's one host sync
         except Exception as e:  # noqa: BLE001 - the step failed: its rows fail, the loop goes on
             logger.exception("target step failed")
             for row in fed:

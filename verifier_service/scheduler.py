@@ -14,6 +14,7 @@ its tokens (at most its `max_new_tokens`) and never stalls a step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ import torch
 
 from shared import metrics
 from shared.errors import DeadlineExceededError, ResourceExhaustedError
-from shared.rejection import DRAFT_SAMPLING
+from shared.sampling import with_seed
 
 if TYPE_CHECKING:
     from shared.proposer import ProposerFactory
@@ -156,11 +157,13 @@ class Scheduler:
             return admitted
 
     def _start(self, ticket: Ticket) -> None:
-        request = ticket.request
+        # a sampled request gets a seed if it has none: its drafter draws with the target's
+        # own (seed, position) uniforms (shared.rejection)
+        request = dataclasses.replace(ticket.request, sampling=with_seed(ticket.request.sampling))
         proposer = None
         if ticket.factory is not None:
             try:
-                proposer = ticket.factory.new_session(request.prompt_ids, DRAFT_SAMPLING)
+                proposer = ticket.factory.new_session(request.prompt_ids, request.sampling)
             except Exception:  # noqa: BLE001 - no drafter costs speculation, never the request
                 logger.exception("opening a proposer session failed; decoding with k = 0")
         with self._cv:

@@ -58,9 +58,20 @@ def test_incremental_equals_from_scratch(factory, seed):
     incremental.close()
 
 
-def test_sampled_draft_returns_q(factory):
-    # A sampled draft carries q rows that are distributions and give each drafted token mass.
-    proposer = factory.new_session([1, 2, 3], SamplingParams(temperature=0.8, seed=3))
+def test_seeded_sampled_draft_uses_the_targets_uniforms(factory):
+    # A seeded session draws each token with the (seed, position) uniform the target uses
+    # there: the same draft from any session of that seed, no q (the verifier checks one-hot).
+    sampling = SamplingParams(temperature=0.8, seed=3)
+    drafts = [factory.new_session([1, 2, 3], sampling).propose([1, 2, 3, 4, 5], 4) for _ in range(2)]
+    assert drafts[0].token_ids == drafts[1].token_ids and drafts[0].draft_probs is None
+    others = [factory.new_session([1, 2, 3], SamplingParams(temperature=0.8, seed=s)).propose([1, 2, 3, 4, 5], 4)
+              for s in (4, 5, 6, 7)]  # fmt: skip
+    assert any(o.token_ids != drafts[0].token_ids for o in others)
+
+
+def test_unseeded_sampled_draft_returns_q(factory):
+    # An unseeded sampled draft carries q rows that are distributions and give each drafted token mass.
+    proposer = factory.new_session([1, 2, 3], SamplingParams(temperature=0.8))
     draft = proposer.propose([1, 2, 3, 4, 5], 4)
     assert draft.draft_probs is not None and draft.draft_probs.shape == (4, 4096)
     assert ((draft.draft_probs.sum(-1) - 1).abs() < 1e-4).all()

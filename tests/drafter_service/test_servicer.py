@@ -127,10 +127,10 @@ async def test_open_commit_candidates_match_in_process_proposer(pool, stub, prom
     assert await call.code() == grpc.StatusCode.OK
 
 
-async def test_sampled_session_ships_full_draft_probs(pool, stub, prompts):
+async def test_unseeded_sampled_session_ships_full_draft_probs(pool, stub, prompts):
     prompt = prompts[1]
     call = stub.Draft()
-    sampling = common_pb2.SamplingParams(temperature=0.8, seed=3)
+    sampling = common_pb2.SamplingParams(temperature=0.8)  # no seed: q is shipped
     await call.write(open_request(pool, prompt, sampling=sampling))
     await call.read()
     await call.write(commit(1, len(prompt), [], 3))

@@ -222,26 +222,20 @@ def test_set_params_keys_are_sticky_and_map_to_thresholds(factory):
 
 def _rounds(factory, sampling, thresholds, seed, num_rounds=12, k=4):
     """Propose, accept a random prefix plus a different correction token, repeat; each
-    round a fresh session (same generator state) must propose exactly the same draft."""
+    round a fresh session (same seed) must propose exactly the same draft."""
     rng = random.Random(seed)
     ctx = context(9, seed=seed)
     session = factory.new_session(ctx, sampling)
     session.set_thresholds(thresholds)
     exits_seen = set()
     for _ in range(num_rounds):
-        gen_state = session.generator.get_state() if session.generator is not None else None
         draft = session.propose(ctx, k)
         fresh = factory.new_session(ctx, sampling)
         fresh.set_thresholds(thresholds)
-        if gen_state is not None:
-            fresh.generator.set_state(gen_state)
         ref = fresh.propose(ctx, k)
         assert draft.token_ids == ref.token_ids
         assert session.last_exit_layers == fresh.last_exit_layers
-        if sampling.greedy:
-            assert draft.draft_probs is None and ref.draft_probs is None
-        else:
-            torch.testing.assert_close(draft.draft_probs, ref.draft_probs, atol=1e-5, rtol=1e-5)
+        assert draft.draft_probs is None and ref.draft_probs is None  # argmax, or seeded draws
         exits_seen.update(session.last_exit_layers)
         num_accepted = rng.randrange(0, len(draft) + 1)
         session.update(num_accepted)

@@ -20,8 +20,7 @@ from shared.rejection import accept_prefix
 from shared.sampling import (
     SamplingParams,
     logits_to_probs,
-    make_generator,
-    position_uniforms,
+    position_noise,
     sample_at,
     sample_from_probs,
 )
@@ -61,19 +60,20 @@ def test_accept_prefix_shape_mismatch():
         accept_prefix([1, 2], [1, 2])
 
 
-########################### position_uniforms ###########################
+########################### position_noise ###########################
 
 
-def test_position_uniforms_depend_only_on_seed_and_position():
-    a = position_uniforms([5, 5, 6], [10, 11, 10])
-    again = position_uniforms([6, 5], [10, 10])  # other order, other company
-    assert a[2] == again[0] and a[0] == again[1]
-    assert len(set(a.tolist())) == 3
-    big = position_uniforms([2**64 - 1], [0])  # a uint64 seed
-    assert 0.0 <= float(big[0]) < 1.0
-    u = position_uniforms([3] * 20_000, range(20_000)).numpy()
-    counts = np.histogram(u, bins=10, range=(0, 1))[0]
-    assert chisquare(counts).pvalue > 1e-3  # uniform
+def test_position_noise_depends_only_on_seed_and_position():
+    a = position_noise([5, 5, 6], [10, 11, 10], VOCAB_SIZE)  # [3, vocab]
+    again = position_noise([6, 5], [10, 10], VOCAB_SIZE)  # other order, other company
+    assert torch.equal(a[2], again[0]) and torch.equal(a[0], again[1])
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    big = position_noise([2**64 - 1], [0], VOCAB_SIZE)  # a uint64 seed
+    assert (big > 0).all()
+    e = position_noise([3] * 2000, range(2000), VOCAB_SIZE).flatten().numpy()
+    assert abs(e.mean() - 1.0) < 0.02  # Exp(1)
+    counts = np.histogram(np.exp(-e), bins=10, range=(0, 1))[0]  # exp(-E) ~ U(0, 1)
+    assert chisquare(counts).pvalue > 1e-3
 
 
 ########################### sample_at: distribution (χ²) ###########################
@@ -82,8 +82,7 @@ def test_position_uniforms_depend_only_on_seed_and_position():
 def _draws(sampler, p: torch.Tensor, seeds) -> np.ndarray:
     logits = p.log().expand(len(seeds), -1)  # [n, vocab]
     params = [SamplingParams(temperature=1.0, seed=s) for s in seeds]
-    u = position_uniforms(seeds, [0] * len(seeds))
-    return sampler(logits, params, [1] * len(seeds), u).numpy()
+    return sampler(logits, params, [1] * len(seeds), [0] * len(seeds)).numpy()
 
 
 def _chi2_pvalue(draws: np.ndarray, expected_probs: list[float]) -> float:
@@ -97,9 +96,9 @@ def test_sample_at_follows_p():
     assert _chi2_pvalue(draws, P0) > 1e-3
 
 
-def _shifted_sample_at(logits, params, counts, uniforms):
+def _shifted_sample_at(logits, params, counts, first_positions):
     """WRONG on purpose: draws from p shifted by one token."""
-    return (sample_at(logits, params, counts, uniforms) + 1) % VOCAB_SIZE
+    return (sample_at(logits, params, counts, first_positions) + 1) % VOCAB_SIZE
 
 
 def test_chi2_detects_a_wrong_sampler():
@@ -107,22 +106,25 @@ def test_chi2_detects_a_wrong_sampler():
     assert _chi2_pvalue(draws, P0) < 1e-6
 
 
+def test_a_draft_with_the_same_noise_is_the_targets_draw_when_q_is_p():
+    # Gumbel-max coupling: q == p → the drafter's race and the target's pick the same token
+    p = probs([P0])[0]
+    noise = position_noise(list(range(500)), [7] * 500, VOCAB_SIZE)  # [500, vocab]
+    drafts = torch.argmax(p / noise, dim=-1)
+    targets = sample_at(p.log().expand(500, -1), [SamplingParams(temperature=1.0, seed=s) for s in range(500)],
+                        [1] * 500, [7] * 500)  # fmt: skip
+    assert torch.equal(drafts, targets)
+
+
 def test_sample_at_mixes_greedy_and_sampled_requests_by_rows():
     logits = torch.log(probs([P0, P0, [0.0, 0.5, 0.0, 0.25, 0.0, 0.25, 0.0, 0.0], P0]))  # [4, V]
-    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=0.7)]
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=3, seed=2), SamplingParams(temperature=0.7, seed=3)]
     # row 0: greedy (1 position); row 1: 2 positions; row 2: 1 position
-    out = sample_at(logits, params, [1, 2, 1], position_uniforms([1, 2, 2, 3], [0, 5, 6, 0]))
+    out = sample_at(logits, params, [1, 2, 1], [0, 5, 0])
     assert out[0] == 0  # argmax
     assert 0 <= int(out[3]) < VOCAB_SIZE
-    many = sample_at(logits[2:3].expand(3000, -1), [params[1]], [3000],
-                     position_uniforms([9] * 3000, range(3000)))  # fmt: skip
+    many = sample_at(logits[2:3].expand(3000, -1), [params[1]], [3000], [0])
     assert set(many.tolist()) == {1, 3, 5}  # p = 0 is never drawn, top-k 3 keeps all three
-
-
-def test_make_generator():
-    assert make_generator(None) is None
-    a, b = make_generator(5), make_generator(5)
-    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
 
 
 ########################### sample_from_probs ###########################
@@ -130,7 +132,7 @@ def test_make_generator():
 
 # One-hot rows are deterministic; zero-probability tokens are never drawn.
 def test_sample_from_probs():
-    generator = make_generator(0)
+    generator = torch.Generator().manual_seed(0)
     assert sample_from_probs(one_hot_probs([3, 6]), generator).tolist() == [3, 6]
     row = probs([[0.0, 0.5, 0.0, 0.25, 0.0, 0.25, 0.0, 0.0]])
     draws = sample_from_probs(row.expand(5000, -1), generator)
