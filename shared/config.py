@@ -152,8 +152,8 @@ class SpeculationConfig(_Frozen):
     )
     load_aware: bool = Field(
         True,
-        description="Cut each step's k to the cap that maximises the batch's expected tokens per "
-        "second of measured step time (down to k = 0 when verification is compute-bound).",
+        description="A step of 4 rows or more drafts only where drafting has measured more tokens "
+        "per second of step than plain steps at that batch size (probing the other now and then).",
     )
 
     @model_validator(mode="after")

@@ -181,7 +181,9 @@ class SpecDecodeLoop:
                 self._fail(row, e)
         if observed:
             num_tokens = sum(len(f.token_ids) for f in feeds)
-            self.policy.observe(observed, outcomes, StepCost(len(feeds), num_tokens, step_s))
+            # NOTE: the whole step, drafting included: where drafters share the machine
+            # (or are slow), drafting is part of what a draft token costs
+            self.policy.observe(observed, outcomes, StepCost(len(feeds), num_tokens, t2 - t0))
         t3 = time.perf_counter()
         overhead = (t1 - t0) + (t3 - t2)
         for row in fed:

@@ -19,8 +19,8 @@ simplest rule that wins there; see docs/speculation.md for the figures. Two rule
 - `plus2minus1`: Hugging Face assisted generation's heuristic (all drafts accepted →
   k + 2, else k − 1, floor 1, cap `max_speculative_tokens`).
 
-On top, the load-aware cap (`RulePolicy`) cuts every row's k when the batch makes
-verification compute-bound. Output never depends on k (`shared.rejection`), so neither
+On top, under load (`RulePolicy`), a full batch drafts only where drafting has measured
+more tokens per second than plain steps at that batch size. Output never depends on k (`shared.rejection`), so neither
 rule nor cap can change what a seeded request produces.
 """
 
@@ -49,9 +49,6 @@ class RowState:
     max_k: int
     params: dict[str, float]  # drafter parameters for the whole request (may be empty)
     params_sent: bool = False  # the proposer has `params` (sticky on its side)
-    # acceptance, counted per draft position tried: an accepted one, or the first rejected
-    num_accepted: int = 0
-    num_trials: int = 0
 
 
 @dataclass(slots=True)
@@ -68,7 +65,8 @@ class RowOutcome:
 
 @dataclass(slots=True)
 class StepCost:
-    """One target forward: how many rows and tokens it verified, and what it cost."""
+    """One step: how many rows and tokens its target forward fed, and its seconds (drafting
+    included)."""
 
     num_rows: int
     num_tokens: int  # sum over rows of (draft tokens + 1)
@@ -86,35 +84,33 @@ class SpeculationPolicy(Protocol):
 
 
 @dataclass(slots=True)
-class StepCostModel:
-    """Seconds of a target step as a line in the tokens it feeds, seconds ≈ a + b·n, fitted
-    by least squares with exponential forgetting (recent steps weigh most; the replica's
-    load and machine change). On this CPU a step of 1 row costs mostly `a` (per-step and
-    per-layer overhead), a step of 32 rows x 4 tokens mostly `b·n` (the matmuls), which is
-    what decides whether drafts still pay under load."""
+class LoadArms:
+    """Measured goodput (emitted tokens per second of whole step, drafting included) of
+    full batches with drafting on and off, per batch size (rows rounded down to a power of
+    two). Measured rather than modelled: on a shared machine drafters compete with the
+    target for the same cores, which no cost line of the target's forward sees."""
 
-    forget: float = 0.98  # weight kept per observation
-    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σw, Σw·n, Σw·n², Σw·t, Σw·n·t
+    alpha: float = 0.2  # EMA weight of a new step
+    goodput: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, drafting) -> tok/s
 
-    def observe(self, step: StepCost) -> None:
-        n, t = float(step.num_tokens), step.seconds
-        self.sums = [x * self.forget + d for x, d in zip(self.sums, (1.0, n, n * n, t, n * t))]
+    @staticmethod
+    def bucket(num_rows: int) -> int:
+        return 1 << (num_rows.bit_length() - 1)
 
-    def line(self) -> tuple[float, float] | None:
-        """(a, b), or None until steps of different sizes were seen."""
-        w, sn, snn, st, snt = self.sums
-        det = w * snn - sn * sn
-        if w < 4 or det <= 1e-9 * w * snn:  # all steps the same size: no slope yet
-            return None
-        b = max((w * snt - sn * st) / det, 0.0)
-        a = max((st - b * sn) / w, 0.0)
-        return a, b
+    def observe(self, bucket: int, drafting: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        key, value = (bucket, drafting), tokens / seconds
+        old = self.goodput.get(key)
+        self.goodput[key] = value if old is None else old + self.alpha * (value - old)
 
-
-def expected_tokens(alpha: float, k: int) -> float:
-    """Tokens a row emits per step with k drafts when each is accepted with probability
-    alpha after an accepted one: 1 + alpha + ... + alpha^k."""
-    return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+    def choose(self, bucket: int, probe: bool) -> bool:
+        """Draft in this step? An unmeasured arm first, then the better one (the other on
+        probe steps, so both stay measured)."""
+        on, off = self.goodput.get((bucket, True)), self.goodput.get((bucket, False))
+        if on is None or off is None:
+            return on is None
+        return (on >= off) != probe
 
 
 def plus_two_minus_one(k: int, num_draft: int, num_accepted: int, max_k: int) -> int:
@@ -129,32 +125,24 @@ class RulePolicy:
     """The configured rule per method (`SpeculationConfig.methods`); a request's own
     `num_speculative_tokens` pins a fixed k and its `drafter_params` override the method's.
 
-    Load-aware (`speculation.load_aware`): each step's k per row is the rule's k cut at one
-    cap for the whole step, the cap that maximises the step's goodput, expected emitted
-    tokens over predicted step seconds:
-
-        cap* = argmax_c  Σ_rows expected_tokens(alpha_row, min(k_row, c)) / (a + b·Σ_rows (min(k_row, c) + 1))
-
-    with (a, b) the measured `StepCostModel` and alpha_row the row's acceptance (its own
-    counts, shrunk towards its method's). A lone row on this CPU keeps its k (a step costs
-    mostly a); a full batch whose matmuls dominate drops to k = 0 unless drafts are
-    accepted often enough to pay for the tokens they add. A pinned k is never cut.
+    Load-aware (`speculation.load_aware`): a step of at least `MIN_ROWS` rows drafts
+    either with every row's rule k or not at all, whichever has given more emitted tokens
+    per second of step (drafting included) at that batch size (`LoadArms`); every
+    `PROBE_EVERY`-th such step takes the other choice, so both stay measured. A pinned k
+    is never cut.
     """
 
-    PRIOR_TRIALS = 8  # a new row's acceptance starts as its method's, worth this many trials
     # NOTE: a step of a few rows is bound by per-step overhead and reading weights (CPU and
     # GPU alike), where drafting pays whenever drafts are accepted at all; only fuller
-    # batches become compute-bound. Below this many rows k stays the rule's, and only
-    # steps this full fit the cost line.
+    # batches become compute-bound. Below this many rows k stays the rule's.
     MIN_ROWS = 4
-    PROBE_EVERY = 16  # every 16th step the cap is lifted, so acceptance stays measured
+    PROBE_EVERY = 16
 
     def __init__(self, config: SpeculationConfig) -> None:
         self.config = config
-        self.step_cost = StepCostModel()
-        self.method_acceptance: dict[str, float] = {}  # EMA of alpha per method
-        self.last_cap: int | None = None
+        self.arms = LoadArms()
         self.num_plans = 0
+        self._step: tuple[int, bool] | None = None  # (bucket, drafting) of the planned step
 
     def start(self, request: GenerationRequest) -> RowState:
         max_k = self.config.max_speculative_tokens
@@ -170,64 +158,36 @@ class RulePolicy:
 
     def plan(self, rows: Sequence[RowState]) -> list[RowPlan]:
         self.num_plans += 1
-        capped = self.config.load_aware and len(rows) >= self.MIN_ROWS and self.num_plans % self.PROBE_EVERY
-        cap = self._cap(rows) if capped else None
-        self.last_cap = cap
+        self._step = None
+        drafting = True
+        if self.config.load_aware and len(rows) >= self.MIN_ROWS and any(r.k for r in rows if r.rule != PINNED):
+            bucket = LoadArms.bucket(len(rows))
+            drafting = self.arms.choose(bucket, probe=self.num_plans % self.PROBE_EVERY == 0)
+            self._step = (bucket, drafting)
         plans = []
         for row in rows:
-            k = row.k if cap is None or row.rule == PINNED else min(row.k, cap)
+            k = row.k if drafting or row.rule == PINNED else 0
             params = None
             if row.params and not row.params_sent and k > 0:
                 params, row.params_sent = row.params, True
             plans.append(RowPlan(k, params))
         return plans
 
-    def alpha(self, row: RowState) -> float:
-        prior = self.method_acceptance.get(row.method, 0.5)
-        return (row.num_accepted + self.PRIOR_TRIALS * prior) / (row.num_trials + self.PRIOR_TRIALS)
-
-    def _cap(self, rows: Sequence[RowState]) -> int | None:
-        line = self.step_cost.line()
-        ks = [row.k for row in rows if row.rule != PINNED]
-        if line is None or not ks or max(ks) == 0:
-            return None  # nothing measured yet, or nothing to cut
-        a, b = line
-        alphas = [self.alpha(row) for row in rows]
-        best, best_cap = -1.0, None
-        for cap in range(max(ks) + 1):
-            k_eff = [row.k if row.rule == PINNED else min(row.k, cap) for row in rows]
-            tokens = sum(expected_tokens(al, k) for al, k in zip(alphas, k_eff))
-            goodput = tokens / (a + b * sum(k + 1 for k in k_eff))
-            if goodput > best * 1.0001:  # ties go to the smaller cap (less work)
-                best, best_cap = goodput, cap
-        return best_cap
-
     def observe(self, rows: Sequence[RowState], outcomes: Sequence[RowOutcome], step: StepCost) -> None:
-        if step.num_rows >= self.MIN_ROWS:
-            self.step_cost.observe(step)
+        if self._step is not None:
+            tokens = sum(o.num_accepted_tokens + 1 for o in outcomes)
+            self.arms.observe(*self._step, tokens, step.seconds)
+            self._step = None
         for row, outcome in zip(rows, outcomes, strict=True):
             # NOTE: a round whose draft came back empty (a late or failed drafter, no
-            # n-gram match) says nothing about acceptance: k and alpha stay
-            if not outcome.num_draft_tokens:
-                continue
-            rejected = outcome.num_accepted_tokens < outcome.num_draft_tokens
-            row.num_accepted += outcome.num_accepted_tokens
-            row.num_trials += outcome.num_accepted_tokens + rejected
-            alpha = (outcome.num_accepted_tokens / (outcome.num_accepted_tokens + rejected)
-                     if outcome.num_accepted_tokens + rejected else 1.0)  # fmt: skip
-            old = self.method_acceptance.get(row.method, 0.5)
-            self.method_acceptance[row.method] = old + 0.05 * (alpha - old)
-            if row.rule == PLUS_TWO_MINUS_ONE:
+            # n-gram match) says nothing about acceptance: k stays
+            if row.rule == PLUS_TWO_MINUS_ONE and outcome.num_draft_tokens:
                 row.k = plus_two_minus_one(
                     row.k, outcome.num_draft_tokens, outcome.num_accepted_tokens, row.max_k
                 )
 
     def summary(self, row: RowState) -> dict[str, float]:
-        out = {"k": float(row.k), "plus2minus1": float(row.rule == PLUS_TWO_MINUS_ONE), **row.params,
-               "alpha": self.alpha(row)}  # fmt: skip
-        line = self.step_cost.line()
-        if line is not None:
-            out["step_cost.a_ms"], out["step_cost.b_ms_per_token"] = line[0] * 1e3, line[1] * 1e3
-        if self.last_cap is not None:
-            out["load_cap"] = float(self.last_cap)
+        out = {"k": float(row.k), "plus2minus1": float(row.rule == PLUS_TWO_MINUS_ONE), **row.params}
+        for (bucket, drafting), goodput in sorted(self.arms.goodput.items()):
+            out[f"goodput.{bucket}_rows.{'drafting' if drafting else 'plain'}"] = goodput
         return out

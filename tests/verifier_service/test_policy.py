@@ -1,5 +1,6 @@
 """`RulePolicy`: the configured rule per method, a request's own k and drafter params, the
-±2/−1 rule, several rows in one step, the measured step cost line and the load-aware cap."""
+±2/−1 rule, several rows in one step, and drafting on or off for full batches by measured
+goodput."""
 
 from __future__ import annotations
 
@@ -8,14 +9,7 @@ import pytest
 from shared.config import MethodSpeculation, SpeculationConfig
 from shared.types import GenerationRequest
 from shared.sampling import SamplingParams
-from verifier_service.policy import (
-    RowOutcome,
-    RulePolicy,
-    StepCost,
-    StepCostModel,
-    expected_tokens,
-    plus_two_minus_one,
-)
+from verifier_service.policy import LoadArms, RowOutcome, RulePolicy, StepCost, plus_two_minus_one
 
 CONFIG = SpeculationConfig(
     methods={
@@ -102,68 +96,48 @@ def test_several_rows_in_one_step_each_follow_their_rule():
     assert [p.k for p in policy.plan(rows)] == [5, 5, 0]
 
 
-def test_step_cost_line_is_fitted_from_steps_of_different_sizes():
-    model = StepCostModel()
-    assert model.line() is None
-    for _ in range(4):
-        model.observe(StepCost(1, 1, 0.0025))
-    assert model.line() is None  # one size only: no slope yet
-    for n in (4, 16, 64, 128, 8):
-        model.observe(StepCost(1, n, 0.002 + 0.0005 * n))
-    a, b = model.line()
-    assert a == pytest.approx(0.002, rel=1e-3) and b == pytest.approx(0.0005, rel=1e-3)
-
-
-def test_expected_tokens():
-    assert expected_tokens(0.5, 0) == 1.0
-    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
-    assert expected_tokens(1.0, 3) == 4.0
-
-
-def _rows(policy, n: int, accepted: tuple[int, int], **kw):
-    """n ngram rows (k = 5) that accepted `accepted[0]` of `accepted[1]` drafts, many rounds;
-    then the step cost line a + b·n is all the policy knows of step times."""
-    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram", **kw)) for _ in range(n)]
-    for row in rows:
-        for _ in range(20):
-            policy.observe([row], [RowOutcome(accepted[1], accepted[0])], StepCost(1, 4, 0.0))
-    return rows
-
-
-def _measured(policy, a: float, b: float) -> RulePolicy:
-    policy.step_cost = StepCostModel()
-    for n in (1, 2, 4, 8, 16, 32, 64, 128):
-        policy.step_cost.observe(StepCost(1, n, a + b * n))
-    return policy
-
-
 LOAD_AWARE = CONFIG.model_copy(update={"load_aware": True})
 
 
-def test_a_lone_row_keeps_its_k_when_steps_cost_mostly_overhead():
-    policy = RulePolicy(LOAD_AWARE)
-    (row,) = _rows(policy, 1, accepted=(2, 5))
-    _measured(policy, a=0.010, b=0.0001)  # 1 row x 6 tokens: 1.05 x a one-token step
-    assert [p.k for p in policy.plan([row])] == [5]
+def test_load_arms_measure_then_take_the_better_and_probe_the_other():
+    arms = LoadArms()
+    assert arms.choose(32, probe=False) is True  # unmeasured: drafting first
+    arms.observe(32, True, tokens=64, seconds=0.1)  # 640 tok/s
+    assert arms.choose(32, probe=False) is False  # then plain
+    arms.observe(32, False, tokens=32, seconds=0.04)  # 800 tok/s
+    assert arms.choose(32, probe=False) is False  # plain is better
+    assert arms.choose(32, probe=True) is True  # a probe takes the other
+    assert arms.choose(16, probe=False) is True  # another batch size has its own
+    assert [LoadArms.bucket(n) for n in (4, 5, 31, 32, 63)] == [4, 4, 16, 32, 32]
 
 
-def test_a_full_batch_drops_drafts_that_do_not_pay_and_keeps_those_that_do():
-    policy = RulePolicy(LOAD_AWARE)
-    rows = _rows(policy, 32, accepted=(0, 5))  # never accepted
-    _measured(policy, a=0.002, b=0.0005)  # compute-bound: every token costs
-    assert {p.k for p in policy.plan(rows)} == {0}
-    policy = RulePolicy(LOAD_AWARE)
-    good = _rows(policy, 32, accepted=(5, 5))  # always accepted: 6 tokens for 6 fed
-    _measured(policy, a=0.002, b=0.0005)
-    assert {p.k for p in policy.plan(good)} == {5}
-    assert policy.summary(good[0])["load_cap"] == 5.0
+def _step(policy, rows, tokens_per_row: int, seconds: float) -> list[int]:
+    plans = policy.plan(rows)
+    outcomes = [RowOutcome(p.k, tokens_per_row - 1 if p.k else 0) for p in plans]
+    policy.observe(rows, outcomes, StepCost(len(rows), sum(p.k + 1 for p in plans), seconds))
+    return [p.k for p in plans]
 
 
-def test_a_pinned_k_is_never_cut():
+def test_a_full_batch_stops_drafting_where_plain_steps_give_more():
     policy = RulePolicy(LOAD_AWARE)
-    rows = _rows(policy, 32, accepted=(0, 5), num_speculative_tokens=4)
-    _measured(policy, a=0.002, b=0.0005)
-    assert {p.k for p in policy.plan(rows)} == {4}
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
+    pinned = policy.start(GenerationRequest(prompt_ids=[1], method="ngram", num_speculative_tokens=2))
+    batch = [*rows, pinned]
+    assert _step(policy, batch, tokens_per_row=2, seconds=0.05)[0] == 5  # measures drafting: 360 tok/s
+    assert _step(policy, batch, tokens_per_row=1, seconds=0.02) == [0] * 8 + [2]  # plain: 450 tok/s; pinned stays
+    ks = [_step(policy, batch, tokens_per_row=1, seconds=0.02)[0] for _ in range(2 * RulePolicy.PROBE_EVERY)]
+    assert ks.count(0) == len(ks) - 2 and ks.count(5) == 2  # plain, probing drafting now and then
+    assert policy.summary(rows[0])["goodput.8_rows.plain"] == pytest.approx(450, rel=0.01)
+
+
+def test_few_rows_keep_their_k_and_drafting_that_pays_stays_on():
+    policy = RulePolicy(LOAD_AWARE)
+    few = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(3)]
+    assert all(_step(policy, few, tokens_per_row=1, seconds=1.0) == [5, 5, 5] for _ in range(5))
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
+    _step(policy, rows, tokens_per_row=4, seconds=0.05)  # drafting: 640 tok/s
+    _step(policy, rows, tokens_per_row=1, seconds=0.02)  # plain: 400 tok/s
+    assert _step(policy, rows, tokens_per_row=4, seconds=0.05) == [5] * 8
 
 
 def test_greedy_requests_get_the_methods_greedy_settings():
@@ -186,12 +160,3 @@ def test_greedy_settings_are_bounded_and_one_level_deep():
     with pytest.raises(ValueError, match="its own when_greedy"):
         MethodSpeculation(num_speculative_tokens=3, when_greedy=MethodSpeculation(
             num_speculative_tokens=3, when_greedy=MethodSpeculation(num_speculative_tokens=3)))  # fmt: skip
-
-
-def test_a_cut_batch_still_probes_its_drafts_now_and_then():
-    policy = RulePolicy(LOAD_AWARE)
-    rows = _rows(policy, 32, accepted=(0, 5))
-    _measured(policy, a=0.002, b=0.0005)
-    ks = [policy.plan(rows)[0].k for _ in range(2 * RulePolicy.PROBE_EVERY)]
-    assert ks.count(5) == 2 and ks.count(0) == len(ks) - 2
-    assert [p.k for p in policy.plan(rows[:3])] == [5, 5, 5]  # a few rows: never cut
