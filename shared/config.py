@@ -88,7 +88,10 @@ class TargetConfig(ModelConfig):
         224, ge=0, description="Requests a replica holds waiting for a row; beyond it: 429 / RESOURCE_EXHAUSTED."
     )
     queue_timeout_s: float = Field(
-        60.0, gt=0, description="Longest wait for a row; then 504 / DEADLINE_EXCEEDED."
+        300.0,
+        gt=0,
+        description="Longest wait for a row; then 504 / DEADLINE_EXCEEDED (a client's own "
+        "deadline ends it sooner).",
     )
     max_step_tokens: int = Field(
         512, gt=0, description="Token budget of one step: drafts first, prompt chunks fill the rest."
