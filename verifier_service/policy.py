@@ -19,8 +19,8 @@ simplest rule that wins there; see docs/speculation.md for the figures. Two rule
 - `plus2minus1`: Hugging Face assisted generation's heuristic (all drafts accepted →
   k + 2, else k − 1, floor 1, cap `max_speculative_tokens`).
 
-On top, under load (`RulePolicy`), a full batch drafts only where drafting has measured
-more tokens per second than plain steps at that batch size. Output never depends on k (`shared.rejection`), so neither
+On top (`RulePolicy`), a step of 4 rows or more drafts only where drafting has measured more
+tokens per second than plain steps at that batch size for that method. Output never depends on k (`shared.rejection`), so neither
 rule nor cap can change what a seeded request produces.
 """
 
@@ -86,28 +86,29 @@ class SpeculationPolicy(Protocol):
 @dataclass(slots=True)
 class LoadArms:
     """Measured goodput (emitted tokens per second of whole step, drafting included) of
-    full batches with drafting on and off, per batch size (rows rounded down to a power of
-    two). Measured rather than modelled: on a shared machine drafters compete with the
-    target for the same cores, which no cost line of the target's forward sees."""
+    steps with drafting on and off, per batch size (rows rounded down to a power of two)
+    and method. Measured rather than modelled: on a shared machine drafters compete with the
+    target for the same cores, and what a draft token costs against a target step differs
+    by drafter, target and load, none of which a cost line of the target's forward sees."""
 
     alpha: float = 0.2  # EMA weight of a new step
-    goodput: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, drafting) -> tok/s
+    goodput: dict[tuple[int, str, bool], float] = field(default_factory=dict)  # (bucket, method, drafting) -> tok/s
 
     @staticmethod
     def bucket(num_rows: int) -> int:
         return 1 << (num_rows.bit_length() - 1)
 
-    def observe(self, bucket: int, drafting: bool, tokens: int, seconds: float) -> None:
+    def observe(self, key: tuple[int, str], drafting: bool, tokens: int, seconds: float) -> None:
         if seconds <= 0:
             return
-        key, value = (bucket, drafting), tokens / seconds
-        old = self.goodput.get(key)
-        self.goodput[key] = value if old is None else old + self.alpha * (value - old)
+        full, value = (*key, drafting), tokens / seconds
+        old = self.goodput.get(full)
+        self.goodput[full] = value if old is None else old + self.alpha * (value - old)
 
-    def choose(self, bucket: int, probe: bool) -> bool:
+    def choose(self, key: tuple[int, str], probe: bool) -> bool:
         """Draft in this step? An unmeasured arm first, then the better one (the other on
         probe steps, so both stay measured)."""
-        on, off = self.goodput.get((bucket, True)), self.goodput.get((bucket, False))
+        on, off = self.goodput.get((*key, True)), self.goodput.get((*key, False))
         if on is None or off is None:
             return on is None
         return (on >= off) != probe
@@ -125,16 +126,17 @@ class RulePolicy:
     """The configured rule per method (`SpeculationConfig.methods`); a request's own
     `num_speculative_tokens` pins a fixed k and its `drafter_params` override the method's.
 
-    Load-aware (`speculation.load_aware`): a step of at least `MIN_ROWS` rows drafts
-    either with every row's rule k or not at all, whichever has given more emitted tokens
-    per second of step (drafting included) at that batch size (`LoadArms`); every
-    `PROBE_EVERY`-th such step takes the other choice, so both stay measured. A pinned k
-    is never cut.
+    Load-aware (`speculation.load_aware`): a step of at least `MIN_ROWS` rows either drafts
+    with every row's rule k or not at all, whichever has given more emitted tokens per
+    second of step (drafting included) at that batch size for the step's main method
+    (`LoadArms`); every `PROBE_EVERY`-th such step takes the other choice, so both stay
+    measured. A pinned k is never cut.
     """
 
-    # NOTE: a step of a few rows is bound by per-step overhead and reading weights (CPU and
-    # GPU alike), where drafting pays whenever drafts are accepted at all; only fuller
-    # batches become compute-bound. Below this many rows k stays the rule's.
+    # NOTE: a step of a few rows is bound by per-step overhead and reading weights, where
+    # drafting pays whenever drafts are accepted at all on a GPU; only fuller batches become
+    # compute-bound. Below this many rows k stays the rule's. (On this 2-core CPU a sampled
+    # single stream with a model drafter loses to plain decoding, see docs/speculation.md.)
     MIN_ROWS = 4
     PROBE_EVERY = 16
 
@@ -142,7 +144,7 @@ class RulePolicy:
         self.config = config
         self.arms = LoadArms()
         self.num_plans = 0
-        self._step: tuple[int, bool] | None = None  # (bucket, drafting) of the planned step
+        self._step: tuple[tuple[int, str], bool] | None = None  # ((bucket, method), drafting) planned
 
     def start(self, request: GenerationRequest) -> RowState:
         max_k = self.config.max_speculative_tokens
@@ -160,10 +162,11 @@ class RulePolicy:
         self.num_plans += 1
         self._step = None
         drafting = True
-        if self.config.load_aware and len(rows) >= self.MIN_ROWS and any(r.k for r in rows if r.rule != PINNED):
-            bucket = LoadArms.bucket(len(rows))
-            drafting = self.arms.choose(bucket, probe=self.num_plans % self.PROBE_EVERY == 0)
-            self._step = (bucket, drafting)
+        methods = [r.method for r in rows if r.k and r.rule != PINNED]
+        if self.config.load_aware and methods and len(rows) >= self.MIN_ROWS:
+            key = (LoadArms.bucket(len(rows)), max(set(methods), key=methods.count))
+            drafting = self.arms.choose(key, probe=self.num_plans % self.PROBE_EVERY == 0)
+            self._step = (key, drafting)
         plans = []
         for row in rows:
             k = row.k if drafting or row.rule == PINNED else 0
@@ -188,6 +191,7 @@ class RulePolicy:
 
     def summary(self, row: RowState) -> dict[str, float]:
         out = {"k": float(row.k), "plus2minus1": float(row.rule == PLUS_TWO_MINUS_ONE), **row.params}
-        for (bucket, drafting), goodput in sorted(self.arms.goodput.items()):
-            out[f"goodput.{bucket}_rows.{'drafting' if drafting else 'plain'}"] = goodput
+        for (bucket, method, drafting), goodput in sorted(self.arms.goodput.items()):
+            if method == row.method:
+                out[f"goodput.{bucket}_rows.{'drafting' if drafting else 'plain'}"] = goodput
         return out

@@ -1,6 +1,6 @@
 """`RulePolicy`: the configured rule per method, a request's own k and drafter params, the
-±2/−1 rule, several rows in one step, and drafting on or off for full batches by measured
-goodput."""
+±2/−1 rule, several rows in one step, and drafting on or off per batch size and method by
+measured goodput."""
 
 from __future__ import annotations
 
@@ -101,13 +101,15 @@ LOAD_AWARE = CONFIG.model_copy(update={"load_aware": True})
 
 def test_load_arms_measure_then_take_the_better_and_probe_the_other():
     arms = LoadArms()
-    assert arms.choose(32, probe=False) is True  # unmeasured: drafting first
-    arms.observe(32, True, tokens=64, seconds=0.1)  # 640 tok/s
-    assert arms.choose(32, probe=False) is False  # then plain
-    arms.observe(32, False, tokens=32, seconds=0.04)  # 800 tok/s
-    assert arms.choose(32, probe=False) is False  # plain is better
-    assert arms.choose(32, probe=True) is True  # a probe takes the other
-    assert arms.choose(16, probe=False) is True  # another batch size has its own
+    key = (32, "ngram")
+    assert arms.choose(key, probe=False) is True  # unmeasured: drafting first
+    arms.observe(key, True, tokens=64, seconds=0.1)  # 640 tok/s
+    assert arms.choose(key, probe=False) is False  # then plain
+    arms.observe(key, False, tokens=32, seconds=0.04)  # 800 tok/s
+    assert arms.choose(key, probe=False) is False  # plain is better
+    assert arms.choose(key, probe=True) is True  # a probe takes the other
+    assert arms.choose((16, "ngram"), probe=False) is True  # another batch size has its own
+    assert arms.choose((32, "sorted"), probe=False) is True  # and another method
     assert [LoadArms.bucket(n) for n in (4, 5, 31, 32, 63)] == [4, 4, 16, 32, 32]
 
 
@@ -130,14 +132,18 @@ def test_a_full_batch_stops_drafting_where_plain_steps_give_more():
     assert policy.summary(rows[0])["goodput.8_rows.plain"] == pytest.approx(450, rel=0.01)
 
 
-def test_few_rows_keep_their_k_and_drafting_that_pays_stays_on():
+def test_few_rows_keep_their_k_and_each_method_has_its_own_arms():
     policy = RulePolicy(LOAD_AWARE)
     few = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(3)]
     assert all(_step(policy, few, tokens_per_row=1, seconds=1.0) == [5, 5, 5] for _ in range(5))
-    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
-    _step(policy, rows, tokens_per_row=4, seconds=0.05)  # drafting: 640 tok/s
-    _step(policy, rows, tokens_per_row=1, seconds=0.02)  # plain: 400 tok/s
-    assert _step(policy, rows, tokens_per_row=4, seconds=0.05) == [5] * 8
+    fast = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
+    _step(policy, fast, tokens_per_row=4, seconds=0.05)  # drafting: 640 tok/s
+    _step(policy, fast, tokens_per_row=1, seconds=0.02)  # plain: 400 tok/s
+    slow = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted")) for _ in range(8)]
+    _step(policy, slow, tokens_per_row=2, seconds=0.08)  # drafting: 200 tok/s
+    _step(policy, slow, tokens_per_row=1, seconds=0.02)  # plain: 400 tok/s
+    assert _step(policy, slow, tokens_per_row=1, seconds=0.02) == [0] * 8
+    assert _step(policy, fast, tokens_per_row=4, seconds=0.05) == [5] * 8
 
 
 def test_greedy_requests_get_the_methods_greedy_settings():
