@@ -251,6 +251,7 @@ class StepLayout:
     mask: torch.Tensor | None  # [B, 1, T, num_keys] True = may attend; None: one token, one row
     cos: torch.Tensor  # [N, 1, head_dim]
     sin: torch.Tensor  # [N, 1, head_dim]
+    one_row: tuple[int, int] | None = None  # (slot, start) when B == 1: slices, no gathers
 
 
 class LlamaForward:
@@ -289,6 +290,17 @@ class LlamaForward:
         starts_list = [cache.lengths[f.slot] for f in feeds]
         for f, start, t in zip(feeds, starts_list, counts):
             assert t > 0 and start + t <= cache.capacity, (f.slot, start, t, cache.capacity)
+        if num_rows == 1:  # a single stream: views instead of index tensors
+            slot, start, n = feeds[0].slot, starts_list[0], counts[0]
+            tok_pos = torch.arange(start, start + n, device=dev)  # [n]
+            keys = torch.arange(start + n, device=dev)  # [start + n]
+            mask = None if n == 1 else (keys <= tok_pos.unsqueeze(1)).view(1, 1, n, start + n)
+            slots = torch.tensor([slot], device=dev)
+            return StepLayout(
+                slots=slots, tok_slot=slots.expand(n), tok_pos=tok_pos, pad_index=None, num_rows=1,
+                max_tokens=n, num_keys=start + n, mask=mask, cos=w.cos[start : start + n],
+                sin=w.sin_signed[start : start + n], one_row=(slot, start),
+            )  # fmt: skip
         slots = torch.tensor([f.slot for f in feeds], device=dev)  # [B]
         t = torch.tensor(counts, device=dev)  # [B]
         starts = torch.tensor(starts_list, device=dev)  # [B]
@@ -321,6 +333,9 @@ class LlamaForward:
         x = w.embed[torch.tensor(ids, dtype=torch.long, device=w.device)]  # [N, hidden]
         for li in range(w.num_layers):
             x = self._layer(li, x, cache, layout)
+        if len(feeds) == 1:
+            cache.lengths[feeds[0].slot] += len(feeds[0].token_ids)
+            return w.logits(x[x.shape[0] - feeds[0].num_logits :])
         ends = torch.cumsum(torch.tensor([len(f.token_ids) for f in feeds]), 0)  # [B]
         wanted = torch.tensor([f.num_logits for f in feeds])  # [B]
         first = torch.repeat_interleave(ends - wanted, wanted)  # [M] a row's first wanted index
@@ -338,14 +353,17 @@ class LlamaForward:
         qk = qkv[:, : (nh + nkv) * hd].view(n, nh + nkv, hd)
         qk = qk * layout.cos + qk[..., w.rot_perm] * layout.sin  # RoPE on q and k at once
         ck, cv = cache.k[li], cache.v[li]  # [slots, nkv, capacity, hd]
-        ck[layout.tok_slot, :, layout.tok_pos] = qk[:, nh:]  # [N, nkv, hd]
-        cv[layout.tok_slot, :, layout.tok_pos] = qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
+        v_new = qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
         b, t, length = layout.num_rows, layout.max_tokens, layout.num_keys
-        if b == 1:
-            s = int(layout.slots[0])  # no copy: a view of the slot
+        if layout.one_row is not None:  # views of the slot: no gathers, no copies
+            s, start = layout.one_row
+            ck[s, :, start:length] = qk[:, nh:].transpose(0, 1)  # [nkv, n, hd]
+            cv[s, :, start:length] = v_new.transpose(0, 1)
             keys, values = ck[s : s + 1, :, :length], cv[s : s + 1, :, :length]  # [1, nkv, L, hd]
             q = qk[:, :nh].transpose(0, 1).unsqueeze(0)  # [1, nh, t, hd]
         else:
+            ck[layout.tok_slot, :, layout.tok_pos] = qk[:, nh:]  # [N, nkv, hd]
+            cv[layout.tok_slot, :, layout.tok_pos] = v_new
             keys = ck.index_select(0, layout.slots)[:, :, :length]  # [B, nkv, L, hd]
             values = cv.index_select(0, layout.slots)[:, :, :length]
             q = x.new_zeros(b * t, nh, hd).index_copy_(0, layout.pad_index, qk[:, :nh])
