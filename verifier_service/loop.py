@@ -1,7 +1,7 @@
 """The speculative decoding loop over a batch of rows (one row = one request): continuous
 batching, transport-free. The scheduler (`verifier_service.scheduler`) owns one loop per
-replica and calls `add` and `step` from its thread; `generate` runs one request alone (in
-process benchmarks and tests).
+replica and calls `add` and `step` from its thread; `generate` runs one request alone and
+`run_together` several at once, in the caller's thread (in-process benchmarks and tests).
 
 State of a row between steps: `tokens` = prompt + everything emitted; the row's slot of the
 engine's KV cache holds all of them but the last (the *pending* token, fed next step). One
@@ -94,9 +94,7 @@ class SpecDecodeLoop:
         self.draft_wait_s = draft_wait_s
         self.target = target  # metrics label
         self.rows: list[Row] = []
-        self.num_steps = 0
         self.peak_rows = 0  # most rows one step fed (tests, logs)
-        self.num_late_drafts = 0  # rows that ran with k = 0 because their draft was late
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -144,6 +142,7 @@ class SpecDecodeLoop:
         t0 = time.perf_counter()
         decoding = [r for r in self.rows if r.decoding]
         self._draft(decoding)
+        t_drafted = time.perf_counter()
         feeds, fed = self._feeds(decoding)
         t1 = time.perf_counter()
         try:
@@ -158,7 +157,6 @@ class SpecDecodeLoop:
             return
         t2 = time.perf_counter()
         step_s = t2 - t1
-        self.num_steps += 1
         self.peak_rows = max(self.peak_rows, len(feeds))
         metrics.BATCH_ROWS.labels(self.target).observe(len(feeds))
         metrics.STEP_TOKENS.labels(self.target).observe(sum(len(f.token_ids) for f in feeds))
@@ -185,7 +183,7 @@ class SpecDecodeLoop:
             # (or are slow), drafting is part of what a draft token costs
             self.policy.observe(observed, outcomes, StepCost(len(feeds), num_tokens, t2 - t0))
         t3 = time.perf_counter()
-        overhead = (t1 - t0) + (t3 - t2)
+        overhead = (t1 - t_drafted) + (t3 - t2)  # drafting is in each row's draft_time_s
         for row in fed:
             row.stats.other_time_s += overhead / len(fed)
 
@@ -218,7 +216,6 @@ class SpecDecodeLoop:
             for row, k in pending:
                 draft = row.proposer.collect(deadline)
                 if not draft.token_ids:
-                    self.num_late_drafts += 1
                     metrics.LATE_DRAFTS.labels(self.target).inc()
                 row.draft = self._checked(draft, k)
             waited = time.perf_counter() - t
@@ -302,7 +299,26 @@ class SpecDecodeLoop:
                 token_ids=row.tokens[num_prompt:], text="".join(row.text_parts), stats=row.stats,
             ))  # fmt: skip
 
-    # ---------------------------------------------------------------- one request alone
+    # ---------------------------------------------------------------- in this thread
+
+    def run_together(
+        self, requests: Sequence[tuple[GenerationRequest, Proposer | None]]
+    ) -> list[GenerationResult]:
+        """Requests that join the loop at once, stepped in this thread until all have ended
+        (in-process benchmarks and tests): their results, in order; a failed request
+        raises its error."""
+        last: dict[int, object] = {}  # a row's last item: its result, or its error
+        for i, (request, proposer) in enumerate(requests):
+            self.add(request, proposer, lambda item, i=i: last.__setitem__(i, item))
+        with torch.inference_mode():
+            while self.rows:
+                self.step()
+        results = [last[i] for i in range(len(requests))]
+        for item in results:
+            if isinstance(item, BaseException):
+                raise item
+        return results
+
 
     def generate(
         self, request: GenerationRequest, proposer: Proposer | None

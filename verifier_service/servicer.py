@@ -37,7 +37,7 @@ from shared.types import FinishReason, GenerationChunk, GenerationRequest, Gener
 from shared.validation import check_lengths, check_message_size, check_options, check_prompt_ids
 from shared.tls import internal_channel_credentials
 from verifier_service.draft_client import RemoteProposerFactory, make_channel
-from verifier_service.scheduler import QueueFull, Scheduler
+from verifier_service.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from shared.config import SpecdecConfig

@@ -36,3 +36,19 @@ def serve_stack(tmp_path_factory):
 def stack(serve_stack):
     serve_stack.ensure_running()
     return serve_stack
+
+
+ONE_TARGET = "codelm-target-s"
+
+
+@pytest.fixture(scope="module")
+def one_target_stack(tmp_path_factory):
+    """`specdec serve` on its default batch rows and queue, for ONE_TARGET only (load tests);
+    one per test module, so each module's metrics count only its own requests."""
+    config = default_config().model_dump(mode="json")
+    config.update(router_port=0, http_port=0)
+    config["targets"] = [t for t in config["targets"] if t["name"] == ONE_TARGET]
+    stack = ServeProcess(tmp_path_factory.mktemp("one-target"), config)
+    stack.start()
+    yield stack
+    stack.stop()

@@ -9,25 +9,14 @@ import asyncio
 import httpx
 import pytest
 
-from router.stack import ServeProcess, metric_samples
-from shared.config import default_config
+from router.stack import metric_samples
 from tests.exactness import humaneval_prompts
+from tests.integration.conftest import ONE_TARGET
 
 pytestmark = pytest.mark.slow
 
-TARGET = "codelm-target-s"
+TARGET = ONE_TARGET
 NUM_REQUESTS = 200
-
-
-@pytest.fixture(scope="module")
-def one_target_stack(tmp_path_factory):
-    config = default_config().model_dump(mode="json")
-    config.update(router_port=0, http_port=0)
-    config["targets"] = [t for t in config["targets"] if t["name"] == TARGET]
-    stack = ServeProcess(tmp_path_factory.mktemp("load"), config)
-    stack.start()
-    yield stack
-    stack.stop()
 
 
 async def test_two_hundred_concurrent_requests_all_complete(one_target_stack):

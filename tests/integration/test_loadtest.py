@@ -8,23 +8,11 @@ import json
 import pytest
 
 from bench import loadtest
-from router.stack import ServeProcess
-from shared.config import default_config
+from tests.integration.conftest import ONE_TARGET
 
 pytestmark = pytest.mark.slow
 
-TARGET = "codelm-target-s"
-
-
-@pytest.fixture(scope="module")
-def one_target_stack(tmp_path_factory):
-    config = default_config().model_dump(mode="json")
-    config.update(router_port=0, http_port=0)
-    config["targets"] = [t for t in config["targets"] if t["name"] == TARGET]
-    stack = ServeProcess(tmp_path_factory.mktemp("loadtest"), config)
-    stack.start()
-    yield stack
-    stack.stop()
+TARGET = ONE_TARGET
 
 
 def report(base):

@@ -4,7 +4,6 @@ loop: the same greedy tokens for rows that share steps, and slots are reused."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from shared.config import default_config
 from shared.ngram import NgramProposerFactory
@@ -23,15 +22,11 @@ TARGET = "codelm-target-s"
 def run_batch(engine, tokenizer, requests):
     loop = SpecDecodeLoop(engine, tokenizer, RulePolicy(CONFIG.speculation), max_step_tokens=48)
     ngram = NgramProposerFactory(CONFIG.ngram)
-    results = {}
-    for i, r in enumerate(requests):
-        proposer = ngram.new_session(r.prompt_ids, r.sampling) if r.method == "ngram" else None
-        loop.add(r, proposer, lambda item, i=i: results.__setitem__(i, item))
-    with torch.inference_mode():
-        while loop.rows:
-            loop.step()
+    results = loop.run_together(
+        [(r, ngram.new_session(r.prompt_ids, r.sampling) if r.method == "ngram" else None) for r in requests]
+    )
     assert engine.num_free == engine.max_batch_rows  # every slot back
-    return [results[i].token_ids for i in range(len(requests))]
+    return [r.token_ids for r in results]
 
 
 def test_lean_and_reference_engines_agree_in_a_batch():

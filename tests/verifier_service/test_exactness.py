@@ -5,7 +5,6 @@ confidence-threshold exit vector (S2D's adaptive exit)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from shared.config import default_config
 from shared.ngram import NgramProposerFactory
@@ -94,14 +93,11 @@ def test_sixteen_concurrent_requests_equal_alone_and_hf(target, factories):
     for i, prompt in enumerate(humaneval_prompts(16, offset=20)):
         ids = tokenizer(prompt).input_ids[: 20 + 9 * i]  # 20 .. 155 tokens
         requests.append(GenerationRequest(prompt_ids=ids, max_new_tokens=16 + 4 * (i % 5), method=methods[i % len(methods)]))
-    results: dict[int, object] = {}
-    for i, request in enumerate(requests):
+    sessions = []
+    for request in requests:
         factory = factories.get(request.method)
-        proposer = factory.new_session(request.prompt_ids, request.sampling) if factory else None
-        batched.add(request, proposer, lambda item, i=i: results.__setitem__(i, item))  # the last item wins
-    with torch.inference_mode():
-        while batched.rows:
-            batched.step()
+        sessions.append((request, factory.new_session(request.prompt_ids, request.sampling) if factory else None))
+    results = batched.run_together(sessions)
     assert batched.peak_rows >= 8  # many rows shared steps (prefill chunks keep some waiting)
     ties = []
     for i, request in enumerate(requests):

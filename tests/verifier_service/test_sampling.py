@@ -43,17 +43,14 @@ def setup():
 def run_together(loop, requests, drafts) -> list[GenerationResult]:
     """Requests added to one loop at once, stepped until all finished: their results."""
     factories = {"draft_model": drafts, "ngram": NgramProposerFactory(CONFIG.ngram)}
-    results: dict[int, object] = {}
-    for i, request in enumerate(requests):
+    sessions = []
+    for request in requests:
         factory = factories.get(request.method)
-        proposer = factory.new_session(request.prompt_ids, request.sampling) if factory else None
-        loop.add(request, proposer, lambda item, i=i: results.__setitem__(i, item))  # the last item wins
-    with torch.inference_mode():
-        while loop.rows:
-            loop.step()
-    for item in results.values():
+        sessions.append((request, factory.new_session(request.prompt_ids, request.sampling) if factory else None))
+    results = loop.run_together(sessions)
+    for item in results:
         assert isinstance(item, GenerationResult), item
-    return [results[i] for i in range(len(requests))]
+    return results
 
 
 def expected_joint(prompt: list[int], params: SamplingParams) -> dict[tuple[int, int], float]:
