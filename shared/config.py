@@ -155,8 +155,8 @@ class SpeculationConfig(_Frozen):
     )
     load_aware: bool = Field(
         True,
-        description="A step of 4 rows or more drafts only where drafting has measured more tokens "
-        "per second of step than plain steps at that batch size (probing the other now and then).",
+        description="A step drafts only where drafting has measured more tokens per second than "
+        "plain steps at that batch size, method and sampling mode (probing the other now and then).",
     )
 
     @model_validator(mode="after")

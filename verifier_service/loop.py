@@ -14,7 +14,7 @@ step:
              with the (seed, position) noise: `shared.rejection`)
     per row: accept the draft's prefix that equals y, emit it + y after it, roll back the
              rest (a length), stream the tokens, finish on EOS / length / stop string
-    policy.observe(rows, outcomes, step cost)
+    policy.observe(rows, outcomes, step cost)   # reported when the next step starts
 
 Prefill is chunked: decoding rows go first, prompt chunks fill the step's token budget
 (`max_step_tokens`, at least one chunk per step), so a long prompt never stalls running
@@ -95,6 +95,8 @@ class SpecDecodeLoop:
         self.target = target  # metrics label
         self.rows: list[Row] = []
         self.peak_rows = 0  # most rows one step fed (tests, logs)
+        # the last step's outcomes, reported to the policy when the next step starts
+        self._unobserved: tuple[list[RowState], list[RowOutcome], int, int, float] | None = None
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -135,11 +137,12 @@ class SpecDecodeLoop:
 
     def step(self) -> None:
         """One target forward over every row (no-op without rows)."""
+        t0 = time.perf_counter()
+        self._observe(t0)
         for row in [r for r in self.rows if r.cancelled]:
             self._remove(row)
         if not self.rows:
             return
-        t0 = time.perf_counter()
         decoding = [r for r in self.rows if r.decoding]
         self._draft(decoding)
         t_drafted = time.perf_counter()
@@ -177,15 +180,26 @@ class SpecDecodeLoop:
             except Exception as e:  # noqa: BLE001 - one row's failure is that row's
                 logger.exception("request %s failed", row.request.request_id or "-")
                 self._fail(row, e)
-        if observed:
-            num_tokens = sum(len(f.token_ids) for f in feeds)
-            # NOTE: the whole step, drafting included: where drafters share the machine
-            # (or are slow), drafting is part of what a draft token costs
-            self.policy.observe(observed, outcomes, StepCost(len(feeds), num_tokens, t2 - t0))
         t3 = time.perf_counter()
+        if observed:
+            self._unobserved = (observed, outcomes, len(feeds), sum(len(f.token_ids) for f in feeds), t0)
+            if not self.rows:
+                self._observe(t3)
         overhead = (t1 - t_drafted) + (t3 - t2)  # drafting is in each row's draft_time_s
         for row in fed:
             row.stats.other_time_s += overhead / len(fed)
+
+    def _observe(self, now: float) -> None:
+        """Report the last step to the policy, timed to `now`."""
+        if self._unobserved is None:
+            return
+        rows, outcomes, num_rows, num_tokens, t0 = self._unobserved
+        self._unobserved = None
+        # NOTE: the loop's whole cycle, from this step's start to the next one's: drafting
+        # is part of what a draft token costs where drafters share the machine (or are slow),
+        # and a plain step pays the per-step bookkeeping and streaming (which contend with
+        # the loop in this process) for fewer tokens
+        self.policy.observe(rows, outcomes, StepCost(num_rows, num_tokens, now - t0))
 
     def _draft(self, rows: Sequence[Row]) -> None:
         """Each decoding row's draft for this step: in-process proposers run here, remote

@@ -19,9 +19,11 @@ simplest rule that wins there; see docs/speculation.md for the figures. Two rule
 - `plus2minus1`: Hugging Face assisted generation's heuristic (all drafts accepted →
   k + 2, else k − 1, floor 1, cap `max_speculative_tokens`).
 
-On top (`RulePolicy`), a step of 4 rows or more drafts only where drafting has measured more
-tokens per second than plain steps at that batch size for that method. Output never depends on k (`shared.rejection`), so neither
-rule nor cap can change what a seeded request produces.
+On top (`RulePolicy`), a step drafts only where drafting has measured more tokens per
+second than plain steps at that batch size, for that method and sampling mode: a single
+stream included, since on a CPU a sampled model drafter can lose to plain decoding even
+alone. Output never depends on k (`shared.rejection`), so neither rule nor load can change
+what a seeded request produces.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class RowState:
     k: int  # draft tokens the next step asks for
     max_k: int
     params: dict[str, float]  # drafter parameters for the whole request (may be empty)
+    greedy: bool = True  # the request's sampling mode (load arms are per mode)
     params_sent: bool = False  # the proposer has `params` (sticky on its side)
 
 
@@ -65,8 +68,8 @@ class RowOutcome:
 
 @dataclass(slots=True)
 class StepCost:
-    """One step: how many rows and tokens its target forward fed, and its seconds (drafting
-    included)."""
+    """One step: how many rows and tokens its target forward fed, and the seconds from its
+    start to the next step's (drafting, the forward, bookkeeping, streaming)."""
 
     num_rows: int
     num_tokens: int  # sum over rows of (draft tokens + 1)
@@ -83,35 +86,68 @@ class SpeculationPolicy(Protocol):
     def summary(self, row: RowState) -> dict[str, float]: ...
 
 
+ArmKey = tuple[int, str, bool]  # (batch bucket, method, greedy)
+
+
+@dataclass(slots=True)
+class _Arms:
+    """One key's two arms."""
+
+    goodput: dict[bool, float] = field(default_factory=dict)  # drafting -> EMA of tok/s
+    seconds: float = 0.0  # every measured step under this key
+    regret_s: float = 0.0  # what probes cost beyond the better arm's pace
+    steps_since_probe: int = 0
+
+
 @dataclass(slots=True)
 class LoadArms:
-    """Measured goodput (emitted tokens per second of whole step, drafting included) of
-    steps with drafting on and off, per batch size (rows rounded down to a power of two)
-    and method. Measured rather than modelled: on a shared machine drafters compete with the
-    target for the same cores, and what a draft token costs against a target step differs
-    by drafter, target and load, none of which a cost line of the target's forward sees."""
+    """Measured goodput (emitted tokens per second of the loop's whole cycle: drafting, the
+    target's forward, bookkeeping and streaming) of steps with drafting on and off, per
+    batch size (rows rounded down to a power of two), method and sampling mode. Measured
+    rather than modelled: on a shared machine drafters compete with the target for the same
+    cores, and what a draft token costs against a target step differs by drafter, target,
+    mode and load, none of which a cost line of the target's forward sees.
+
+    Each arm is tried once, then the better one runs and the other is *probed* now and
+    then, so a change of traffic is noticed. A probe's cost is its regret: its seconds
+    beyond what the better arm would have taken for the same tokens. Probes come at most
+    every `min_probe_gap` steps and only while the regret of all probes so far stays within
+    `probe_share` of the key's step time: a drafting step that loses badly (on a CPU it can
+    take five plain steps' time) is probed rarely, and arms that are close are probed
+    often, for free."""
 
     alpha: float = 0.2  # EMA weight of a new step
-    goodput: dict[tuple[int, str, bool], float] = field(default_factory=dict)  # (bucket, method, drafting) -> tok/s
+    probe_share: float = 0.02
+    min_probe_gap: int = 8
+    arms: dict[ArmKey, _Arms] = field(default_factory=dict)
 
     @staticmethod
     def bucket(num_rows: int) -> int:
         return 1 << (num_rows.bit_length() - 1)
 
-    def observe(self, key: tuple[int, str], drafting: bool, tokens: int, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        full, value = (*key, drafting), tokens / seconds
-        old = self.goodput.get(full)
-        self.goodput[full] = value if old is None else old + self.alpha * (value - old)
-
-    def choose(self, key: tuple[int, str], probe: bool) -> bool:
-        """Draft in this step? An unmeasured arm first, then the better one (the other on
-        probe steps, so both stay measured)."""
-        on, off = self.goodput.get((*key, True)), self.goodput.get((*key, False))
+    def choose(self, key: ArmKey) -> tuple[bool, bool]:
+        """(draft in this step?, is it a probe?): an unmeasured arm first (drafting), then
+        the better one, or the other on a probe step."""
+        arms = self.arms.setdefault(key, _Arms())
+        on, off = arms.goodput.get(True), arms.goodput.get(False)
         if on is None or off is None:
-            return on is None
-        return (on >= off) != probe
+            return on is None, False
+        arms.steps_since_probe += 1
+        probe = arms.steps_since_probe >= self.min_probe_gap and arms.regret_s <= self.probe_share * arms.seconds
+        if probe:
+            arms.steps_since_probe = 0
+        return (on >= off) != probe, probe
+
+    def observe(self, key: ArmKey, drafting: bool, probe: bool, tokens: int, seconds: float) -> None:
+        arms = self.arms.get(key)
+        if arms is None or seconds <= 0:
+            return
+        arms.seconds += seconds
+        if probe:
+            arms.regret_s += max(0.0, seconds - tokens / arms.goodput[not drafting])
+        value = tokens / seconds
+        old = arms.goodput.get(drafting)
+        arms.goodput[drafting] = value if old is None else old + self.alpha * (value - old)
 
 
 def plus_two_minus_one(k: int, num_draft: int, num_accepted: int, max_k: int) -> int:
@@ -126,47 +162,39 @@ class RulePolicy:
     """The configured rule per method (`SpeculationConfig.methods`); a request's own
     `num_speculative_tokens` pins a fixed k and its `drafter_params` override the method's.
 
-    Load-aware (`speculation.load_aware`): a step of at least `MIN_ROWS` rows either drafts
-    with every row's rule k or not at all, whichever has given more emitted tokens per
-    second of step (drafting included) at that batch size for the step's main method
-    (`LoadArms`); every `PROBE_EVERY`-th such step takes the other choice, so both stay
-    measured. A pinned k is never cut.
+    Load-aware (`speculation.load_aware`): a step either drafts with every row's rule k or
+    not at all, whichever has given more emitted tokens per second of step at that batch
+    size for the step's main method and sampling mode (`LoadArms`, which probes the other
+    choice now and then). A pinned k is never cut.
     """
-
-    # NOTE: a step of a few rows is bound by per-step overhead and reading weights, where
-    # drafting pays whenever drafts are accepted at all on a GPU; only fuller batches become
-    # compute-bound. Below this many rows k stays the rule's. (On this 2-core CPU a sampled
-    # single stream with a model drafter loses to plain decoding, see docs/speculation.md.)
-    MIN_ROWS = 4
-    PROBE_EVERY = 16
 
     def __init__(self, config: SpeculationConfig) -> None:
         self.config = config
         self.arms = LoadArms()
-        self.num_plans = 0
-        self._step: tuple[tuple[int, str], bool] | None = None  # ((bucket, method), drafting) planned
+        self._step: tuple[ArmKey, bool, bool] | None = None  # (key, drafting, probe) planned
 
     def start(self, request: GenerationRequest) -> RowState:
         max_k = self.config.max_speculative_tokens
+        greedy = request.sampling.greedy
         method = self.config.methods.get(request.method)
         if method is not None:
-            method = method.for_request(request.sampling.greedy)
+            method = method.for_request(greedy)
         params = {**(method.drafter_params if method else {}), **request.drafter_params}
         if request.num_speculative_tokens is not None:  # pinned by the request
-            return RowState(request.method, PINNED, request.num_speculative_tokens, max_k, params)
+            return RowState(request.method, PINNED, request.num_speculative_tokens, max_k, params, greedy)
         if method is None:  # `none`, or a method without a configured rule
-            return RowState(request.method, FIXED, 0, 0, {})
-        return RowState(request.method, method.rule, min(method.num_speculative_tokens, max_k), max_k, params)
+            return RowState(request.method, FIXED, 0, 0, {}, greedy)
+        k = min(method.num_speculative_tokens, max_k)
+        return RowState(request.method, method.rule, k, max_k, params, greedy)
 
     def plan(self, rows: Sequence[RowState]) -> list[RowPlan]:
-        self.num_plans += 1
         self._step = None
         drafting = True
-        methods = [r.method for r in rows if r.k and r.rule != PINNED]
-        if self.config.load_aware and methods and len(rows) >= self.MIN_ROWS:
-            key = (LoadArms.bucket(len(rows)), max(set(methods), key=methods.count))
-            drafting = self.arms.choose(key, probe=self.num_plans % self.PROBE_EVERY == 0)
-            self._step = (key, drafting)
+        kinds = [(r.method, r.greedy) for r in rows if r.k and r.rule != PINNED]
+        if self.config.load_aware and kinds:
+            key = (LoadArms.bucket(len(rows)), *max(set(kinds), key=kinds.count))
+            drafting, probe = self.arms.choose(key)
+            self._step = (key, drafting, probe)
         plans = []
         for row in rows:
             k = row.k if drafting or row.rule == PINNED else 0
@@ -179,7 +207,7 @@ class RulePolicy:
     def observe(self, rows: Sequence[RowState], outcomes: Sequence[RowOutcome], step: StepCost) -> None:
         if self._step is not None:
             tokens = sum(o.num_accepted_tokens + 1 for o in outcomes)
-            self.arms.observe(*self._step, tokens, step.seconds)
+            self.arms.observe(*self._step, tokens=tokens, seconds=step.seconds)
             self._step = None
         for row, outcome in zip(rows, outcomes, strict=True):
             # NOTE: a round whose draft came back empty (a late or failed drafter, no
@@ -191,7 +219,8 @@ class RulePolicy:
 
     def summary(self, row: RowState) -> dict[str, float]:
         out = {"k": float(row.k), "plus2minus1": float(row.rule == PLUS_TWO_MINUS_ONE), **row.params}
-        for (bucket, method, drafting), goodput in sorted(self.arms.goodput.items()):
-            if method == row.method:
-                out[f"goodput.{bucket}_rows.{'drafting' if drafting else 'plain'}"] = goodput
+        for (bucket, method, greedy), arms in sorted(self.arms.arms.items()):
+            if (method, greedy) == (row.method, row.greedy):
+                for drafting, goodput in arms.goodput.items():
+                    out[f"goodput.{bucket}_rows.{'drafting' if drafting else 'plain'}"] = goodput
         return out

@@ -100,17 +100,44 @@ LOAD_AWARE = CONFIG.model_copy(update={"load_aware": True})
 
 
 def test_load_arms_measure_then_take_the_better_and_probe_the_other():
-    arms = LoadArms()
-    key = (32, "ngram")
-    assert arms.choose(key, probe=False) is True  # unmeasured: drafting first
-    arms.observe(key, True, tokens=64, seconds=0.1)  # 640 tok/s
-    assert arms.choose(key, probe=False) is False  # then plain
-    arms.observe(key, False, tokens=32, seconds=0.04)  # 800 tok/s
-    assert arms.choose(key, probe=False) is False  # plain is better
-    assert arms.choose(key, probe=True) is True  # a probe takes the other
-    assert arms.choose((16, "ngram"), probe=False) is True  # another batch size has its own
-    assert arms.choose((32, "sorted"), probe=False) is True  # and another method
-    assert [LoadArms.bucket(n) for n in (4, 5, 31, 32, 63)] == [4, 4, 16, 32, 32]
+    arms = LoadArms(min_probe_gap=2)
+    key = (32, "ngram", True)
+    assert arms.choose(key) == (True, False)  # unmeasured: drafting first
+    arms.observe(key, True, False, tokens=64, seconds=0.1)  # 640 tok/s
+    assert arms.choose(key) == (False, False)  # then plain
+    arms.observe(key, False, False, tokens=32, seconds=0.04)  # 800 tok/s
+    assert arms.choose(key) == (False, False)  # plain is better
+    assert arms.choose(key) == (True, True)  # a probe takes the other
+    assert arms.choose((16, "ngram", True)) == (True, False)  # another batch size has its own
+    assert arms.choose((32, "sorted", True)) == (True, False)  # and another method
+    assert arms.choose((32, "ngram", False)) == (True, False)  # and another sampling mode
+    assert [LoadArms.bucket(n) for n in (1, 3, 4, 5, 31, 32, 63)] == [1, 2, 4, 4, 16, 32, 32]
+
+
+def _run(arms: LoadArms, key, num_steps: int, on: float, off: float) -> int:
+    """Probes taken over `num_steps` one-second steps at the given tok/s per arm."""
+    probes = 0
+    for _ in range(num_steps):
+        drafting, probe = arms.choose(key)
+        arms.observe(key, drafting, probe, tokens=on if drafting else off, seconds=1.0)
+        probes += probe
+    return probes
+
+
+def test_probes_stay_within_their_share_of_time():
+    share = 0.05
+    costly, cheap = LoadArms(probe_share=share, min_probe_gap=2), LoadArms(probe_share=share, min_probe_gap=2)
+    key = (8, "sorted", False)
+    # a drafting step that loses badly (a probe wastes 3/4 of its second) is probed rarely ...
+    num_costly = _run(costly, key, 400, on=100, off=400)
+    arms = costly.arms[key]
+    assert arms.regret_s <= share * arms.seconds + 0.75
+    assert 400 * share / 0.75 - 2 <= num_costly <= 400 * share / 0.75 + 2
+    # ... and a close one every min_probe_gap steps, which costs almost nothing
+    assert _run(cheap, key, 400, on=390, off=400) >= 400 / 2 - 2
+    # a drafter that got faster is noticed by the probes and taken
+    _run(costly, key, 200, on=1000, off=400)
+    assert costly.choose(key)[0] is True
 
 
 def _step(policy, rows, tokens_per_row: int, seconds: float) -> list[int]:
@@ -127,15 +154,22 @@ def test_a_full_batch_stops_drafting_where_plain_steps_give_more():
     batch = [*rows, pinned]
     assert _step(policy, batch, tokens_per_row=2, seconds=0.05)[0] == 5  # measures drafting: 360 tok/s
     assert _step(policy, batch, tokens_per_row=1, seconds=0.02) == [0] * 8 + [2]  # plain: 450 tok/s; pinned stays
-    ks = [_step(policy, batch, tokens_per_row=1, seconds=0.02)[0] for _ in range(2 * RulePolicy.PROBE_EVERY)]
-    assert ks.count(0) == len(ks) - 2 and ks.count(5) == 2  # plain, probing drafting now and then
+    ks = [_step(policy, batch, tokens_per_row=1, seconds=0.02)[0] for _ in range(100)]
+    # plain, probing drafting at most every min_probe_gap steps
+    assert 1 <= ks.count(5) <= len(ks) // LoadArms().min_probe_gap + 1 and ks.count(0) == len(ks) - ks.count(5)
     assert policy.summary(rows[0])["goodput.8_rows.plain"] == pytest.approx(450, rel=0.01)
 
 
-def test_few_rows_keep_their_k_and_each_method_has_its_own_arms():
+def test_a_single_stream_and_each_method_and_mode_have_their_own_arms():
     policy = RulePolicy(LOAD_AWARE)
-    few = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(3)]
-    assert all(_step(policy, few, tokens_per_row=1, seconds=1.0) == [5, 5, 5] for _ in range(5))
+    alone = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted", sampling=SamplingParams(temperature=0.8)))]
+    _step(policy, alone, tokens_per_row=2, seconds=0.03)  # drafting: 67 tok/s
+    _step(policy, alone, tokens_per_row=1, seconds=0.01)  # plain: 100 tok/s
+    assert _step(policy, alone, tokens_per_row=1, seconds=0.01) == [0]  # a losing drafter stops even alone
+    greedy = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted"))]
+    _step(policy, greedy, tokens_per_row=6, seconds=0.03)  # drafting: 200 tok/s
+    _step(policy, greedy, tokens_per_row=1, seconds=0.01)  # plain: 100 tok/s
+    assert _step(policy, greedy, tokens_per_row=6, seconds=0.03) == [greedy[0].k]  # greedy keeps drafting
     fast = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
     _step(policy, fast, tokens_per_row=4, seconds=0.05)  # drafting: 640 tok/s
     _step(policy, fast, tokens_per_row=1, seconds=0.02)  # plain: 400 tok/s
