@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from shared import metrics
-from shared.methods import MODEL_METHODS, SPEC_METHODS
+from shared.methods import MODEL_METHODS, RUN_AHEAD_METHODS, SPEC_METHODS
 from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from shared.protocol import PROTOCOL_VERSION
 from shared.proposer import EMPTY_DRAFT
@@ -326,7 +326,7 @@ class DrafterPool:
 
     @property
     def methods(self) -> list[str]:
-        return sorted({d.method for d in self._drafters.values()})
+        return sorted({d.method for d in self._drafters.values()} | set(RUN_AHEAD_METHODS))
 
     @property
     def tokenizer_hashes(self) -> set[str]:
@@ -361,19 +361,20 @@ class DrafterPool:
             raise InvalidArgumentError(
                 f"method {method!r} runs inside the verifier, not in the drafter pool", field="method"
             )
+        run_ahead = method in RUN_AHEAD_METHODS  # any drafter of the pool drafts ahead
         if drafter:
             found = self._drafters.get(drafter)
             if found is None:
                 raise NotFoundError(
                     f"drafter {drafter!r} is not in this pool ({self.drafter_names})", field="drafter"
                 )
-            if found.method != method:
+            if found.method != method and not run_ahead:
                 raise InvalidArgumentError(
                     f"drafter {drafter!r} serves {found.method!r}, not {method!r}", field="method"
                 )
             candidates = [found]
         else:
-            candidates = [d for d in self._drafters.values() if d.method == method]
+            candidates = [d for d in self._drafters.values() if d.method == method or run_ahead]
             if not candidates:
                 raise NotFoundError(
                     f"no drafter serves method {method!r} (pool serves {self.methods})", field="method"

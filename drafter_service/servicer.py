@@ -22,7 +22,9 @@ import numpy as np
 
 from shared.errors import InvalidArgumentError, SpecdecError, UnavailableError
 from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
+from shared.methods import RUN_AHEAD_METHODS
 from shared.protocol import PROTOCOL_VERSION
+from shared.run_ahead import ahead_limit, reconcile
 from shared.wire import sampling_from_proto
 from shared.serving import wait_shielded
 
@@ -65,6 +67,9 @@ def candidates_message(
 
 
 MAX_DRAFT_TOKENS = 64  # per Commit; no policy asks for more
+# Tokens per run-ahead propose: small, so the verifier sees the line grow soon after each
+# commit; the pool batches the chunks of all sessions waiting at that moment.
+RUN_AHEAD_CHUNK = 2
 
 
 def _check_ids(ids, vocab_size: int, field: str) -> None:
@@ -115,8 +120,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 )
             )
             reader = asyncio.create_task(self._read_commits(context, state))
+            loop = self._run_ahead_loop if first.open.method in RUN_AHEAD_METHODS else self._draft_loop
             try:
-                await self._draft_loop(context, session, state)
+                await loop(context, session, state)
             except SpecdecError as e:  # e.g. Commit.params the proposer rejects
                 state.error = e
             if state.error is not None:
@@ -231,6 +237,39 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     draft.draft_probs = draft.draft_probs[:k]
             last_start, last_draft_ids = len(snapshot), list(draft.token_ids)
             await context.write(candidates_message(epoch, len(snapshot), draft, result.exit_layers))
+            self.num_candidates_sent += 1
+
+    async def _run_ahead_loop(
+        self, context: grpc.aio.ServicerContext, session: DraftSession, state: _StreamState
+    ) -> None:
+        """Method `card` (`shared.run_ahead`): extend the line in chunks while it is less
+        than `ahead_limit(k)` past the latest commit, streaming each chunk; wait for a
+        commit only when the line is that far ahead or the verifier asked for 0 tokens."""
+        pool = self.pool
+        line: list[int] = []
+        epoch, base = -1, 0  # the commit the line was last reconciled with, its context length
+        applied_params: dict[str, float] = {}
+        while not state.ended:
+            if state.epoch != epoch:
+                epoch, committed = state.epoch, list(state.context)
+                line, base = reconcile(line, committed), len(committed)
+            room = ahead_limit(state.k) - (len(line) - base)
+            if room <= 0:
+                await self._wait_commit(state)
+                continue
+            params = None
+            if state.params != applied_params:
+                params = applied_params = state.params
+            n = min(RUN_AHEAD_CHUNK, room)
+            result = await pool.propose(ProposeCall(session, list(line), n, None, params))
+            draft = result.draft
+            if not draft.token_ids:  # nothing to add (the drafter's context is full)
+                if state.epoch == epoch:
+                    await self._wait_commit(state)
+                continue
+            draft.draft_probs = None  # run-ahead drafts are verified as one-hot (seeded sessions)
+            await context.write(candidates_message(epoch, len(line), draft, result.exit_layers))
+            line.extend(draft.token_ids[:n])
             self.num_candidates_sent += 1
 
     @staticmethod

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.methods import MODEL_METHODS, SPEC_METHODS, ModelMethod  # noqa: F401 - re-exported for configs
+from shared.methods import SPEC_METHODS, DrafterKind
 from shared.paths import PROJECT_ROOT, models_dir
 
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -104,7 +104,7 @@ class TargetConfig(ModelConfig):
 
 
 class DrafterConfig(ModelConfig):
-    kind: ModelMethod = Field(
+    kind: DrafterKind = Field(
         "draft_model", description="Proposer kind this drafter serves."
     )
     matmul_dtype: Dtype = Field(
@@ -135,6 +135,7 @@ DEFAULT_METHODS: dict[str, MethodSpeculation] = {
         when_greedy=MethodSpeculation(num_speculative_tokens=5),
     ),
     "draft_model": MethodSpeculation(num_speculative_tokens=3),
+    "card": MethodSpeculation(num_speculative_tokens=4),
     "sorted": MethodSpeculation(
         num_speculative_tokens=3, drafter_params={"fixed_exit": 2.0},
         when_greedy=MethodSpeculation(num_speculative_tokens=7, drafter_params={"fixed_exit": 1.0}),
@@ -152,6 +153,10 @@ class SpeculationConfig(_Frozen):
     )
     draft_timeout_s: float = Field(
         0.05, gt=0, description="Longest a step waits for remote candidates before k = 0."
+    )
+    run_ahead_wait_s: float = Field(
+        0.0, ge=0, description="Longest a step waits for the first token of a run-ahead (card) "
+        "draft; 0 = only what the drafter has already streamed.",
     )
     load_aware: bool = Field(
         True,

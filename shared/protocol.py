@@ -7,4 +7,6 @@ with FAILED_PRECONDITION, and the verifier then decodes with k = 0.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+# 2: run-ahead sessions (method `card`, `shared.run_ahead`): Candidates continue the
+#    drafter's line of an epoch, unasked, and a Commit for 0 tokens stops the run-ahead.
+PROTOCOL_VERSION = 2

@@ -29,6 +29,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,7 +41,9 @@ from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
 from shared import tls
 from shared.errors import status_from_int
+from shared.methods import RUN_AHEAD_METHODS
 from shared.proposer import Draft, common_prefix_len
+from shared.run_ahead import reconcile
 from shared.wire import sampling_to_proto
 
 if TYPE_CHECKING:
@@ -142,6 +145,7 @@ class RemoteProposerFactory:
         *,
         drafter: str = "",
         timeout_s: float = 0.05,
+        run_ahead_wait_s: float = 0.0,
         retry_interval_s: float = 1.0,
         max_consecutive_timeouts: int = 3,
         channel: grpc.Channel | None = None,
@@ -152,6 +156,7 @@ class RemoteProposerFactory:
         self.method = method
         self.drafter = drafter
         self.timeout_s = timeout_s
+        self.run_ahead_wait_s = run_ahead_wait_s
         self.retry_interval_s = retry_interval_s
         self.max_consecutive_timeouts = max_consecutive_timeouts
         self._owns_channel = channel is None
@@ -165,6 +170,8 @@ class RemoteProposerFactory:
         return self.rejected is None
 
     def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> RemoteProposer:
+        if self.method in RUN_AHEAD_METHODS:
+            return RunAheadProposer(self, prompt_ids, sampling)
         return RemoteProposer(self, prompt_ids, sampling)
 
     def close(self) -> None:
@@ -263,13 +270,20 @@ class RemoteProposer:
         if k <= 0 or self._closed:
             return
         context = context_ids if isinstance(context_ids, list) else list(context_ids)
+        if self._ensure_stream(context):
+            self._send_commit(context, k)
+            self._asked = (self._epoch, len(context), k)
+
+    def _ensure_stream(self, context: list[int]) -> bool:
+        """Is a stream open (reopened with `context` as the prompt once a retry is due)?"""
         if self._stream is None:
             if self._permanent or time.monotonic() < self._retry_at:
-                return
+                return False
             self.num_reopens += 1
             self._open(list(context))
-            if self._stream is None:
-                return
+        return self._stream is not None
+
+    def _send_commit(self, context: list[int], k: int) -> None:
         keep = common_prefix_len(self._drafter_context, context)
         self._epoch += 1
         changed = {
@@ -290,7 +304,6 @@ class RemoteProposer:
         del self._drafter_context[keep:]
         self._drafter_context.extend(context[keep:])
         self.num_proposals += 1
-        self._asked = (self._epoch, len(context), k)
 
     def collect(self, deadline: float) -> Draft:
         """The Candidates of the last `request`, or an empty draft at `deadline`."""
@@ -390,3 +403,126 @@ class RemoteProposer:
             self._stream = None
 
 
+
+
+class RunAheadProposer(RemoteProposer):
+    """A run-ahead (`card`) session: the drafter streams its line unasked
+    (`shared.run_ahead`); a round commits the context and takes what the mirror of the line
+    already holds after it, waiting at most `wait_s` for a first token (default 0: only
+    what has arrived). The verifier thus never waits for the drafter, and the drafter never
+    waits for the verifier while it is less than `ahead_limit(k)` ahead.
+
+    A round for k = 0 (the policy stepped drafting aside) commits the context with k = 0
+    once, which stops the run-ahead; the next round for k > 0 starts it again."""
+
+    def __init__(
+        self, factory: RemoteProposerFactory, prompt_ids: Sequence[int], sampling: SamplingParams
+    ) -> None:
+        self.wait_s = factory.run_ahead_wait_s
+        self._line: list[int] = []  # mirror of the drafter's line
+        self._pending: deque[tuple[int, int]] = deque()  # commits not yet applied: (epoch, context length)
+        # the context of the last commit (the row's token list: it only ever grows, so an
+        # earlier commit's context is a prefix of it) and how long it was then
+        self._context: list[int] = []
+        self._committed_len = 0
+        self._k_sent = 0
+        # Counters (per session; tests, logs, bench).
+        self.num_rounds = 0  # rounds that asked for k > 0 tokens
+        self.num_cached_rounds = 0  # ... and found at least one token in the line
+        self.num_line_kept = 0  # commits the line extended (the target's bonus was the line's next token)
+        self.num_commits = 0
+        self.wait_s_total = 0.0
+        self.max_wait_s = 0.0
+        super().__init__(factory, prompt_ids, sampling)
+
+    def _open(self, context: list[int]) -> None:
+        super()._open(context)
+        # the drafter's session starts at the prompt (its epoch 0)
+        self._line, self._context, self._k_sent = list(context), list(context), 0
+        self._committed_len = len(context)
+        self._pending.clear()
+
+    def request(self, context_ids: Sequence[int], k: int) -> None:
+        self._asked = None
+        if self._closed or (k <= 0 and self._k_sent <= 0):
+            return
+        context = context_ids if isinstance(context_ids, list) else list(context_ids)
+        if not self._ensure_stream(context):
+            return
+        if k != self._k_sent or len(context) != self._committed_len:
+            if len(context) > self._committed_len:
+                self.num_commits += 1
+                self.num_line_kept += self._line[: len(context)] == context
+            self._send_commit(context, max(k, 0))
+            self._pending.append((self._epoch, len(context)))
+            self._context, self._committed_len, self._k_sent = context, len(context), max(k, 0)
+        if k > 0:
+            self._asked = (self._epoch, len(context), k)
+
+    def collect(self, deadline: float) -> Draft:
+        """What the line holds after the context (up to k tokens), once at least one token
+        is there or `wait_s` has passed; `deadline` (the loop's, for drafters that are asked
+        per round) does not apply."""
+        asked, self._asked = self._asked, None
+        if asked is None or self._stream is None:
+            return Draft(token_ids=[])
+        _, context_len, k = asked
+        start = time.monotonic()
+        until = start + self.wait_s
+        try:
+            while True:
+                self._drain(until)
+                token_ids = self._cached(context_len, k)
+                if token_ids or time.monotonic() >= until:
+                    break
+        except StreamBroken as err:
+            self._fail(err)
+            token_ids = []
+        waited = time.monotonic() - start
+        self.num_rounds += 1
+        self.num_cached_rounds += bool(token_ids)
+        self.wait_s_total += waited
+        self.max_wait_s = max(self.max_wait_s, waited)
+        return Draft(token_ids=token_ids)
+
+    def _cached(self, context_len: int, k: int) -> list[int]:
+        context, line = self._context, self._line
+        if len(line) <= context_len or line[:context_len] != context[:context_len]:
+            return []
+        return line[context_len : context_len + k]
+
+    def _drain(self, until: float) -> None:
+        """Apply every message that has arrived; if none has, wait for one until `until`."""
+        stream = self._stream
+        block = True
+        while stream is not None:
+            try:
+                remaining = until - time.monotonic()
+                if block and remaining > 0:
+                    resp = stream.responses.get(timeout=remaining)
+                else:
+                    resp = stream.responses.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(resp, _End):
+                raise resp.error
+            kind = resp.WhichOneof("response")
+            if kind == "candidates":
+                self._apply(resp.candidates)
+            elif kind == "opened":
+                self.drafter_name = resp.opened.drafter
+            elif kind == "error":
+                raise StreamBroken(status_from_int(resp.error.code), resp.error.message)
+
+    def _apply(self, cand: drafter_pb2.Candidates) -> None:
+        """A chunk of the drafter's line as of commit `cand.epoch`: first apply our commits
+        up to that epoch to the mirror (as the drafter did), then extend it."""
+        while self._pending and self._pending[0][0] <= cand.epoch:
+            _, length = self._pending.popleft()
+            self._line = reconcile(self._line, self._context[:length])
+        if cand.start_position != len(self._line):
+            self.num_stale_dropped += 1  # cannot happen with an in-order stream; never trusted
+            logger.debug("run-ahead chunk at %d, line has %d tokens: dropped", cand.start_position, len(self._line))
+            return
+        self._line.extend(cand.token_ids)

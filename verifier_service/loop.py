@@ -210,7 +210,11 @@ class SpecDecodeLoop:
             row.draft = EMPTY_DRAFT
             # the verify forward writes len(tokens) + k positions; emitted tokens stop at max_total
             k = min(plan.k, row.max_total - len(row.tokens) - 1)
-            if row.proposer is None or k <= 0:
+            if row.proposer is None:
+                continue
+            if k <= 0:
+                if isinstance(row.proposer, PipelinedProposer):
+                    row.proposer.request(row.tokens, 0)  # a run-ahead drafter stops
                 continue
             t = time.perf_counter()
             try:

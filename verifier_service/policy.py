@@ -97,6 +97,7 @@ class _Arms:
     seconds: float = 0.0  # every measured step under this key
     regret_s: float = 0.0  # what probes cost beyond the better arm's pace
     steps_since_probe: int = 0
+    probe_left: int = 0  # steps still to take in the current probe run
 
 
 @dataclass(slots=True)
@@ -114,12 +115,19 @@ class LoadArms:
     every `min_probe_gap` steps and only while the regret of all probes so far stays within
     `probe_share` of the key's step time: a drafting step that loses badly (on a CPU it can
     take five plain steps' time) is probed rarely, and arms that are close are probed
-    often, for free."""
+    often, for free.
+
+    Drafting needs a warm-up after plain steps: a drafter that was idle catches up on the
+    context, and a run-ahead drafter (`card`) has nothing cached yet. The first
+    `warmup_steps` drafting steps after a plain step are therefore not measured (their
+    regret still counts), and a probe of drafting lasts `warmup_steps + 2` steps."""
 
     alpha: float = 0.2  # EMA weight of a new step
     probe_share: float = 0.02
     min_probe_gap: int = 8
+    warmup_steps: int = 2
     arms: dict[ArmKey, _Arms] = field(default_factory=dict)
+    drafting_run: int = 0  # drafting steps in a row, any key (0: the last step was plain)
 
     @staticmethod
     def bucket(num_rows: int) -> int:
@@ -132,19 +140,27 @@ class LoadArms:
         on, off = arms.goodput.get(True), arms.goodput.get(False)
         if on is None or off is None:
             return on is None, False
+        best = on >= off
+        if arms.probe_left > 0:
+            arms.probe_left -= 1
+            return not best, True
         arms.steps_since_probe += 1
-        probe = arms.steps_since_probe >= self.min_probe_gap and arms.regret_s <= self.probe_share * arms.seconds
-        if probe:
+        if arms.steps_since_probe >= self.min_probe_gap and arms.regret_s <= self.probe_share * arms.seconds:
             arms.steps_since_probe = 0
-        return (on >= off) != probe, probe
+            arms.probe_left = self.warmup_steps + 1 if best is False else 0  # a run of drafting
+            return not best, True
+        return best, False
 
     def observe(self, key: ArmKey, drafting: bool, probe: bool, tokens: int, seconds: float) -> None:
+        self.drafting_run = self.drafting_run + 1 if drafting else 0
         arms = self.arms.get(key)
         if arms is None or seconds <= 0:
             return
         arms.seconds += seconds
         if probe:
             arms.regret_s += max(0.0, seconds - tokens / arms.goodput[not drafting])
+        if drafting and self.drafting_run <= self.warmup_steps:
+            return  # warming up: says nothing about drafting's pace
         value = tokens / seconds
         old = arms.goodput.get(drafting)
         arms.goodput[drafting] = value if old is None else old + self.alpha * (value - old)

@@ -30,7 +30,7 @@ from shared.errors import (
     FIELD_METADATA,
     status_to_int,
 )
-from shared.methods import IN_PROCESS_METHODS, MODEL_METHODS
+from shared.methods import IN_PROCESS_METHODS, RUN_AHEAD_METHODS
 from shared.ngram import NgramProposerFactory
 from shared.pb.specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult
@@ -146,14 +146,16 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.tokenizer_hash = tokenizer_hash
         if self.drafter_address:
             self._channel = make_channel(self.drafter_address, internal_channel_credentials(self.config.tls))
-            kinds = {d.kind for d in self.config.drafters} & set(MODEL_METHODS)
-            for method in sorted(kinds):
+            # every drafter kind as its own method, and the run-ahead methods over the pool's default
+            methods = sorted({d.kind for d in self.config.drafters}) + list(RUN_AHEAD_METHODS)
+            for method in methods:
                 self.remote[method] = RemoteProposerFactory(
                     self.drafter_address,
                     self.target.name,
                     tokenizer_hash,
                     method,
                     timeout_s=self.config.speculation.draft_timeout_s,
+                    run_ahead_wait_s=self.config.speculation.run_ahead_wait_s,
                     channel=self._channel,
                 )
         self.max_batch_rows = spec_loop.engine.max_batch_rows

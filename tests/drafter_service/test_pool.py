@@ -47,15 +47,19 @@ def from_scratch(pool, context, k, fixed_exit=None):
 
 def test_resolve_table(pool):
     h = pool.tokenizer_hash
-    assert pool.methods == ["sorted"] and pool.drafter_names == [NAME]
+    assert pool.methods == ["card", "sorted"] and pool.drafter_names == [NAME]
     assert pool.resolve(PROTOCOL_VERSION, h, "sorted").name == NAME
     assert pool.resolve(PROTOCOL_VERSION, h, "sorted", NAME).name == NAME
+    # card runs ahead with any drafter of the pool: the named one, else the first
+    assert pool.resolve(PROTOCOL_VERSION, h, "card", NAME).name == NAME
+    assert pool.resolve(PROTOCOL_VERSION, h, "card").name == NAME
     for args, error in [
         ((PROTOCOL_VERSION + 1, h, "sorted"), FailedPreconditionError),
         ((PROTOCOL_VERSION, "ffff", "sorted"), FailedPreconditionError),
         ((PROTOCOL_VERSION, h, "draft_model"), NotFoundError),
         ((PROTOCOL_VERSION, h, "ngram"), InvalidArgumentError),
         ((PROTOCOL_VERSION, h, "sorted", "other"), NotFoundError),
+        ((PROTOCOL_VERSION, h, "card", "other"), NotFoundError),
     ]:
         with pytest.raises(error):
             pool.resolve(*args)

@@ -200,7 +200,7 @@ def test_list_models_health_and_reflection(stack):
 # ---------------------------------------------------------------- greedy exactness
 
 
-@pytest.mark.parametrize("method", ["none", "ngram", "draft_model", "sorted"])
+@pytest.mark.parametrize("method", ["none", "ngram", "draft_model", "sorted", "card"])
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_greedy_exact_for_both_targets(stack, transport, method, record_property):
     offered = _offered_methods(stack)
@@ -245,7 +245,7 @@ def test_greedy_exact_for_both_targets(stack, transport, method, record_property
     record_property("ties", ties)
     if ties:
         print(f"floating-point ties: {ties}")
-    if method in ("draft_model", "sorted"):
+    if method in ("draft_model", "sorted", "card"):
         for model, (_, num_draft_tokens) in results.items():
             assert num_draft_tokens > 0, f"{model}/{method}: no draft tokens were verified"
 

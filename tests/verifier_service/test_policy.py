@@ -100,7 +100,7 @@ LOAD_AWARE = CONFIG.model_copy(update={"load_aware": True})
 
 
 def test_load_arms_measure_then_take_the_better_and_probe_the_other():
-    arms = LoadArms(min_probe_gap=2)
+    arms = LoadArms(min_probe_gap=2, warmup_steps=0)
     key = (32, "ngram", True)
     assert arms.choose(key) == (True, False)  # unmeasured: drafting first
     arms.observe(key, True, False, tokens=64, seconds=0.1)  # 640 tok/s
@@ -126,18 +126,41 @@ def _run(arms: LoadArms, key, num_steps: int, on: float, off: float) -> int:
 
 def test_probes_stay_within_their_share_of_time():
     share = 0.05
-    costly, cheap = LoadArms(probe_share=share, min_probe_gap=2), LoadArms(probe_share=share, min_probe_gap=2)
+    costly, cheap = (LoadArms(probe_share=share, min_probe_gap=2, warmup_steps=0) for _ in range(2))
     key = (8, "sorted", False)
-    # a drafting step that loses badly (a probe wastes 3/4 of its second) is probed rarely ...
+    # a drafting step that loses badly (a probe step wastes 3/4 of its second; a probe of
+    # drafting is a run of 2 steps without warm-up) is probed rarely ...
     num_costly = _run(costly, key, 400, on=100, off=400)
     arms = costly.arms[key]
-    assert arms.regret_s <= share * arms.seconds + 0.75
-    assert 400 * share / 0.75 - 2 <= num_costly <= 400 * share / 0.75 + 2
+    assert arms.regret_s <= share * arms.seconds + 2 * 0.75
+    assert 400 * share / 0.75 - 4 <= num_costly <= 400 * share / 0.75 + 4
     # ... and a close one every min_probe_gap steps, which costs almost nothing
     assert _run(cheap, key, 400, on=390, off=400) >= 400 / 2 - 2
     # a drafter that got faster is noticed by the probes and taken
     _run(costly, key, 200, on=1000, off=400)
     assert costly.choose(key)[0] is True
+
+
+def test_drafting_after_plain_steps_warms_up_unmeasured_and_its_probes_run_long_enough():
+    arms = LoadArms(min_probe_gap=2, warmup_steps=2)
+    key = (1, "card", True)
+    choices = []
+    for _ in range(3):  # drafting, unmeasured until warm: it stays the unmeasured arm
+        drafting, probe = arms.choose(key)
+        arms.observe(key, drafting, probe, tokens=1, seconds=1.0)  # a cold drafter: 1 tok/s
+        choices.append(drafting)
+    assert choices == [True, True, True] and arms.arms[key].goodput == {True: 1.0}
+    drafting, probe = arms.choose(key)
+    arms.observe(key, drafting, probe, tokens=2, seconds=1.0)  # plain: 2 tok/s
+    assert drafting is False
+    run = []
+    for _ in range(20):
+        drafting, probe = arms.choose(key)
+        arms.observe(key, drafting, probe, tokens=5 if drafting else 2, seconds=1.0)  # warm: 5 tok/s
+        run.append(drafting)
+    # a probe of drafting is warmup_steps + 2 steps; its warm steps show drafting wins
+    assert run[run.index(True) : run.index(True) + 4] == [True] * 4
+    assert arms.choose(key)[0] is True
 
 
 def _step(policy, rows, tokens_per_row: int, seconds: float) -> list[int]:
@@ -149,19 +172,21 @@ def _step(policy, rows, tokens_per_row: int, seconds: float) -> list[int]:
 
 def test_a_full_batch_stops_drafting_where_plain_steps_give_more():
     policy = RulePolicy(LOAD_AWARE)
+    policy.arms = LoadArms(warmup_steps=0)
     rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
     pinned = policy.start(GenerationRequest(prompt_ids=[1], method="ngram", num_speculative_tokens=2))
     batch = [*rows, pinned]
     assert _step(policy, batch, tokens_per_row=2, seconds=0.05)[0] == 5  # measures drafting: 360 tok/s
     assert _step(policy, batch, tokens_per_row=1, seconds=0.02) == [0] * 8 + [2]  # plain: 450 tok/s; pinned stays
     ks = [_step(policy, batch, tokens_per_row=1, seconds=0.02)[0] for _ in range(100)]
-    # plain, probing drafting at most every min_probe_gap steps
-    assert 1 <= ks.count(5) <= len(ks) // LoadArms().min_probe_gap + 1 and ks.count(0) == len(ks) - ks.count(5)
+    # plain, probing drafting (runs of 2 steps) at most every min_probe_gap steps
+    assert 1 <= ks.count(5) <= 2 * (len(ks) // LoadArms().min_probe_gap + 1) and ks.count(0) == len(ks) - ks.count(5)
     assert policy.summary(rows[0])["goodput.8_rows.plain"] == pytest.approx(450, rel=0.01)
 
 
 def test_a_single_stream_and_each_method_and_mode_have_their_own_arms():
     policy = RulePolicy(LOAD_AWARE)
+    policy.arms = LoadArms(warmup_steps=0)
     alone = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted", sampling=SamplingParams(temperature=0.8)))]
     _step(policy, alone, tokens_per_row=2, seconds=0.03)  # drafting: 67 tok/s
     _step(policy, alone, tokens_per_row=1, seconds=0.01)  # plain: 100 tok/s

@@ -125,7 +125,7 @@ def assert_same_greedy(target, prompt, got, max_new_tokens=MAX_NEW_TOKENS):
 # ---------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("method", ["none", "ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["none", "ngram", "draft_model", "card"])
 async def test_greedy_equals_in_process_loop(target, stub, prompts, method):
     num_draft_tokens = 0
     for prompt in prompts[:3]:
@@ -138,7 +138,7 @@ async def test_greedy_equals_in_process_loop(target, stub, prompts, method):
         num_draft_tokens += complete.stats.num_draft_tokens
     if method == "none":
         assert num_draft_tokens == 0
-    if method == "draft_model":
+    if method in ("draft_model", "card"):
         assert num_draft_tokens > 0  # the remote drafter really took part
 
 
@@ -235,7 +235,7 @@ async def test_get_load(stub, verifier):
     assert load.model == TARGET
     assert load.max_sessions == verifier.servicer.scheduler.capacity
     assert load.active_sessions == 0
-    assert list(load.methods) == ["none", "ngram", "draft_model"]
+    assert list(load.methods) == ["none", "ngram", "draft_model", "card"]
 
 
 # ---------------------------------------------------------------- cancellation and faults
@@ -255,10 +255,11 @@ async def test_client_cancel_frees_verifier_and_drafter_sessions(stub, verifier,
     assert metrics.sample_value("specdec:num_active_sessions", gauge) == 0
 
 
-async def test_drafter_down_mid_generation_then_back(target, stub, verifier, drafter, pool, prompts):
+@pytest.mark.parametrize("method", ["draft_model", "card"])
+async def test_drafter_down_mid_generation_then_back(target, stub, verifier, drafter, pool, prompts, method):
     """Drafter stopped mid-request: same tokens, no failure; restarted on the same port:
-    the same request speculates again."""
-    factory = verifier.servicer.remote["draft_model"]
+    the same request speculates again (a run-ahead stream reopens with the whole context)."""
+    factory = verifier.servicer.remote[method]
     factory.retry_interval_s = 0.2
     old = drafter["server"]
     port = old.port
@@ -274,7 +275,7 @@ async def test_drafter_down_mid_generation_then_back(target, stub, verifier, dra
             restarted["server"] = drafter["server"] = await start_drafter_server(pool, port)
 
     max_new_tokens = 96
-    request = make_request(prompts[2], "draft_model", max_new_tokens=max_new_tokens, num_speculative_tokens=4)
+    request = make_request(prompts[2], method, max_new_tokens=max_new_tokens, num_speculative_tokens=4)
     try:
         tokens, complete = await collect(stub.Generate(request), on_chunk)
     finally:
@@ -286,8 +287,9 @@ async def test_drafter_down_mid_generation_then_back(target, stub, verifier, dra
     assert restarted["server"].servicer.num_candidates_sent > 0  # and again after it
     assert await wait_for(lambda: pool.active_sessions == 0)
 
-    # A new request after the outage speculates from its first rounds.
-    tokens, complete = await collect(stub.Generate(make_request(prompts[0], "draft_model")))
+    # A new request after the outage speculates from its first rounds (its k pinned: the
+    # outage's empty rounds taught the load arms that drafting did not pay at one row)
+    tokens, complete = await collect(stub.Generate(make_request(prompts[0], method, num_speculative_tokens=4)))
     assert_same_greedy(target, prompts[0], tokens)
     assert complete.stats.num_draft_tokens > 0
 

@@ -1,0 +1,225 @@
+"""Run-ahead drafting (`card`): the line's commit rule, and the verifier's loop drafting
+through a real drafter pool served over gRPC on 127.0.0.1 (the pool's event loop in a
+background thread, the loop in this one): the mirror of the line equals drafting from
+scratch, greedy output is the target's, sampled output has its distribution, and a slowed
+drafter costs only speculation, within the wait budget."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from drafter_service.pool import DrafterPool
+from shared.config import default_config
+from shared.loading import tokenizer_hash
+from shared.run_ahead import ahead_limit, reconcile
+from shared.sampling import SamplingParams, logits_to_probs
+from shared.types import GenerationRequest
+from tests.exactness import compare_greedy, humaneval_prompts, load_reference_model
+from tests.grpc_servers import start_drafter_server
+from verifier_service.draft_client import RemoteProposerFactory, RunAheadProposer
+from verifier_service.engine import load_target
+from verifier_service.loop import SpecDecodeLoop
+from verifier_service.policy import RulePolicy
+
+_DEFAULT = default_config()
+CONFIG = _DEFAULT.model_copy(update={"drafters": _DEFAULT.drafters[:1]})  # codelm-draft
+# the rule k, never stepped aside by load arms: these tests are about the drafter
+SPECULATION = CONFIG.speculation.model_copy(update={"load_aware": False})
+
+
+# ---------------------------------------------------------------- the commit rule
+
+
+def test_reconcile_keeps_a_line_that_extends_the_context_else_restarts():
+    line = [1, 2, 3, 4, 5]
+    assert reconcile(line, [1, 2, 3]) == [1, 2, 3, 4, 5]  # the bonus was the line's own token
+    assert reconcile(line, [1, 2, 9]) == [1, 2, 9]  # a correction: restart at the context
+    assert reconcile(line, [1, 2, 3, 4, 5, 6]) == [1, 2, 3, 4, 5, 6]  # the context passed the line
+    assert line == [1, 2, 3, 4, 5]  # not modified
+    assert ahead_limit(4) == 8
+
+
+@pytest.mark.parametrize("later", [[1, 2, 3, 4], [1, 2, 3, 7], [1, 2, 3, 4, 5, 6, 8]])
+def test_commits_applied_in_turn_equal_the_last_alone(later):
+    """Why the verifier may apply pending commits lazily: contexts only grow."""
+    line, earlier = [1, 2, 3, 4, 5, 6], [1, 2, 3]
+    assert reconcile(reconcile(line, earlier), later) == reconcile(line, later)
+
+
+# ---------------------------------------------------------------- with a real pool
+
+
+class _ServerThread:
+    """A drafter pool served by grpc.aio in its own event loop thread."""
+
+    def __init__(self, pool: DrafterPool) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = self._call(start_drafter_server(pool))
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def stop(self) -> None:
+        self._call(self.server.stop(None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+class _Slowed:
+    """A drafter factory whose batched drafting sleeps first (the test hook for a slow drafter)."""
+
+    def __init__(self, factory, delay_s: float) -> None:
+        self._factory, self.delay_s = factory, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._factory, name)
+
+    def propose_batch(self, requests):
+        time.sleep(self.delay_s)
+        return self._factory.propose_batch(requests)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = DrafterPool.load(CONFIG.drafters)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(pool):
+    running = _ServerThread(pool)
+    yield running.server
+    running.stop()
+
+
+@pytest.fixture(scope="module", params=[t.name for t in CONFIG.targets])
+def target(request):
+    engine, tokenizer = load_target(CONFIG.target(request.param), max_batch_rows=4)
+    return request.param, SpecDecodeLoop(engine, tokenizer, RulePolicy(SPECULATION)), tokenizer
+
+
+def card_factory(address: str, target: str, **kwargs) -> RemoteProposerFactory:
+    return RemoteProposerFactory(address, target, tokenizer_hash(CONFIG.target(target).model_dir), "card", **kwargs)
+
+
+@pytest.mark.slow
+def test_the_mirrored_line_equals_drafting_from_scratch(server, pool, target):
+    """Each round's cached draft is the drafter's own greedy continuation of the context,
+    through restarts (a correction) and kept lines (a bonus the line had)."""
+    name, _, tokenizer = target
+    prompt = tokenizer(humaneval_prompts(1)[0]).input_ids
+    scratch = pool._drafters["codelm-draft"].factory
+    proposer = card_factory(server.address, name, run_ahead_wait_s=2.0).new_session(prompt, SamplingParams())
+    assert isinstance(proposer, RunAheadProposer)
+    context, k = list(prompt), 4
+    try:
+        for round_ in range(12):
+            proposer.request(context, k)
+            draft = proposer.collect(time.monotonic()).token_ids
+            with torch.inference_mode():
+                reference = scratch.new_session(context, SamplingParams()).propose(context, k).token_ids
+            assert draft and draft == reference[: len(draft)], f"round {round_}: {draft} != {reference}"
+            if round_ % 3 == 2:  # a correction: the target disagreed at the second token
+                context += [draft[0], (draft[1] + 1) % 1000]
+            else:  # everything accepted, and the bonus is the line's next token when it has one
+                context += draft
+                proposer.request(context, k)
+                nxt = proposer.collect(time.monotonic()).token_ids
+                context += nxt[:1] or [7]
+        assert proposer.num_line_kept > 0 and proposer.num_stale_dropped == 0
+    finally:
+        proposer.close()
+
+
+def generate(loop, factory, requests):
+    sessions = [(r, factory.new_session(r.prompt_ids, r.sampling) if factory else None) for r in requests]
+    results = loop.run_together(sessions)
+    return results, [s for _, s in sessions]
+
+
+@pytest.mark.slow
+def test_greedy_card_equals_the_target_alone(server, target):
+    name, loop, tokenizer = target
+    factory = card_factory(server.address, name)
+    prompts = [tokenizer(p).input_ids for p in humaneval_prompts(4)]  # one per slot
+    max_new = 48
+    results, sessions = generate(loop, factory, [GenerationRequest(prompt_ids=p, max_new_tokens=max_new, method="card") for p in prompts])
+    for i, (prompt, result) in enumerate(zip(prompts, results)):
+        cmp = compare_greedy(name, prompt, result.token_ids, max_new)
+        assert cmp.ok, f"{name} prompt {i} diverged at {cmp.position}"
+    assert sum(r.stats.num_accepted_tokens for r in results) > 0  # the drafter's line was used
+    assert sum(s.num_cached_rounds for s in sessions) > 0
+
+
+@pytest.mark.slow
+def test_a_slowed_drafter_costs_speculation_only_within_the_wait_budget(pool, target):
+    """The test hook: every drafting call of the pool sleeps 30 ms. Rounds never wait past
+    the budget (recorded per round), some find nothing cached (fallbacks), output is exact."""
+    name, loop, tokenizer = target
+    drafter = pool._drafters["codelm-draft"]
+    slowed = DrafterPool.from_factories({"slow": _Slowed(drafter.factory, 0.03)}, {"slow": drafter.tokenizer_hash})
+    running = _ServerThread(slowed)
+    budget = 0.005
+    try:
+        factory = card_factory(running.server.address, name, run_ahead_wait_s=budget)
+        prompts = [tokenizer(p).input_ids for p in humaneval_prompts(2, offset=3)]
+        results, sessions = generate(loop, factory, [GenerationRequest(prompt_ids=p, max_new_tokens=32, method="card") for p in prompts])
+    finally:
+        running.stop()
+        slowed.shutdown()
+    for prompt, result in zip(prompts, results):
+        assert compare_greedy(name, prompt, result.token_ids, 32).ok
+    # NOTE: a wait ends at the first queue timeout past the budget: allow the thread wake-up
+    assert all(s.max_wait_s <= budget + 0.02 for s in sessions), [s.max_wait_s for s in sessions]
+    assert sum(s.num_rounds - s.num_cached_rounds for s in sessions) > 0  # fallbacks happened
+
+
+@pytest.mark.slow
+def test_sampled_card_has_the_targets_distribution(server):
+    """χ² over the first two generated tokens (the second from a card round or the
+    target's own draw), as in test_sampling, for a request sharing its steps with another."""
+    name = "codelm-target-s"
+    engine, tokenizer = load_target(CONFIG.target(name), max_batch_rows=2)
+    loop = SpecDecodeLoop(engine, tokenizer, RulePolicy(SPECULATION))
+    factory = card_factory(server.address, name, run_ahead_wait_s=0.05)
+    prompt, other = [tokenizer(p).input_ids for p in humaneval_prompts(2, offset=2)]
+    params = dict(temperature=1.0, top_k=3)
+    hf, _ = load_reference_model(name)
+    with torch.inference_mode():
+        p1 = logits_to_probs(hf(torch.tensor([prompt])).logits[0, -1], SamplingParams(**params))
+        joint = {}
+        for t1 in p1.nonzero().flatten().tolist():
+            p2 = logits_to_probs(hf(torch.tensor([prompt + [t1]])).logits[0, -1], SamplingParams(**params))
+            for t2 in p2.nonzero().flatten().tolist():
+                joint[(t1, t2)] = float(p1[t1] * p2[t2])
+    counts: dict[tuple[int, int], int] = {}
+    num_draft = 0
+    num_samples = 1000
+    for seed in range(num_samples):
+        request = GenerationRequest(prompt_ids=prompt, max_new_tokens=4, method="card", num_speculative_tokens=2,
+                                    sampling=SamplingParams(**params, seed=seed))  # fmt: skip
+        company = GenerationRequest(prompt_ids=other, max_new_tokens=3, method="card")
+        (result, _), _ = generate(loop, factory, [request, company])
+        pair = tuple(result.token_ids[:2])
+        counts[pair] = counts.get(pair, 0) + 1
+        num_draft += result.stats.num_draft_tokens
+    assert num_draft > 0, "no card round ran"
+    assert set(counts) <= set(joint), f"impossible pairs {set(counts) - set(joint)}"
+    cells = sorted(joint)
+    observed = [counts.get(c, 0) for c in cells]
+    expected = [joint[c] * num_samples for c in cells]
+    small = [i for i, e in enumerate(expected) if e < 5]
+    if small:
+        observed = [o for i, o in enumerate(observed) if i not in small] + [sum(observed[i] for i in small)]
+        expected = [e for i, e in enumerate(expected) if i not in small] + [sum(expected[i] for i in small)]
+    scale = sum(observed) / sum(expected)
+    assert chisquare(observed, [e * scale for e in expected]).pvalue > 1e-3
