@@ -450,6 +450,11 @@ class RunAheadProposer(RemoteProposer):
         if not self._ensure_stream(context):
             return
         if k != self._k_sent or len(context) != self._committed_len:
+            try:
+                self._drain(until=0.0)  # what arrived since the last round, without waiting
+            except StreamBroken as err:
+                self._fail(err)
+                return
             if len(context) > self._committed_len:
                 self.num_commits += 1
                 self.num_line_kept += self._line[: len(context)] == context
