@@ -84,7 +84,9 @@ def describe(method: str, spec: MethodSpeculation) -> str:
 def our_variant(engine, tokenizer, speculation: SpeculationConfig, method: str,
                 spec: MethodSpeculation | None, factory, sampling: SamplingParams,
                 max_new_tokens: int) -> Variant:  # fmt: skip
-    """Our loop with `method`; `spec` None = the configured default of `speculation`."""
+    """Our loop with `method`; `spec` None = the configured default of `speculation`. A
+    variant other than the default measures its rule alone (no load arms, which could
+    step it aside); the default is what users get, load arms included."""
     from verifier_service.loop import SpecDecodeLoop
     from verifier_service.policy import RulePolicy
 
@@ -93,6 +95,8 @@ def our_variant(engine, tokenizer, speculation: SpeculationConfig, method: str,
     default = spec is None or spec == configured
     if spec is not None:
         speculation = speculation.with_overrides({method: spec})
+    if not default:
+        speculation = speculation.model_copy(update={"load_aware": False})
     loop = SpecDecodeLoop(engine, tokenizer, RulePolicy(speculation))
     chosen = spec if spec is not None else configured
     label = f"ours {describe(method, chosen) if chosen else method}" + (" [default]" if default and chosen else "")

@@ -495,11 +495,13 @@ async def run_all(args: argparse.Namespace, ends: Endpoints, prompts: dict[str, 
         try:
             for target in args.targets:
                 probe = BatchRowsProbe(ends.metrics_urls, target, args.api_key)
-                for method in args.methods:
-                    next_prompt = PromptCycle(prompts[target])
-                    for level in plan:
+                cycles = {method: PromptCycle(prompts[target]) for method in args.methods}
+                # NOTE: every method at one level before the next level, so that a slow spell
+                # of a shared machine hits all methods of a level alike, not one method's sweep
+                for level in plan:
+                    for method in args.methods:
                         before = probe.read()
-                        records, wall_s, cpu_s = await run_level(client, target, method, level, next_prompt)
+                        records, wall_s, cpu_s = await run_level(client, target, method, level, cycles[method])
                         row = {"target": target, "method": method, "protocol": protocol, "load": level.load,
                                "level": level.value, **summarize(records, wall_s, cpu_s, slo),
                                "mean_batch_rows": mean_batch_rows(before, probe.read())}  # fmt: skip
@@ -507,6 +509,8 @@ async def run_all(args: argparse.Namespace, ends: Endpoints, prompts: dict[str, 
                         tqdm.write(one_line(row))
         finally:
             await client.close()
+    order = {m: i for i, m in enumerate(args.methods)}
+    rows.sort(key=lambda r: (args.protocols.index(r["protocol"]), args.targets.index(r["target"]), order[r["method"]]))
     return rows
 
 

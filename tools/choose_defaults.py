@@ -56,7 +56,7 @@ CANDIDATES: dict[str, list[MethodSpeculation]] = {
 
 def run_cell(engine, tokenizer, factories, target: str, mode: str, args) -> list[dict]:
     sampling = sampling_for(mode, args.temperature)
-    speculation = SpeculationConfig()
+    speculation = SpeculationConfig(load_aware=False)  # the rules alone
     variants = [our_variant(engine, tokenizer, speculation, "none", None, None, sampling, args.max_new_tokens)]
     for method in args.methods:
         for spec in CANDIDATES[method]:

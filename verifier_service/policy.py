@@ -120,7 +120,12 @@ class LoadArms:
     Drafting needs a warm-up after plain steps: a drafter that was idle catches up on the
     context, and a run-ahead drafter (`card`) has nothing cached yet. The first
     `warmup_steps` drafting steps after a plain step are therefore not measured (their
-    regret still counts), and a probe of drafting lasts `warmup_steps + 2` steps."""
+    regret still counts), and a probe of drafting lasts `warmup_steps + 2` steps.
+
+    A batch size seen for the first time starts from the next smaller measured one where
+    drafting lost there: drafting pays less the fuller the batch, so it would lose here too,
+    and trying it first (a warm-up and a measured step, each as slow as several plain
+    steps at a full batch) would cost more than the probes that confirm it."""
 
     alpha: float = 0.2  # EMA weight of a new step
     probe_share: float = 0.02
@@ -136,7 +141,9 @@ class LoadArms:
     def choose(self, key: ArmKey) -> tuple[bool, bool]:
         """(draft in this step?, is it a probe?): an unmeasured arm first (drafting), then
         the better one, or the other on a probe step."""
-        arms = self.arms.setdefault(key, _Arms())
+        arms = self.arms.get(key)
+        if arms is None:
+            arms = self.arms[key] = _Arms(goodput=self._losing_below(key))
         on, off = arms.goodput.get(True), arms.goodput.get(False)
         if on is None or off is None:
             return on is None, False
@@ -150,6 +157,17 @@ class LoadArms:
             arms.probe_left = self.warmup_steps + 1 if best is False else 0  # a run of drafting
             return not best, True
         return best, False
+
+    def _losing_below(self, key: ArmKey) -> dict[bool, float]:
+        """The goodput of the largest smaller batch size measured for this method and mode,
+        if drafting lost there; else nothing (measure this one from scratch)."""
+        bucket, method, greedy = key
+        while bucket > 1:
+            bucket //= 2
+            below = self.arms.get((bucket, method, greedy))
+            if below is not None and len(below.goodput) == 2:
+                return dict(below.goodput) if below.goodput[True] < below.goodput[False] else {}
+        return {}
 
     def observe(self, key: ArmKey, drafting: bool, probe: bool, tokens: int, seconds: float) -> None:
         self.drafting_run = self.drafting_run + 1 if drafting else 0

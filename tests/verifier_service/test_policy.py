@@ -141,6 +141,20 @@ def test_probes_stay_within_their_share_of_time():
     assert costly.choose(key)[0] is True
 
 
+def test_a_new_batch_size_starts_plain_where_drafting_lost_at_a_smaller_one():
+    arms = LoadArms(warmup_steps=0)
+    small, large, larger = (4, "sorted", True), (16, "sorted", True), (32, "sorted", True)
+    arms.choose(small)
+    arms.observe(small, True, False, tokens=10, seconds=1.0)
+    arms.choose(small)
+    arms.observe(small, False, False, tokens=20, seconds=1.0)  # drafting lost at 4 rows
+    assert arms.choose(large) == (False, False)  # so 16 rows start plain, measured from 4's
+    assert arms.choose((16, "sorted", False)) == (True, False)  # sampled rows measured nothing yet
+    arms.observe(large, False, False, tokens=5, seconds=1.0)
+    arms.arms[large].goodput[True] = 50.0  # drafting won at 16 rows after all
+    assert arms.choose(larger) == (True, False)  # so 32 rows measure from scratch
+
+
 def test_drafting_after_plain_steps_warms_up_unmeasured_and_its_probes_run_long_enough():
     arms = LoadArms(min_probe_gap=2, warmup_steps=2)
     key = (1, "card", True)
