@@ -37,6 +37,11 @@ class MethodSpeculation(_Frozen):
         description="Drafter parameters for every request (sorted: 'fixed_exit' or "
         "'threshold.<exit>'; see shared.proposer.Proposer.set_params).",
     )
+    drafter: str = Field(
+        "",
+        description="The pool drafter a model method's sessions ask for ('' = the pool's first "
+        "of that kind; for card, of any kind).",
+    )
     when_greedy: MethodSpeculation | None = Field(
         None,
         description="Used instead for greedy requests (temperature 0): greedy outputs of "
@@ -47,6 +52,8 @@ class MethodSpeculation(_Frozen):
     def _one_level(self) -> MethodSpeculation:
         if self.when_greedy is not None and self.when_greedy.when_greedy is not None:
             raise ValueError("when_greedy cannot have its own when_greedy")
+        if self.when_greedy is not None and self.when_greedy.drafter:
+            raise ValueError("when_greedy cannot pick a drafter: a method's sessions share one")
         return self
 
     def for_request(self, greedy: bool) -> MethodSpeculation:
@@ -271,6 +278,15 @@ class SpecdecConfig(_Frozen):
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate target names in {names}")
+        drafters = {d.name: d.kind for d in self.drafters}
+        for target in self.targets:
+            for method, spec in self.speculation_for(target.name).methods.items():
+                if spec.drafter and spec.drafter not in drafters:
+                    raise ValueError(f"speculation.methods.{method}.drafter {spec.drafter!r} is not a "
+                                     f"configured drafter ({sorted(drafters)})")  # fmt: skip
+                if spec.drafter and method in drafters.values() and drafters[spec.drafter] != method:
+                    raise ValueError(f"speculation.methods.{method}.drafter {spec.drafter!r} serves "
+                                     f"{drafters[spec.drafter]!r}, not {method!r}")  # fmt: skip
         return self
 
     def speculation_for(self, target: str) -> SpeculationConfig:

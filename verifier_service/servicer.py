@@ -148,12 +148,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             self._channel = make_channel(self.drafter_address, internal_channel_credentials(self.config.tls))
             # every drafter kind as its own method, and the run-ahead methods over the pool's default
             methods = sorted({d.kind for d in self.config.drafters}) + list(RUN_AHEAD_METHODS)
+            speculation = self.config.speculation_for(self.target.name).methods
             for method in methods:
                 self.remote[method] = RemoteProposerFactory(
                     self.drafter_address,
                     self.target.name,
                     tokenizer_hash,
                     method,
+                    drafter=speculation[method].drafter if method in speculation else "",
                     timeout_s=self.config.speculation.draft_timeout_s,
                     run_ahead_wait_s=self.config.speculation.run_ahead_wait_s,
                     channel=self._channel,
