@@ -39,7 +39,7 @@ from bench.harness import (
     summarize,
 )
 from shared.config import MethodSpeculation, default_config
-from shared.methods import SPEC_METHODS
+from shared.methods import RUN_AHEAD_METHODS, SPEC_METHODS
 from shared.loading import set_num_threads
 from shared.sampling import SamplingParams
 
@@ -88,7 +88,8 @@ def run_target(target: str, args, mode: str) -> list[dict]:
     config = default_config()
     engine, tokenizer = load_target(config.target(target))
     speculation = config.speculation_for(target)
-    methods = [m for m in (args.methods or SPEC_METHODS) if m != "none"]
+    # run-ahead methods (card) draft only in the pool, over the stream: `--e2e` measures them
+    methods = [m for m in (args.methods or SPEC_METHODS) if m != "none" and m not in RUN_AHEAD_METHODS]
     methods = [m for m in methods if m in speculation.methods and (m != "sorted" or any(d.kind == "sorted" for d in config.drafters))]
     factories = factories_for(config, methods)
     sampling = sampling_for(mode, args.temperature)
