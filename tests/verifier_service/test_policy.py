@@ -206,9 +206,8 @@ def test_a_single_stream_and_each_method_and_mode_have_their_own_arms():
     _step(policy, alone, tokens_per_row=1, seconds=0.01)  # plain: 100 tok/s
     assert _step(policy, alone, tokens_per_row=1, seconds=0.01) == [0]  # a losing drafter stops even alone
     greedy = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted"))]
-    _step(policy, greedy, tokens_per_row=6, seconds=0.03)  # drafting: 200 tok/s
-    _step(policy, greedy, tokens_per_row=1, seconds=0.01)  # plain: 100 tok/s
-    assert _step(policy, greedy, tokens_per_row=6, seconds=0.03) == [greedy[0].k]  # greedy keeps drafting
+    # a greedy single stream keeps the rule's k, even through unlucky steps
+    assert all(_step(policy, greedy, tokens_per_row=1, seconds=0.05) == [greedy[0].k] for _ in range(5))
     fast = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
     _step(policy, fast, tokens_per_row=4, seconds=0.05)  # drafting: 640 tok/s
     _step(policy, fast, tokens_per_row=1, seconds=0.02)  # plain: 400 tok/s
