@@ -20,9 +20,9 @@ simplest rule that wins there; see docs/speculation.md for the figures. Two rule
   k + 2, else k − 1, floor 1, cap `max_speculative_tokens`).
 
 On top (`RulePolicy`), a step drafts only where drafting has measured more tokens per
-second than plain steps at that batch size, for that method and sampling mode: a single
-stream included, since on a CPU a sampled model drafter can lose to plain decoding even
-alone. Output never depends on k (`shared.rejection`), so neither rule nor load can change
+second than plain steps at that batch size, for that method and sampling mode: a sampled
+single stream included, since on a CPU a sampled model drafter can lose to plain decoding
+even alone (greedy steps of a few rows keep their k, see `RulePolicy`). Output never depends on k (`shared.rejection`), so neither rule nor load can change
 what a seeded request produces.
 """
 

@@ -12,16 +12,16 @@ import time
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from drafter_service.pool import DrafterPool
 from shared.config import default_config
 from shared.loading import tokenizer_hash
 from shared.run_ahead import ahead_limit, reconcile
-from shared.sampling import SamplingParams, logits_to_probs
+from shared.sampling import SamplingParams
 from shared.types import GenerationRequest
-from tests.exactness import compare_greedy, humaneval_prompts, load_reference_model
+from tests.exactness import compare_greedy, humaneval_prompts
 from tests.grpc_servers import start_drafter_server
+from tests.sampling_stats import assert_matches_joint, expected_joint
 from verifier_service.draft_client import RemoteProposerFactory, RunAheadProposer
 from verifier_service.engine import load_target
 from verifier_service.loop import SpecDecodeLoop
@@ -192,15 +192,8 @@ def test_sampled_card_has_the_targets_distribution(server):
     loop = SpecDecodeLoop(engine, tokenizer, RulePolicy(SPECULATION))
     factory = card_factory(server.address, name, run_ahead_wait_s=0.05)
     prompt, other = [tokenizer(p).input_ids for p in humaneval_prompts(2, offset=2)]
-    params = dict(temperature=1.0, top_k=3)
-    hf, _ = load_reference_model(name)
-    with torch.inference_mode():
-        p1 = logits_to_probs(hf(torch.tensor([prompt])).logits[0, -1], SamplingParams(**params))
-        joint = {}
-        for t1 in p1.nonzero().flatten().tolist():
-            p2 = logits_to_probs(hf(torch.tensor([prompt + [t1]])).logits[0, -1], SamplingParams(**params))
-            for t2 in p2.nonzero().flatten().tolist():
-                joint[(t1, t2)] = float(p1[t1] * p2[t2])
+    params = {"temperature": 1.0, "top_k": 3}
+    joint = expected_joint(name, prompt, SamplingParams(**params))
     counts: dict[tuple[int, int], int] = {}
     num_draft = 0
     num_samples = 1000
@@ -213,13 +206,4 @@ def test_sampled_card_has_the_targets_distribution(server):
         counts[pair] = counts.get(pair, 0) + 1
         num_draft += result.stats.num_draft_tokens
     assert num_draft > 0, "no card round ran"
-    assert set(counts) <= set(joint), f"impossible pairs {set(counts) - set(joint)}"
-    cells = sorted(joint)
-    observed = [counts.get(c, 0) for c in cells]
-    expected = [joint[c] * num_samples for c in cells]
-    small = [i for i, e in enumerate(expected) if e < 5]
-    if small:
-        observed = [o for i, o in enumerate(observed) if i not in small] + [sum(observed[i] for i in small)]
-        expected = [e for i, e in enumerate(expected) if i not in small] + [sum(expected[i] for i in small)]
-    scale = sum(observed) / sum(expected)
-    assert chisquare(observed, [e * scale for e in expected]).pvalue > 1e-3
+    assert_matches_joint(counts, joint, "card")

@@ -9,17 +9,15 @@ expected joint p(t1) p(t2 | t1) comes from HF forwards with the same sampling tr
 
 from __future__ import annotations
 
-
 import pytest
-import torch
-from scipy.stats import chisquare
 
 from drafter_service.draft_model import DraftModelProposerFactory
 from shared.config import default_config
-from shared.sampling import SamplingParams, logits_to_probs
 from shared.ngram import NgramProposerFactory
+from shared.sampling import SamplingParams
 from shared.types import GenerationRequest, GenerationResult
-from tests.exactness import humaneval_prompts, load_reference_model
+from tests.exactness import humaneval_prompts
+from tests.sampling_stats import assert_matches_joint, expected_joint
 from verifier_service.engine import load_target
 from verifier_service.loop import SpecDecodeLoop
 from verifier_service.policy import RulePolicy
@@ -53,18 +51,6 @@ def run_together(loop, requests, drafts) -> list[GenerationResult]:
     return results
 
 
-def expected_joint(prompt: list[int], params: SamplingParams) -> dict[tuple[int, int], float]:
-    hf, _ = load_reference_model("codelm-target-s")
-    with torch.inference_mode():
-        p1 = logits_to_probs(hf(torch.tensor([prompt])).logits[0, -1], params)
-        joint = {}
-        for t1 in p1.nonzero().flatten().tolist():
-            p2 = logits_to_probs(hf(torch.tensor([prompt + [t1]])).logits[0, -1], params)
-            for t2 in p2.nonzero().flatten().tolist():
-                joint[(t1, t2)] = float(p1[t1] * p2[t2])
-    return joint
-
-
 def sample_pairs(loop, drafts, prompts, company: int) -> tuple[dict, int]:
     """NUM_SAMPLES seeded requests for prompts[0], each sharing its steps with `company`
     greedy requests of the other prompts."""
@@ -86,21 +72,10 @@ def sample_pairs(loop, drafts, prompts, company: int) -> tuple[dict, int]:
 @pytest.mark.parametrize(("kind", "company"), [("alone", 0), ("in a batch of 2", 1)])
 def test_output_distribution_matches_target(setup, kind, company):
     loop, drafts, prompts = setup
-    joint = expected_joint(prompts[0], SamplingParams(**PARAMS))
+    joint = expected_joint("codelm-target-s", prompts[0], SamplingParams(**PARAMS))
     counts, num_draft_tokens = sample_pairs(loop, drafts, prompts, company)
     assert num_draft_tokens > 0, "no speculative round ran"
-    assert set(counts) <= set(joint), f"{kind}: impossible pairs {set(counts) - set(joint)}"
-    cells = sorted(joint)
-    observed = [counts.get(c, 0) for c in cells]
-    expected = [joint[c] * NUM_SAMPLES for c in cells]
-    # merge cells expected < 5 into one so χ² is valid
-    small = [i for i, e in enumerate(expected) if e < 5]
-    if small:
-        observed = [o for i, o in enumerate(observed) if i not in small] + [sum(observed[i] for i in small)]
-        expected = [e for i, e in enumerate(expected) if i not in small] + [sum(expected[i] for i in small)]
-    scale = sum(observed) / sum(expected)
-    result = chisquare(observed, [e * scale for e in expected])
-    assert result.pvalue > 1e-3, f"{kind}: χ² p={result.pvalue:.2e} observed={observed} expected={expected}"
+    assert_matches_joint(counts, joint, kind)
 
 
 def test_seeded_sampling_is_reproducible_alone_in_a_batch_and_whatever_k(setup):
