@@ -2,10 +2,13 @@
 
 Starts the real `specdec serve` stack (router, drafter pool, one verifier per target, loopback
 gRPC) and, prompt by prompt, interleaves HF greedy in this process with each method through
-the router's public `GenerationService.Generate`. Per target and method: tokens/s end to end,
-speedup over in-process HF greedy, time to first token, and where a round's time goes:
-target forwards, drafting (for model drafts this includes the verifier<->drafter round
-trip), and the rest of the wall time (router relay + verifier stream, per round).
+the router's public `GenerationService.Generate`, greedy and sampled (`--temperature`,
+seeded by prompt). Per target, mode and method: tokens/s end to end, speedup over
+in-process HF greedy, time to first token, and where a round's time goes: target
+forwards, drafting (for model drafts this includes the verifier<->drafter round trip),
+and the rest of the wall time (router relay + verifier stream, per round). "identical"
+compares greedy output with HF greedy and seeded sampled output with `none`'s for the
+same seed (a seeded request's tokens do not depend on the method).
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from bench.common import humaneval_prompts_that_fit
 E2E_METHODS = ("none", "ngram", "draft_model", "sorted", "card")
 
 
-def _generate(stub, model: str, prompt: list[int], method: str, max_new_tokens: int):
+def _generate(stub, model: str, prompt: list[int], method: str, max_new_tokens: int,
+              temperature: float = 0.0, seed: int = 0):  # fmt: skip
     from shared.pb.specdec.v1 import common_pb2, router_pb2
 
+    sampling = common_pb2.SamplingParams(temperature=temperature)
+    if temperature > 0:
+        sampling.seed = seed
     request = router_pb2.GenerateRequest(
         model=model, token_ids=router_pb2.TokenIds(token_ids=prompt), max_new_tokens=max_new_tokens,
-        method=method, sampling=common_pb2.SamplingParams(temperature=0.0),
+        method=method, sampling=sampling,
     )  # fmt: skip
     t0 = time.perf_counter()
     ttft = None
@@ -66,36 +73,44 @@ def run_e2e(args) -> dict:
             if args.methods:
                 methods = [m for m in methods if m in args.methods or m == "none"]
             prompts = humaneval_prompts_that_fit(tokenizer, args.num_prompts, args.max_new_tokens)
-            totals: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-            for m in methods:  # warm-up: model caches, the policy's first estimates
-                _generate(stub, target, prompts[0], m, args.max_new_tokens)
-            for i, prompt in enumerate(prompts):
-                with torch.inference_mode():
-                    t0 = time.perf_counter()
-                    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens,
-                                      do_sample=False)[0, len(prompt):].tolist()  # fmt: skip
-                    dt = time.perf_counter() - t0
-                t = totals["hf_greedy (in process)"]
-                t["tokens"] += len(ref)
-                t["time_s"] += dt
-                for m in methods:
-                    tokens, wall, ttft, stats = _generate(stub, target, prompt, m, args.max_new_tokens)
-                    t = totals[m]
-                    t["tokens"] += len(tokens)
-                    t["time_s"] += wall
-                    t["ttft_s"] += ttft or 0.0
-                    t["identical"] += tokens == ref
-                    t["runs"] += 1
-                    t["rounds"] += stats.num_rounds + 1  # + prefill
-                    t["spec_rounds"] += stats.num_spec_rounds
-                    t["accepted"] += stats.num_accepted_tokens
-                    t["target_time_s"] += stats.target_time_s
-                    t["draft_time_s"] += stats.draft_time_s
-                print(f"[e2e {target}] prompt {i + 1}/{len(prompts)}", flush=True)
-            results[target] = _summarize(totals)
+            for mode in args.modes:
+                temperature = 0.0 if mode == "greedy" else args.temperature
+                results[f"{target} {mode}"] = _run_mode(stub, hf, target, prompts, methods, temperature, args)
     finally:
         stack.stop()
     return results
+
+
+def _run_mode(stub, hf, target: str, prompts: list[list[int]], methods: list[str], temperature: float, args):
+    totals: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+    for m in methods:  # warm-up: model caches, the policy's first estimates
+        _generate(stub, target, prompts[0], m, args.max_new_tokens, temperature)
+    for i, prompt in enumerate(prompts):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens,
+                              do_sample=False)[0, len(prompt):].tolist()  # fmt: skip
+            dt = time.perf_counter() - t0
+        t = totals["hf_greedy (in process)"]
+        t["tokens"] += len(ref)
+        t["time_s"] += dt
+        for m in methods:  # `none` first: the sampled rows' reference
+            tokens, wall, ttft, stats = _generate(stub, target, prompt, m, args.max_new_tokens, temperature, seed=i)
+            if temperature > 0 and m == "none":
+                ref = tokens
+            t = totals[m]
+            t["tokens"] += len(tokens)
+            t["time_s"] += wall
+            t["ttft_s"] += ttft or 0.0
+            t["identical"] += tokens == ref
+            t["runs"] += 1
+            t["rounds"] += stats.num_rounds + 1  # + prefill
+            t["spec_rounds"] += stats.num_spec_rounds
+            t["accepted"] += stats.num_accepted_tokens
+            t["target_time_s"] += stats.target_time_s
+            t["draft_time_s"] += stats.draft_time_s
+        print(f"[e2e {target} T={temperature}] prompt {i + 1}/{len(prompts)}", flush=True)
+    return _summarize(totals)
 
 
 def _summarize(totals: dict) -> list[dict]:
@@ -125,16 +140,18 @@ def _summarize(totals: dict) -> list[dict]:
 
 def to_markdown(results: dict) -> str:
     out = []
-    for target, rows in results.items():
-        out.append(f"\n## End to end through gRPC: {target}, greedy\n")
-        out.append("| method | tok/s | speedup vs HF greedy | TTFT ms | τ | rounds with a draft | ms/round | target share | draft share (incl. drafter RTT or wait) | relay share | identical |")
+    for key, rows in results.items():
+        target, _, mode = key.partition(" ")
+        same = "HF greedy" if mode == "greedy" else "none, same seed"
+        out.append(f"\n## End to end through gRPC: {target}, {mode}\n")
+        out.append(f"| method | tok/s | speedup vs HF greedy | TTFT ms | τ | rounds with a draft | ms/round | target share | draft share (incl. drafter RTT or wait) | relay share | identical ({same}) |")
         out.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             g = lambda k, fmt="{:.2f}": fmt.format(r[k]) if k in r else ""  # noqa: E731
             out.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {g('ttft_ms', '{:.1f}')} | "
                        f"{g('tau')} | {g('spec_share')} | {g('round_ms')} | {g('target_share')} | {g('draft_share')} | {g('relay_share')} | "
                        f"{r.get('identical', '')} |")
-    m = results.get("codelm-target-m")
+    m = results.get("codelm-target-m greedy")
     if m:
         by = {r["method"]: r for r in m}
         best = max((r for r in m if r["method"] != "hf_greedy (in process)"), key=lambda r: r["tokens_per_s"])

@@ -64,6 +64,9 @@ class NestedProposer:
         self.last_exit_layers: list[int] = []  # exit depth of each token of the last draft
         self.num_drafted = {e: 0 for e in self.drafter.exits}  # per exit, this session
         self.num_accepted = {e: 0 for e in self.drafter.exits}
+        # runner-up children kept per draft token (card's tree, `shared.draft_tree`): the
+        # draft is then a tree, its line first, each runner-up a leaf beside its line token
+        self.num_alternatives = 0
 
     # ------------------------------------------------------------------ thresholds
 
@@ -129,6 +132,7 @@ class NestedProposer:
         self.drafter.reconcile(self.state, context_ids, keep)
         return DraftLane(
             state=self.state, k=k, thresholds=self.thresholds, sampling=self.sampling,
+            num_alternatives=self.num_alternatives,
         )
 
     def _finish(self, lane: DraftLane | None) -> Draft:
@@ -144,10 +148,26 @@ class NestedProposer:
             self.num_drafted[e] += n
             info[f"num_exit_{e}"] = float(n)
         probs = torch.stack(lane.draft_probs) if lane.draft_probs else None
-        return Draft(
+        draft = Draft(
             token_ids=lane.token_ids, draft_probs=probs, info=info,
             exit_layers=list(lane.exit_layers),
         )
+        if lane.alternatives:
+            _as_tree(draft, lane)
+        return draft
+
+
+def _as_tree(draft: Draft, lane: DraftLane) -> None:
+    """The line with each token's runner-ups as leaves beside it (`shared.draft_tree`)."""
+    n = len(lane.token_ids)
+    ids, parents, probs = list(lane.token_ids), list(range(-1, n - 1)), list(lane.token_probs)
+    for i, alts in enumerate(lane.alternatives):
+        for tok, q in alts:
+            ids.append(tok)
+            parents.append(i - 1)
+            probs.append(q)
+    draft.token_ids, draft.tree_parents, draft.node_probs = ids, parents, probs
+    draft.exit_layers = None  # per line token only; the tree's nodes have none
 
 
 def propose_batch(

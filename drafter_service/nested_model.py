@@ -138,10 +138,14 @@ class DraftLane:
     k: int  # tokens to draft
     thresholds: list[float]  # [num_exits] aligned with the exits (deepest = 0)
     sampling: SamplingParams
+    # runner-up children to keep per draft token (card's tree; greedy and seeded lanes only)
+    num_alternatives: int = 0
     # outputs
     token_ids: list[int] = field(default_factory=list)  # [<= k]
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # sampled only: [vocab_size]
     exit_layers: list[int] = field(default_factory=list)  # [<= k] exit depth of each token
+    token_probs: list[float] = field(default_factory=list)  # [<= k] q of each token (num_alternatives > 0)
+    alternatives: list[list[tuple[int, float]]] = field(default_factory=list)  # [<= k] runner-ups (token, q)
 
 
 class NestedDrafter:
@@ -306,6 +310,15 @@ class NestedDrafter:
                 if not pending:
                     break
 
+    @staticmethod
+    def _keep_alternatives(lane: DraftLane, score: torch.Tensor, q: torch.Tensor, token: int) -> None:
+        """The lane's q of `token` and its `num_alternatives` runners-up by `score` (one host sync)."""
+        top = torch.topk(score, lane.num_alternatives + 1).indices  # [n + 1]
+        ids = top.tolist()
+        probs = q[torch.cat([top, torch.tensor([token])])].tolist()
+        lane.token_probs.append(probs[-1])
+        lane.alternatives.append([(t, pr) for t, pr in zip(ids, probs) if t != token][: lane.num_alternatives])
+
     def _emit(
         self,
         lanes: list[DraftLane],
@@ -321,6 +334,10 @@ class NestedDrafter:
             if lane.sampling.greedy:
                 token = greedy_tokens[gi]
                 gi += 1
+                if lane.num_alternatives:
+                    # q = the raw softmax; its argmax is `token` (ties: the first, as argmax)
+                    q = torch.softmax(logits[r].float(), dim=-1)  # [vocab_size]
+                    self._keep_alternatives(lane, q, q, token)
             else:
                 q = logits_to_probs(logits[r], lane.sampling)  # [vocab_size]
                 if lane.sampling.seed is not None:
@@ -329,7 +346,12 @@ class NestedDrafter:
                     # verifier accepts it iff it is (no q needed: one-hot)
                     p = len(lane.state.token_ids)  # the drafted token's position in the sequence
                     noise = position_noise([lane.sampling.seed], [p], q.shape[-1])[0]
-                    token = int(torch.argmax(q / noise))
+                    race = q / noise  # [vocab_size]
+                    token = int(torch.argmax(race))
+                    if lane.num_alternatives:
+                        # the runners-up of the same race: the target's likeliest draws here
+                        # when it does not draw `token`
+                        self._keep_alternatives(lane, race, q, token)
                 else:
                     token = int(sample_from_probs(q))
                     lane.draft_probs.append(q)

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from shared import metrics
-from shared.methods import MODEL_METHODS, RUN_AHEAD_METHODS, SPEC_METHODS
 from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from shared.protocol import PROTOCOL_VERSION
+from shared.methods import MODEL_METHODS, RUN_AHEAD_METHODS, SPEC_METHODS
 from shared.proposer import EMPTY_DRAFT
+from shared.protocol import PROTOCOL_VERSION
+from shared.run_ahead import RUN_AHEAD_ALTERNATIVES
 
 if TYPE_CHECKING:
     from shared.config import DrafterConfig, TargetConfig
@@ -101,7 +102,7 @@ class DraftSession:
     propose and close never overlap (a cancelled stream may close while its last propose
     still runs in a worker thread). Every method blocks: call them off the event loop."""
 
-    __slots__ = ("drafter", "target", "proposer", "lock", "closed", "_pool")
+    __slots__ = ("_pool", "closed", "drafter", "lock", "proposer", "target")
 
     def __init__(self, pool: DrafterPool, drafter: str, target: str, proposer: Proposer) -> None:
         self._pool = pool
@@ -404,6 +405,8 @@ class DrafterPool:
         if target not in chosen.factory.targets:
             chosen.factory.attach_target(target, tokenizer_hash)
         proposer = chosen.factory.new_session(prompt_ids, sampling)
+        if method in RUN_AHEAD_METHODS:  # drafts are trees: the line and its runner-ups
+            proposer.num_alternatives = RUN_AHEAD_ALTERNATIVES
         session = DraftSession(self, chosen.name, target, proposer)
         with self._lock:
             self._active += 1

@@ -20,15 +20,14 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from drafter_service.pool import ProposeCall
 from shared.errors import InvalidArgumentError, SpecdecError, UnavailableError
-from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.methods import RUN_AHEAD_METHODS
+from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
 from shared.run_ahead import ahead_limit, reconcile
-from shared.wire import sampling_from_proto
 from shared.serving import wait_shielded
-
-from drafter_service.pool import ProposeCall
+from shared.wire import sampling_from_proto
 
 if TYPE_CHECKING:
     from drafter_service.pool import DrafterPool, DraftSession
@@ -63,6 +62,9 @@ def candidates_message(
         cand.vocab_size = q.shape[1]
     if exit_layers:
         cand.exit_layers.extend(exit_layers[: len(draft.token_ids)])
+    if draft.tree_parents is not None:
+        cand.tree_parents.extend(draft.tree_parents)
+        cand.node_probs.extend(draft.node_probs or ())
     return drafter_pb2.DraftResponse(candidates=cand)
 
 
@@ -243,8 +245,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         self, context: grpc.aio.ServicerContext, session: DraftSession, state: _StreamState
     ) -> None:
         """Method `card` (`shared.run_ahead`): extend the line in chunks while it is less
-        than `ahead_limit(k)` past the latest commit, streaming each chunk; wait for a
-        commit only when the line is that far ahead or the verifier asked for 0 tokens."""
+        than `ahead_limit(k)` past the latest commit, streaming each chunk with the
+        runner-up children of its tokens (`shared.draft_tree`); wait for a commit only when
+        the line is that far ahead or the verifier asked for 0 tokens."""
         pool = self.pool
         line: list[int] = []
         epoch, base = -1, 0  # the commit the line was last reconciled with, its context length
@@ -269,7 +272,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 continue
             draft.draft_probs = None  # run-ahead drafts are verified as one-hot (seeded sessions)
             await context.write(candidates_message(epoch, len(line), draft, result.exit_layers))
-            line.extend(draft.token_ids[:n])
+            line.extend(draft.line_ids()[:n])
             self.num_candidates_sent += 1
 
     @staticmethod

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
+from shared.draft_tree import depths_of, is_chain
+
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
@@ -234,6 +236,10 @@ class RowFeed:
     slot: int
     token_ids: Sequence[int]  # [t], t >= 1
     num_logits: int  # next-token logits wanted for the last `num_logits` tokens (0..t)
+    # A tree (`shared.draft_tree`): parent of each fed token within the feed (-1: the slot's
+    # cached prefix). Token i is written at cache index start + i but sits at position
+    # start + depth(i) and attends to the prefix and its own ancestors only. None: a chain.
+    tree_parents: Sequence[int] | None = None
 
 
 @dataclass(slots=True)
@@ -243,7 +249,8 @@ class StepLayout:
 
     slots: torch.Tensor  # [B] slot of each row
     tok_slot: torch.Tensor  # [N] slot of each token
-    tok_pos: torch.Tensor  # [N] position of each token in its row's sequence
+    tok_index: torch.Tensor  # [N] cache index each token is written at
+    tok_pos: torch.Tensor  # [N] position of each token in its row's sequence (RoPE)
     pad_index: torch.Tensor | None  # [N] index into the padded [B * T] rows; None when B == 1
     num_rows: int  # B
     max_tokens: int  # T
@@ -290,16 +297,22 @@ class LlamaForward:
         starts_list = [cache.lengths[f.slot] for f in feeds]
         for f, start, t in zip(feeds, starts_list, counts):
             assert t > 0 and start + t <= cache.capacity, (f.slot, start, t, cache.capacity)
+        trees = [i for i, f in enumerate(feeds) if f.tree_parents is not None and not is_chain(f.tree_parents)]
         if num_rows == 1:  # a single stream: views instead of index tensors
             slot, start, n = feeds[0].slot, starts_list[0], counts[0]
-            tok_pos = torch.arange(start, start + n, device=dev)  # [n]
+            tok_index = torch.arange(start, start + n, device=dev)  # [n]
             keys = torch.arange(start + n, device=dev)  # [start + n]
-            mask = None if n == 1 else (keys <= tok_pos.unsqueeze(1)).view(1, 1, n, start + n)
+            mask = None if n == 1 else (keys <= tok_index.unsqueeze(1)).view(1, 1, n, start + n)
             slots = torch.tensor([slot], device=dev)
+            cos, sin, tok_pos = w.cos[start : start + n], w.sin_signed[start : start + n], tok_index
+            if trees:
+                parents = feeds[0].tree_parents
+                tok_pos = start - 1 + torch.tensor(depths_of(parents), device=dev)  # [n]
+                cos, sin = w.cos[tok_pos], w.sin_signed[tok_pos]
+                mask[0, 0, :, start:] = _ancestors(parents, dev)
             return StepLayout(
-                slots=slots, tok_slot=slots.expand(n), tok_pos=tok_pos, pad_index=None, num_rows=1,
-                max_tokens=n, num_keys=start + n, mask=mask, cos=w.cos[start : start + n],
-                sin=w.sin_signed[start : start + n], one_row=(slot, start),
+                slots=slots, tok_slot=slots.expand(n), tok_index=tok_index, tok_pos=tok_pos, pad_index=None,
+                num_rows=1, max_tokens=n, num_keys=start + n, mask=mask, cos=cos, sin=sin, one_row=(slot, start),
             )  # fmt: skip
         slots = torch.tensor([f.slot for f in feeds], device=dev)  # [B]
         t = torch.tensor(counts, device=dev)  # [B]
@@ -308,15 +321,21 @@ class LlamaForward:
         num_keys = max(s + c for s, c in zip(starts_list, counts))
         row = torch.repeat_interleave(torch.arange(num_rows, device=dev), t)  # [N]
         offset = torch.arange(row.numel(), device=dev) - (torch.cumsum(t, 0) - t)[row]  # [N]
-        tok_pos = starts[row] + offset  # [N]
-        if num_rows == 1 and max_t == 1:
-            mask = None
-        else:
-            query_pos = starts.unsqueeze(1) + torch.arange(max_t, device=dev)  # [B, T]
-            keys = torch.arange(num_keys, device=dev)  # [num_keys]
-            mask = (keys <= query_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, num_keys]
+        tok_index = starts[row] + offset  # [N]
+        query_index = starts.unsqueeze(1) + torch.arange(max_t, device=dev)  # [B, T]
+        keys = torch.arange(num_keys, device=dev)  # [num_keys]
+        mask = (keys <= query_index.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, num_keys]
+        tok_pos = tok_index
+        if trees:  # positions by depth, attention to ancestors (a loop over tree rows, once per step)
+            depth_offset = offset.clone()  # [N] position - start of each token
+            first = (torch.cumsum(t, 0) - t).tolist()
+            for b in trees:
+                f, start, n = feeds[b], starts_list[b], counts[b]
+                depth_offset[first[b] : first[b] + n] = torch.tensor(depths_of(f.tree_parents), device=dev) - 1
+                mask[b, 0, :n, start : start + n] = _ancestors(f.tree_parents, dev)
+            tok_pos = starts[row] + depth_offset
         return StepLayout(
-            slots=slots, tok_slot=slots[row], tok_pos=tok_pos,
+            slots=slots, tok_slot=slots[row], tok_index=tok_index, tok_pos=tok_pos,
             pad_index=None if num_rows == 1 else row * max_t + offset,
             num_rows=num_rows, max_tokens=max_t, num_keys=num_keys, mask=mask,
             cos=w.cos[tok_pos], sin=w.sin_signed[tok_pos],
@@ -362,8 +381,8 @@ class LlamaForward:
             keys, values = ck[s : s + 1, :, :length], cv[s : s + 1, :, :length]  # [1, nkv, L, hd]
             q = qk[:, :nh].transpose(0, 1).unsqueeze(0)  # [1, nh, t, hd]
         else:
-            ck[layout.tok_slot, :, layout.tok_pos] = qk[:, nh:]  # [N, nkv, hd]
-            cv[layout.tok_slot, :, layout.tok_pos] = v_new
+            ck[layout.tok_slot, :, layout.tok_index] = qk[:, nh:]  # [N, nkv, hd]
+            cv[layout.tok_slot, :, layout.tok_index] = v_new
             keys = ck.index_select(0, layout.slots)[:, :, :length]  # [B, nkv, L, hd]
             values = cv.index_select(0, layout.slots)[:, :, :length]
             q = x.new_zeros(b * t, nh, hd).index_copy_(0, layout.pad_index, qk[:, :nh])
@@ -382,3 +401,28 @@ class LlamaForward:
         """Drop a slot's positions past the first `num_keep` (rejected drafts): no copy."""
         assert 0 <= num_keep <= cache.lengths[slot], (num_keep, cache.lengths[slot])
         cache.lengths[slot] = num_keep
+
+    @staticmethod
+    def keep_path(cache: SlotCache, slot: int, start: int, path: Sequence[int]) -> None:
+        """After a tree feed at cache index `start`: keep the prefix and the fed tokens at
+        `path` (feed indices, root first), in that order, and drop the rest. Tokens already
+        in place stay; the accepted nodes off the first branch move once (a few positions
+        per round, every layer in one copy)."""
+        assert start + len(path) <= cache.lengths[slot], (start, path, cache.lengths[slot])
+        moved = [(start + j, start + i) for j, i in enumerate(path) if i != j]
+        if moved:
+            dst = torch.tensor([d for d, _ in moved])
+            src = torch.tensor([s for _, s in moved])
+            cache.k[:, slot, :, dst] = cache.k[:, slot, :, src]  # [layers, nkv, m, hd]
+            cache.v[:, slot, :, dst] = cache.v[:, slot, :, src]
+        cache.lengths[slot] = start + len(path)
+
+
+def _ancestors(parents: Sequence[int], device: torch.device) -> torch.Tensor:
+    """[n, n] bool: token i may attend to token j of its feed (j is i or an ancestor)."""
+    n = len(parents)
+    allowed = torch.eye(n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            allowed[i] |= allowed[p]
+    return allowed.to(device)

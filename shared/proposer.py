@@ -40,9 +40,20 @@ class Draft:
     draft_probs: torch.Tensor | None = None  # [k, vocab_size], q after temperature/top-p/top-k
     info: dict[str, float] = field(default_factory=dict)  # proposer-specific stats (exit depths)
     exit_layers: list[int] | None = None  # [k] exit depth per draft token (sorted), else None
+    # A tree (`shared.draft_tree`): parent of each token (-1 = the last context token),
+    # parents first; `node_probs` the drafter's q of each node given its parent. None: a chain.
+    tree_parents: list[int] | None = None
+    node_probs: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def line_ids(self) -> list[int]:
+        """The first branch: the tokens before the first node that is not its predecessor's child."""
+        if self.tree_parents is None:
+            return self.token_ids
+        n = next((i for i, p in enumerate(self.tree_parents) if p != i - 1), len(self.tree_parents))
+        return self.token_ids[:n]
 
 
 EMPTY_DRAFT = Draft(token_ids=[])

@@ -9,4 +9,6 @@ from __future__ import annotations
 
 # 2: run-ahead sessions (method `card`, `shared.run_ahead`): Candidates continue the
 #    drafter's line of an epoch, unasked, and a Commit for 0 tokens stops the run-ahead.
-PROTOCOL_VERSION = 2
+# 3: run-ahead Candidates carry a tree (tree_parents, node_probs): the line plus the
+#    runner-up children of each line token.
+PROTOCOL_VERSION = 3

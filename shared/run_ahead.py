@@ -23,6 +23,7 @@ verifier's policy steps `card` aside under load).
 
 from __future__ import annotations
 
+
 def reconcile(line: list[int], context: list[int]) -> list[int]:
     """The line after a commit of `context`: kept when it extends the context, else the
     context itself (a new list; neither argument is modified)."""
@@ -30,6 +31,11 @@ def reconcile(line: list[int], context: list[int]) -> list[int]:
     if len(line) >= n and line[:n] == context:
         return list(line)
     return list(context)
+
+
+# Runner-up children kept beside each line token (the drafter's tree, `shared.draft_tree`):
+# they come from the forward that chose the line token, so they cost no extra forward.
+RUN_AHEAD_ALTERNATIVES = 1
 
 
 def ahead_limit(k: int) -> int:

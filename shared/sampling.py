@@ -86,10 +86,12 @@ def sample_at(
     params: Sequence[SamplingParams],  # [R] sampling of each request (row group); sampled ones seeded
     counts: Sequence[int],  # [R] positions of each request, in order; sum = M
     first_positions: Sequence[int],  # [R] position of each request's first row
+    offsets: Sequence[int] | None = None,  # [M] each row's position - its request's first; None: 0, 1, ...
 ) -> torch.Tensor:  # [M] int64 the target's token at every position
     """The target's own token at every position: argmax for greedy requests, the exponential
     race argmax(p / E) with the (seed, position) noise for sampled ones (p after
-    temperature, top-k, top-p). One softmax per distinct (temperature, top-p, top-k)."""
+    temperature, top-k, top-p). One softmax per distinct (temperature, top-p, top-k).
+    `offsets` place a tree's rows: nodes of one depth share a position (and its noise)."""
     out = logits.argmax(-1)  # [M]
     if all(p.greedy for p in params):
         return out
@@ -101,7 +103,10 @@ def sample_at(
     for members in groups.values():
         index = torch.tensor([starts[i] + j for i in members for j in range(counts[i])], dtype=torch.long)  # [m]
         seeds = [params[i].seed for i in members for _ in range(counts[i])]
-        positions = [first_positions[i] + j for i in members for j in range(counts[i])]
+        if offsets is None:
+            positions = [first_positions[i] + j for i in members for j in range(counts[i])]
+        else:
+            positions = [first_positions[i] + offsets[starts[i] + j] for i in members for j in range(counts[i])]
         probs = logits_to_probs(logits.index_select(0, index), params[members[0]])  # [m, vocab]
         noise = position_noise(seeds, positions, logits.shape[-1])  # [m, vocab]
         out.index_copy_(0, index.to(out.device), torch.argmax(probs / noise, dim=-1))

@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING
 import grpc
 import tenacity
 
-from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
-from shared.protocol import PROTOCOL_VERSION
 from shared import tls
+from shared.draft_tree import RunAheadTree, is_chain
 from shared.errors import status_from_int
 from shared.methods import RUN_AHEAD_METHODS
+from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.proposer import Draft, common_prefix_len
-from shared.run_ahead import reconcile
+from shared.protocol import PROTOCOL_VERSION
 from shared.wire import sampling_to_proto
 
 if TYPE_CHECKING:
@@ -419,7 +419,7 @@ class RunAheadProposer(RemoteProposer):
         self, factory: RemoteProposerFactory, prompt_ids: Sequence[int], sampling: SamplingParams
     ) -> None:
         self.wait_s = factory.run_ahead_wait_s
-        self._line: list[int] = []  # mirror of the drafter's line
+        self._tree = RunAheadTree()  # mirror of the drafter's tree
         self._pending: deque[tuple[int, int]] = deque()  # commits not yet applied: (epoch, context length)
         # the context of the last commit (the row's token list: it only ever grows, so an
         # earlier commit's context is a prefix of it) and how long it was then
@@ -430,6 +430,7 @@ class RunAheadProposer(RemoteProposer):
         self.num_rounds = 0  # rounds that asked for k > 0 tokens
         self.num_cached_rounds = 0  # ... and found at least one token in the line
         self.num_line_kept = 0  # commits the line extended (the target's bonus was the line's next token)
+        self.num_alternative_commits = 0  # ... or that took an alternative of the mirror's tree
         self.num_commits = 0
         self.wait_s_total = 0.0
         self.max_wait_s = 0.0
@@ -438,7 +439,8 @@ class RunAheadProposer(RemoteProposer):
     def _open(self, context: list[int]) -> None:
         super()._open(context)
         # the drafter's session starts at the prompt (its epoch 0)
-        self._line, self._context, self._k_sent = list(context), list(context), 0
+        self._tree.reset(context)
+        self._context, self._k_sent = list(context), 0
         self._committed_len = len(context)
         self._pending.clear()
 
@@ -457,7 +459,9 @@ class RunAheadProposer(RemoteProposer):
                 return
             if len(context) > self._committed_len:
                 self.num_commits += 1
-                self.num_line_kept += self._line[: len(context)] == context
+                kept = self._tree.line[: len(context)] == context
+                self.num_line_kept += kept
+                self.num_alternative_commits += not kept and self._took_alternative(context)
             self._send_commit(context, max(k, 0))
             self._pending.append((self._epoch, len(context)))
             self._context, self._committed_len, self._k_sent = context, len(context), max(k, 0)
@@ -477,24 +481,33 @@ class RunAheadProposer(RemoteProposer):
         try:
             while True:
                 self._drain(until)
-                token_ids = self._cached(context_len, k)
-                if token_ids or time.monotonic() >= until:
+                draft = self._cached(context_len, k)
+                if draft.token_ids or time.monotonic() >= until:
                     break
         except StreamBroken as err:
             self._fail(err)
-            token_ids = []
+            draft = Draft(token_ids=[])
         waited = time.monotonic() - start
         self.num_rounds += 1
-        self.num_cached_rounds += bool(token_ids)
+        self.num_cached_rounds += bool(draft.token_ids)
         self.wait_s_total += waited
         self.max_wait_s = max(self.max_wait_s, waited)
-        return Draft(token_ids=token_ids)
+        return draft
 
-    def _cached(self, context_len: int, k: int) -> list[int]:
-        context, line = self._context, self._line
+    def _cached(self, context_len: int, k: int) -> Draft:
+        """The best `k` nodes the mirror holds after the context (`RunAheadTree.select`)."""
+        context, line = self._context, self._tree.line
         if len(line) <= context_len or line[:context_len] != context[:context_len]:
-            return []
-        return line[context_len : context_len + k]
+            return Draft(token_ids=[])
+        chosen = self._tree.select(context_len, k)
+        if is_chain(chosen.parents):
+            return Draft(token_ids=chosen.token_ids)
+        return Draft(token_ids=chosen.token_ids, tree_parents=chosen.parents)
+
+    def _took_alternative(self, context: list[int]) -> bool:
+        """Whether the round's accepted path went through an alternative of the mirror."""
+        base = common_prefix_len(self._tree.line, context)
+        return base < len(context) and self._tree.child(base, context[base])
 
     def _drain(self, until: float) -> None:
         """Apply every message that has arrived; if none has, wait for one until `until`."""
@@ -525,9 +538,13 @@ class RunAheadProposer(RemoteProposer):
         up to that epoch to the mirror (as the drafter did), then extend it."""
         while self._pending and self._pending[0][0] <= cand.epoch:
             _, length = self._pending.popleft()
-            self._line = reconcile(self._line, self._context[:length])
-        if cand.start_position != len(self._line):
-            self.num_stale_dropped += 1  # cannot happen with an in-order stream; never trusted
-            logger.debug("run-ahead chunk at %d, line has %d tokens: dropped", cand.start_position, len(self._line))
+            self._tree.commit(self._context[:length])
+        n = len(cand.token_ids)
+        parents = cand.tree_parents or range(-1, n - 1)
+        if len(parents) != n or any(not -1 <= p < i for i, p in enumerate(parents)):
+            self.num_stale_dropped += 1
+            logger.warning("malformed run-ahead tree dropped")
             return
-        self._line.extend(cand.token_ids)
+        if not self._tree.extend(cand.start_position, cand.token_ids, parents, cand.node_probs):
+            self.num_stale_dropped += 1  # cannot happen with an in-order stream; never trusted
+            logger.debug("run-ahead chunk at %d, line has %d tokens: dropped", cand.start_position, len(self._tree.line))

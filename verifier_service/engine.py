@@ -45,6 +45,11 @@ class Engine(Protocol):
 
     def rollback(self, slot: int, num_keep: int) -> None: ...
 
+    # tree feeds (RowFeed.tree_parents); engines without them verify a tree's first branch only
+    supports_trees: bool
+
+    def keep_path(self, slot: int, start: int, path: Sequence[int]) -> None: ...
+
 
 class _Slots:
     """Slot bookkeeping shared by both engines: lowest free slot first (dense slots keep
@@ -95,6 +100,11 @@ class TargetEngine(_Slots):
     def rollback(self, slot: int, num_keep: int) -> None:
         self.forward.rollback(self.cache, slot, num_keep)
 
+    supports_trees = True
+
+    def keep_path(self, slot: int, start: int, path: Sequence[int]) -> None:
+        self.forward.keep_path(self.cache, slot, start, path)
+
 
 class HFEngine(_Slots):
     """Reference engine: HF's forward, one `DynamicCache` per slot, rows one by one.
@@ -143,6 +153,12 @@ class HFEngine(_Slots):
         if num_drop:
             self._caches[slot].crop(-num_drop)
             self._lengths[slot] = num_keep
+
+    supports_trees = False
+
+    def keep_path(self, slot: int, start: int, path: Sequence[int]) -> None:
+        assert list(path) == list(range(len(path))), "the reference engine feeds chains only"
+        self.rollback(slot, start + len(path))
 
 
 def load_target(

@@ -36,12 +36,20 @@ import torch
 
 from shared import metrics
 from shared.detokenize import IncrementalDetokenizer
+from shared.draft_tree import accept_path, depths_of, is_chain
 from shared.llama import RowFeed
 from shared.proposer import EMPTY_DRAFT, Draft, PipelinedProposer, Proposer
 from shared.rejection import accept_prefix
 from shared.sampling import sample_at, with_seed
 from shared.stop import StopChecker
-from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult, SamplingParams, SpecStats
+from shared.types import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    SpecStats,
+)
 from verifier_service.policy import RowOutcome, RowState, StepCost
 
 if TYPE_CHECKING:
@@ -125,7 +133,7 @@ class SpecDecodeLoop:
         if row.proposer is not None:
             try:
                 row.proposer.close()
-            except Exception:  # noqa: BLE001 - a drafter's failure never fails the loop
+            except Exception:
                 logger.exception("closing a proposer failed")
         row.stats.policy = self.policy.summary(row.state)
 
@@ -152,8 +160,8 @@ class SpecDecodeLoop:
             logits = self.engine.step(feeds)  # [sum of num_logits, vocab]
             wanted = [(r, f) for r, f in zip(fed, feeds) if f.num_logits]
             y = sample_at(logits, [r.sampling for r, _ in wanted], [f.num_logits for _, f in wanted],
-                          [len(r.tokens) for r, _ in wanted]).tolist()  # fmt: skip  # the step's one host sync
-        except Exception as e:  # noqa: BLE001 - the step failed: its rows fail, the loop goes on
+                          [len(r.tokens) for r, _ in wanted], _tree_offsets(feeds)).tolist()  # fmt: skip  # the step's one host sync
+        except Exception as e:
             logger.exception("target step failed")
             for row in fed:
                 self._fail(row, e)
@@ -177,7 +185,7 @@ class SpecDecodeLoop:
                     row.stats.target_time_s += step_s
                     if ys:
                         self._emit(row, ys)
-            except Exception as e:  # noqa: BLE001 - one row's failure is that row's
+            except Exception as e:
                 logger.exception("request %s failed", row.request.request_id or "-")
                 self._fail(row, e)
         t3 = time.perf_counter()
@@ -225,7 +233,7 @@ class SpecDecodeLoop:
                     pending.append((row, k))
                 else:
                     row.draft = self._checked(row.proposer.propose(row.tokens, k), k)
-            except Exception:  # noqa: BLE001 - a drafter's failure costs speculation, never the request
+            except Exception:
                 logger.exception("proposer failed; this step runs with k = 0")
             row.stats.draft_time_s += time.perf_counter() - t
         if pending:
@@ -250,13 +258,23 @@ class SpecDecodeLoop:
         if not (0 <= min(ids) and max(ids) < vocab):
             logger.warning("malformed draft dropped (token ids outside [0, %d))", vocab)
             return EMPTY_DRAFT
+        parents = draft.tree_parents
+        if parents is not None:
+            if len(parents) != len(ids) or any(not -1 <= p < i for i, p in enumerate(parents)):
+                logger.warning("malformed draft tree dropped")
+                return EMPTY_DRAFT
+            if not self.engine.supports_trees or is_chain(parents):
+                return self._checked(Draft(token_ids=draft.line_ids()), k)
+            # nodes come parents first: the first k nodes are a tree
+            return Draft(token_ids=ids[:k], tree_parents=parents[:k])
         if len(ids) <= k:
             return draft
         return Draft(token_ids=ids[:k], info=draft.info, exit_layers=draft.exit_layers and draft.exit_layers[:k])
 
     def _feeds(self, decoding: Sequence[Row]) -> tuple[list[RowFeed], list[Row]]:
         """Decoding rows first (pending token + draft), then prompt chunks within the budget."""
-        feeds = [RowFeed(r.slot, [r.tokens[-1], *r.draft.token_ids], len(r.draft.token_ids) + 1) for r in decoding]
+        feeds = [RowFeed(r.slot, [r.tokens[-1], *r.draft.token_ids], len(r.draft.token_ids) + 1,
+                         _feed_parents(r.draft.tree_parents)) for r in decoding]  # fmt: skip
         fed = list(decoding)
         budget = self.max_step_tokens - sum(len(f.token_ids) for f in feeds)
         for row in self.rows:
@@ -275,16 +293,23 @@ class SpecDecodeLoop:
 
     def _verify(self, row: Row, feed: RowFeed, ys: list[int], step_s: float) -> RowOutcome:
         draft_ids = feed.token_ids[1:]
-        num_accepted = accept_prefix(draft_ids, ys)
-        # the cache holds tokens + draft; keep tokens (the pending one included) + accepted
-        self.engine.rollback(row.slot, len(row.tokens) + num_accepted)
+        if row.draft.tree_parents is None:
+            num_accepted = accept_prefix(draft_ids, ys)
+            # the cache holds tokens + draft; keep tokens (the pending one included) + accepted
+            self.engine.rollback(row.slot, len(row.tokens) + num_accepted)
+            emitted = ys[: num_accepted + 1]
+        else:
+            path = accept_path(draft_ids, row.draft.tree_parents, ys)
+            self.engine.keep_path(row.slot, len(row.tokens) - 1, [0, *(i + 1 for i in path)])
+            num_accepted = len(path)
+            emitted = [draft_ids[i] for i in path] + [ys[path[-1] + 1 if path else 0]]
         stats = row.stats
         stats.num_rounds += 1
         stats.target_time_s += step_s
         if draft_ids:
             stats.observe_round(len(draft_ids), num_accepted, row.draft.exit_layers)
             row.proposer.update(num_accepted)
-        self._emit(row, ys[: num_accepted + 1])
+        self._emit(row, emitted)
         return RowOutcome(len(draft_ids), num_accepted)
 
     def _emit(self, row: Row, emitted: list[int]) -> None:
@@ -359,3 +384,27 @@ class SpecDecodeLoop:
         finally:
             if row in self.rows:
                 self._remove(row)
+
+
+def _feed_parents(draft_parents: list[int] | None) -> list[int] | None:
+    """A draft tree's parents in its verify feed, after the pending token (the root, index 0)."""
+    if draft_parents is None:
+        return None
+    return [-1, *(p + 1 for p in draft_parents)]
+
+
+def _tree_offsets(feeds: Sequence[RowFeed]) -> list[int] | None:
+    """Position offsets of the step's logits rows where a tree was fed (a node sits at the
+    position of its depth), else None (rows are consecutive positions)."""
+    if all(f.tree_parents is None for f in feeds):
+        return None
+    out: list[int] = []
+    for f in feeds:
+        if not f.num_logits:
+            continue
+        if f.tree_parents is None:
+            out.extend(range(f.num_logits))
+        else:  # a verify feed: every token's logits are wanted
+            assert f.num_logits == len(f.token_ids)
+            out.extend(d - 1 for d in depths_of(f.tree_parents))
+    return out

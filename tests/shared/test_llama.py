@@ -108,3 +108,41 @@ def test_from_pretrained_loads_a_directory():
     assert lean.weights.dtype == torch.float32  # the checkpoint's dtype
     ids = tokenizer("import os").input_ids
     assert (one_row(lean, lean.new_cache(1, 16), ids) - hf_logits(hf, ids)).abs().max() < TOLERANCE
+
+
+# a tree after the pending token (index 0): line 0-1-2-3, alternatives 4 (sibling of 1),
+# 5 (sibling of 2) and 6 (a child of the alternative 4)
+TREE_PARENTS = [-1, 0, 1, 2, 0, 1, 4]
+TREE_TOKENS = [50, 61, 62, 63, 71, 72, 81]
+
+
+def _paths(parents):
+    """Root-to-node feed indices of every node."""
+    out = []
+    for i, p in enumerate(parents):
+        out.append([*(out[p] if p >= 0 else []), i])
+    return out
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_tree_feed_equals_each_path_alone(models, batched):
+    """Each node's logits in one tree feed equal those of its root-to-node path fed as a
+    chain; keep_path then leaves the cache as if only the accepted path had been fed."""
+    hf, lean, tokenizer = models
+    prompt = tokenizer(humaneval_prompts(1, offset=5)[0]).input_ids[:30]
+    other = tokenizer(humaneval_prompts(1, offset=6)[0]).input_ids[:17]
+    cache = lean.new_cache(2, 128)
+    lean.step(cache, [RowFeed(0, prompt, 0), RowFeed(1, other, 0)])
+    feeds = [RowFeed(0, TREE_TOKENS, len(TREE_TOKENS), TREE_PARENTS)]
+    if batched:  # beside a chain row with a different length
+        feeds.append(RowFeed(1, [5, 6, 7], 3))
+    out = lean.step(cache, feeds)[: len(TREE_TOKENS)]  # [7, vocab]
+    for i, path in enumerate(_paths(TREE_PARENTS)):
+        ref = hf_logits(hf, prompt + [TREE_TOKENS[j] for j in path])[-1]
+        assert (out[i] - ref).abs().max() < TOLERANCE, (i, path)
+    # accept the path 0 -> 4 -> 6 (off the first branch): the cache holds prompt + its tokens
+    lean.keep_path(cache, 0, len(prompt), [0, 4, 6])
+    assert cache.lengths[0] == len(prompt) + 3
+    nxt = one_row(lean, cache, [90], slot=0)[0]
+    ref = hf_logits(hf, prompt + [50, 71, 81, 90])[-1]
+    assert (nxt - ref).abs().max() < TOLERANCE

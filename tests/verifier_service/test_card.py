@@ -16,7 +16,7 @@ import torch
 from drafter_service.pool import DrafterPool
 from shared.config import default_config
 from shared.loading import tokenizer_hash
-from shared.run_ahead import ahead_limit, reconcile
+from shared.run_ahead import RUN_AHEAD_ALTERNATIVES, ahead_limit, reconcile
 from shared.sampling import SamplingParams
 from shared.types import GenerationRequest
 from tests.exactness import compare_greedy, humaneval_prompts
@@ -113,7 +113,8 @@ def card_factory(address: str, target: str, **kwargs) -> RemoteProposerFactory:
 
 @pytest.mark.slow
 def test_the_mirrored_line_equals_drafting_from_scratch(server, pool, target):
-    """Each round's cached draft is the drafter's own greedy continuation of the context,
+    """Each round's cached draft is the drafter's own greedy continuation of the context
+    with its runner-up tokens beside it (a subtree of the tree drafted from scratch),
     through restarts (a correction) and kept lines (a bonus the line had)."""
     name, _, tokenizer = target
     prompt = tokenizer(humaneval_prompts(1)[0]).input_ids
@@ -121,23 +122,39 @@ def test_the_mirrored_line_equals_drafting_from_scratch(server, pool, target):
     proposer = card_factory(server.address, name, run_ahead_wait_s=2.0).new_session(prompt, SamplingParams())
     assert isinstance(proposer, RunAheadProposer)
     context, k = list(prompt), 4
+    num_trees = 0
     try:
         for round_ in range(12):
             proposer.request(context, k)
-            draft = proposer.collect(time.monotonic()).token_ids
+            got = proposer.collect(time.monotonic())
+            draft = got.line_ids()
             with torch.inference_mode():
-                reference = scratch.new_session(context, SamplingParams()).propose(context, k).token_ids
-            assert draft and draft == reference[: len(draft)], f"round {round_}: {draft} != {reference}"
+                session = scratch.new_session(context, SamplingParams())
+                session.num_alternatives = RUN_AHEAD_ALTERNATIVES
+                reference = session.propose(context, k)
+            assert draft and draft == reference.line_ids()[: len(draft)], f"round {round_}: {draft} != {reference}"
+            assert _paths(got) <= _paths(reference), round_
+            num_trees += got.tree_parents is not None
             if round_ % 3 == 2:  # a correction: the target disagreed at the second token
                 context += [draft[0], (draft[1] + 1) % 1000]
             else:  # everything accepted, and the bonus is the line's next token when it has one
                 context += draft
                 proposer.request(context, k)
-                nxt = proposer.collect(time.monotonic()).token_ids
+                nxt = proposer.collect(time.monotonic()).line_ids()
                 context += nxt[:1] or [7]
         assert proposer.num_line_kept > 0 and proposer.num_stale_dropped == 0
+        assert num_trees > 0  # runner-ups were verified beside the line
     finally:
         proposer.close()
+
+
+def _paths(draft) -> set[tuple[int, ...]]:
+    """Every node of a draft as its root-to-node token path."""
+    parents = draft.tree_parents or list(range(-1, len(draft.token_ids) - 1))
+    paths: list[tuple[int, ...]] = []
+    for tok, p in zip(draft.token_ids, parents):
+        paths.append((*(paths[p] if p >= 0 else ()), tok))
+    return set(paths)
 
 
 def generate(loop, factory, requests):
@@ -158,6 +175,7 @@ def test_greedy_card_equals_the_target_alone(server, target):
         assert cmp.ok, f"{name} prompt {i} diverged at {cmp.position}"
     assert sum(r.stats.num_accepted_tokens for r in results) > 0  # the drafter's line was used
     assert sum(s.num_cached_rounds for s in sessions) > 0
+    assert sum(s.num_alternative_commits for s in sessions) > 0  # a runner-up was the target's token
 
 
 @pytest.mark.slow
