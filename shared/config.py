@@ -254,6 +254,44 @@ class TlsConfig(_Frozen):
         return self
 
 
+class SharedNgramConfig(_Frozen):
+    """The n-gram table learned from accepted output of every request (`shared.ngram_table`)."""
+
+    enabled: bool = Field(True, description="Learn from outputs and draft from the table when the "
+                          "request's own context has no match.")  # fmt: skip
+    learn_prompts: bool = Field(False, description="Learn from prompts too (they are users' data).")
+    min_n: int = Field(2, gt=0, description="Shortest context (tokens) the table keys on.")
+    max_n: int = Field(4, gt=0, description="Longest context (tried first).")
+    continuation_len: int = Field(8, gt=0, le=64, description="Tokens stored per continuation.")
+    keep_top: int = Field(4, gt=0, description="Continuations kept per context (highest counts).")
+    ttl_s: int = Field(7 * 24 * 3600, gt=0, description="A context's entry expires this long after its last write.")
+    min_acceptance: float = Field(
+        0.2, ge=0.0, le=1.0, description="Contamination guard: the table's drafts are used only while "
+        "their measured per-token acceptance for this target is at least this.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SharedNgramConfig:
+        if self.min_n > self.max_n:
+            raise ValueError(f"store.shared_ngram min_n {self.min_n} > max_n {self.max_n}")
+        return self
+
+
+class StoreConfig(_Frozen):
+    """Shared draft state (`shared.store`): in-memory per process by default; Redis when a URL
+    is given here or in SPECDEC_REDIS_URL (which wins)."""
+
+    redis_url: str | None = Field(None, description="redis:// or rediss:// URL; None = in-memory.")
+    redis_username: str | None = Field(None, description="ACL user.")
+    redis_password: str | None = Field(None, description="Password (SPECDEC_REDIS_PASSWORD wins).")
+    redis_ca_file: Path | None = Field(None, description="CA certificate for rediss:// (TLS).")
+    socket_timeout_s: float = Field(0.25, gt=0, description="Per-command timeout.")
+    breaker_failures: int = Field(3, gt=0, description="Failures in a row that open the circuit breaker.")
+    breaker_cooldown_s: float = Field(2.0, gt=0, description="How long the open breaker fails calls fast.")
+    memory_max_keys: int = Field(200_000, gt=0, description="In-memory store: keys kept (oldest write out).")
+    shared_ngram: SharedNgramConfig = Field(default_factory=SharedNgramConfig, description="Shared n-gram table.")
+
+
 class SpecdecConfig(_Frozen):
     targets: list[TargetConfig] = Field(..., min_length=1, description="Target models served.")
     drafters: list[DrafterConfig] = Field(
@@ -269,6 +307,7 @@ class SpecdecConfig(_Frozen):
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request bounds.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Public API keys and rate limits.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS certificates (none: plaintext).")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Shared draft state (memory or Redis).")
 
     @model_validator(mode="after")
     def _unique_names(self) -> SpecdecConfig:

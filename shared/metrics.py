@@ -188,6 +188,26 @@ NUM_REJECTED_REQUESTS = Counter(
     ["model", "reason"],
 )
 
+STORE_CALLS = Counter(
+    "specdec:store_calls", "Store calls by outcome (ok, error, breaker_open, auth_error).",
+    ["store", "op", "outcome"],
+)
+STORE_UP = Gauge("specdec:store_up", "1 while the store answers, 0 after a failed call.", ["store"])
+STORE_BAD_VALUES = Counter(
+    "specdec:store_bad_values", "Values under our keys that could not be parsed (ignored).", ["store"]
+)
+SHARED_NGRAM_FETCHES = Counter(
+    "specdec:shared_ngram_fetches",
+    "Shared n-gram table lookups by result: hit (a continuation used), stale (arrived but no longer "
+    "aligned with the emitted tokens), guarded (the contamination guard held it back), empty (no entry), "
+    "late (not yet arrived), failed (store down).",
+    ["model", "result"],
+)
+SHARED_NGRAM_TOKENS = Counter(
+    "specdec:shared_ngram_tokens", "Draft tokens from the shared n-gram table: drafted and accepted.",
+    ["model", "outcome"],
+)
+
 
 def observe_request(model: str, method: str, stats: SpecStats) -> None:
     """Record one request's speculation stats (call once per request, where the loop ran)."""

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared.ngram_table import SharedDrafts
 from shared.proposer import Draft
 
 if TYPE_CHECKING:
     from shared.config import NgramConfig
+    from shared.ngram_table import SharedNgramTable
     from shared.sampling import SamplingParams
 
 # Tokens compared at the old end of the buffer to check that a new context extends it.
@@ -86,26 +88,40 @@ class NgramProposer:
     by the accepted tokens); a context that does not extend it is reloaded.
     """
 
-    def __init__(self, prompt_ids: Sequence[int], min_n: int, max_n: int) -> None:
+    def __init__(self, prompt_ids: Sequence[int], min_n: int, max_n: int,
+                 table: SharedNgramTable | None = None) -> None:  # fmt: skip
         assert 0 < min_n <= max_n, (min_n, max_n)
         self.min_n = min_n
         self.max_n = max_n
         self._buf = np.empty(max(64, 2 * len(prompt_ids)), dtype=np.int64)
         self._len = 0
         self._sync(prompt_ids)
+        self._prompt_len = len(prompt_ids)
+        self.table = table
+        self.shared = SharedDrafts(table) if table is not None else None
 
     def propose(self, context_ids: Sequence[int], k: int) -> Draft:
         context = self._sync(context_ids)
-        return Draft(token_ids=find_ngram_draft(context, self.min_n, self.max_n, k))
+        draft = find_ngram_draft(context, self.min_n, self.max_n, k)
+        if not draft and self.shared is not None:  # the request's own context first
+            draft = self.shared.draft(context_ids, k)
+        elif self.shared is not None:
+            self.shared.last_draft_len = 0
+        return Draft(token_ids=draft)
 
     def update(self, num_accepted: int) -> None:
-        pass  # stateless apart from the context, which `propose` receives in full
+        if self.shared is not None:  # the contamination guard's measure
+            self.shared.update(num_accepted)
 
     def set_params(self, params: dict[str, float]) -> None:
         pass  # prompt lookup has no per-session knobs
 
     def close(self) -> None:
-        pass
+        """Teach the shared table this request's output (and prompt, where allowed)."""
+        if self.table is not None and self._len:
+            start = 0 if self.table.config.learn_prompts else self._prompt_len
+            self.table.learn(self._buf[start : self._len].tolist())
+            self.table = None
 
     def _sync(self, context_ids: Sequence[int]) -> np.ndarray:  # [num_tokens], int64 view
         """Bring the buffer in line with `context_ids`; return a view of it."""
@@ -142,15 +158,17 @@ class NgramProposer:
 
 
 class NgramProposerFactory:
-    """Makes `NgramProposer` sessions; nothing is shared between them (yet)."""
+    """Makes `NgramProposer` sessions; with a `SharedNgramTable` they draft from it where
+    their own context has no match, and teach it their output when they close."""
 
     method = "ngram"
 
-    def __init__(self, config: NgramConfig) -> None:
+    def __init__(self, config: NgramConfig, table: SharedNgramTable | None = None) -> None:
         self.config = config
+        self.table = table
         # Warm up numpy's code paths so the first round pays no first-call cost.
         find_ngram_draft(np.arange(16, dtype=np.int64) % 4, config.min_n, config.max_n, 4)
 
     def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> NgramProposer:
         # NOTE: sampling does not matter: drafts are deterministic, so q is one-hot for any p.
-        return NgramProposer(prompt_ids, self.config.min_n, self.config.max_n)
+        return NgramProposer(prompt_ids, self.config.min_n, self.config.max_n, self.table)

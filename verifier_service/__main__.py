@@ -53,10 +53,16 @@ async def serve(
     max_queued_requests: int | None = None,
     grace: float = 30.0,
 ) -> None:
+    from shared.store import StoreAuthError
     from verifier_service.servicer import VerifierServicer
 
     servicer = VerifierServicer(config, target, drafter_address=drafter, max_batch_rows=max_batch_rows,
                                 max_queued_requests=max_queued_requests)  # fmt: skip
+    try:
+        servicer.store.check()  # down = degraded (a warning); wrong credentials = exit
+    except StoreAuthError as e:
+        servicer.close()
+        raise SystemExit(f"store: {e}") from None
     server = grpc_server(config.limits)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
 

@@ -32,6 +32,8 @@ from shared.errors import (
 )
 from shared.methods import IN_PROCESS_METHODS, RUN_AHEAD_METHODS
 from shared.ngram import NgramProposerFactory
+from shared.ngram_table import SharedNgramTable
+from shared.store import StoreRunner, make_store
 from shared.pb.specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult
 from shared.validation import check_lengths, check_message_size, check_options, check_prompt_ids
@@ -122,6 +124,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.scheduler: Scheduler | None = None
         self.tokenizer_hash = ""
         self.ngram = NgramProposerFactory(config.ngram)
+        self.store = StoreRunner(make_store(config.store))  # shared draft state (`shared.store`)
         self.remote: dict[str, RemoteProposerFactory] = {}
         self._channel: grpc.Channel | None = None
 
@@ -144,6 +147,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         """Serve with an already loaded loop (its engine's slots are the batch rows);
         connect the model-based methods' drafter."""
         self.tokenizer_hash = tokenizer_hash
+        shared_ngram = self.config.store.shared_ngram
+        if shared_ngram.enabled:
+            table = SharedNgramTable(self.store, shared_ngram, tokenizer_hash, self.target.name,
+                                     spec_loop.engine.vocab_size)  # fmt: skip
+            self.ngram = NgramProposerFactory(self.config.ngram, table)
         if self.drafter_address:
             self._channel = make_channel(self.drafter_address, internal_channel_credentials(self.config.tls))
             # every drafter kind as its own method, and the run-ahead methods over the pool's default
@@ -185,6 +193,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             self.scheduler.stop()
         if self._channel is not None:
             self._channel.close()
+        self.store.close()
 
     # ---------------------------------------------------------------- validation
 

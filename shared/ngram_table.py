@@ -1,0 +1,192 @@
+"""The shared n-gram table: continuations learned from every request's accepted output,
+read by `ngram` when the request's own context has no match.
+
+    specdec:ng:<tokenizer_hash>:<target>:<n>:<context_hash>  ->  sorted set
+        member = the continuation (`continuation_len` int32 little-endian tokens)
+        score  = how often it followed that n-token context
+
+Writes (`learn`) happen when an `ngram` session closes: its output (and its prompt only
+when `learn_prompts`) is queued, and the store's own thread turns it into one pipelined
+batch of count increments (each key trimmed to its `keep_top` best and given a TTL).
+
+Reads never block a round (`SharedDrafts`): each round that finds no match in the
+request's own context uses the last fetch that has arrived *and* still aligns with the
+tokens emitted since it was issued, then issues the next fetch for the current context.
+A fetch issued at round r is thus used at round r + 1 if it is there, or later while the
+emitted tokens follow its continuation.
+
+Contamination guard (`AcceptanceGuard`): per target, the measured per-token acceptance of
+the table's drafts (an exponential average) must stay at `min_acceptance` or above for its
+drafts to be used; below it, one lookup in `PROBE_EVERY` still drafts, so the measure
+recovers when the traffic changes. An unrelated workload can therefore cost a few probe
+rounds, never the request-only `ngram`'s own drafts (those always come first).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from shared import metrics
+from shared.loading import context_hash
+
+if TYPE_CHECKING:
+    from shared.config import SharedNgramConfig
+    from shared.store import StoreRunner
+
+logger = logging.getLogger(__name__)
+
+PROBE_EVERY = 16  # while the guard is closed, one lookup in this many still drafts
+
+
+def ngram_key(tokenizer_hash: str, target: str, context: Sequence[int]) -> str:
+    return f"specdec:ng:{tokenizer_hash}:{target}:{len(context)}:{context_hash(list(context))}"
+
+
+def pack(tokens: Sequence[int]) -> bytes:
+    return np.asarray(tokens, dtype="<i4").tobytes()
+
+
+def unpack(value: bytes, length: int, vocab_size: int) -> list[int] | None:
+    """A stored continuation, or None when it is not one of ours (wrong size, ids out of range)."""
+    if len(value) != 4 * length:
+        return None
+    tokens = np.frombuffer(value, dtype="<i4")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        return None
+    return tokens.tolist()
+
+
+class AcceptanceGuard:
+    """Per-token acceptance of the table's drafts for one target (an exponential average)."""
+
+    def __init__(self, min_acceptance: float, decay: float = 0.98) -> None:
+        self.min_acceptance = min_acceptance
+        self.decay = decay
+        self.rate = 0.5  # optimistic start: the first drafts measure it
+        self._closed_lookups = 0
+
+    def allows(self) -> bool:
+        if self.rate >= self.min_acceptance:
+            return True
+        self._closed_lookups += 1
+        return self._closed_lookups % PROBE_EVERY == 0
+
+    def observe(self, num_drafted: int, num_accepted: int) -> None:
+        for i in range(num_drafted):
+            self.rate = self.decay * self.rate + (1 - self.decay) * (i < num_accepted)
+
+
+class SharedNgramTable:
+    """One target's view of the table (one per verifier process and target)."""
+
+    def __init__(self, runner: StoreRunner, config: SharedNgramConfig, tokenizer_hash: str, target: str,
+                 vocab_size: int) -> None:  # fmt: skip
+        self.runner = runner
+        self.config = config
+        self.tokenizer_hash = tokenizer_hash
+        self.target = target
+        self.vocab_size = vocab_size
+        self.guard = AcceptanceGuard(config.min_acceptance)
+
+    # ---------------------------------------------------------------- writes
+
+    def learn(self, tokens: Sequence[int]) -> None:
+        """Queue one request's accepted tokens; the store's thread writes them."""
+        if len(tokens) > self.config.min_n:
+            self.runner.submit(self._write, list(tokens)).add_done_callback(_log_failure)
+
+    def updates(self, tokens: list[int]) -> list[tuple[str, bytes, float]]:
+        cfg = self.config
+        out = []
+        for i in range(cfg.min_n, len(tokens) - cfg.continuation_len + 1):
+            member = pack(tokens[i : i + cfg.continuation_len])
+            for n in range(cfg.min_n, min(cfg.max_n, i) + 1):
+                out.append((ngram_key(self.tokenizer_hash, self.target, tokens[i - n : i]), member, 1.0))
+        return out
+
+    async def _write(self, tokens: list[int]) -> None:
+        updates = self.updates(tokens)
+        if updates:
+            await self.runner.store.incr_counts(updates, self.config.keep_top, self.config.ttl_s)
+
+    # ---------------------------------------------------------------- reads
+
+    def fetch(self, context: Sequence[int]) -> concurrent.futures.Future[list[int] | None]:
+        """The best continuation of the longest context suffix the table has (None: none)."""
+        cfg = self.config
+        ns = [n for n in range(min(cfg.max_n, len(context)), cfg.min_n - 1, -1)]
+        keys = [ngram_key(self.tokenizer_hash, self.target, context[len(context) - n :]) for n in ns]
+        return self.runner.submit(self._read, keys)
+
+    async def _read(self, keys: list[str]) -> list[int] | None:
+        # two per key: a foreign value on top does not hide the learned one below it
+        for entries in await self.runner.store.top(keys, 2):
+            for value, _ in entries:
+                tokens = unpack(value, self.config.continuation_len, self.vocab_size)
+                if tokens is None:
+                    metrics.STORE_BAD_VALUES.labels(self.runner.store.name).inc()
+                    continue
+                return tokens
+        return None
+
+
+def _log_failure(future: concurrent.futures.Future) -> None:
+    if future.exception() is not None:
+        logger.debug("shared n-gram write failed: %s", future.exception())
+
+
+class SharedDrafts:
+    """One session's non-blocking use of the table (see the module docstring)."""
+
+    def __init__(self, table: SharedNgramTable) -> None:
+        self.table = table
+        self._fetch: tuple[list[int], concurrent.futures.Future] | None = None  # (context then, future)
+        self.last_draft_len = 0  # tokens of the last draft that came from the table
+        self.num_hits = 0
+        self.num_stale = 0
+
+    def draft(self, context: Sequence[int], k: int) -> list[int]:
+        """Up to k tokens from the last arrived fetch that still aligns; issues the next fetch."""
+        self.last_draft_len = 0
+        out: list[int] = []
+        model = self.table.target
+        if self._fetch is not None:
+            then, future = self._fetch
+            if not future.done():
+                metrics.SHARED_NGRAM_FETCHES.labels(model, "late").inc()
+                return []  # the fetch in flight serves a later round
+            self._fetch = None
+            if future.exception() is not None:
+                metrics.SHARED_NGRAM_FETCHES.labels(model, "failed").inc()
+            elif (continuation := future.result()) is None:
+                metrics.SHARED_NGRAM_FETCHES.labels(model, "empty").inc()
+            else:
+                emitted = list(context[len(then) :])
+                if list(context[: len(then)]) == then and continuation[: len(emitted)] == emitted:
+                    out = continuation[len(emitted) : len(emitted) + k]
+                if not out:
+                    self.num_stale += 1
+                    metrics.SHARED_NGRAM_FETCHES.labels(model, "stale").inc()
+                elif not self.table.guard.allows():
+                    out = []
+                    metrics.SHARED_NGRAM_FETCHES.labels(model, "guarded").inc()
+                else:
+                    self.num_hits += 1
+                    metrics.SHARED_NGRAM_FETCHES.labels(model, "hit").inc()
+                    metrics.SHARED_NGRAM_TOKENS.labels(model, "drafted").inc(len(out))
+        if len(context) >= self.table.config.min_n:
+            self._fetch = (list(context), self.table.fetch(context))
+        self.last_draft_len = len(out)
+        return out
+
+    def update(self, num_accepted: int) -> None:
+        if self.last_draft_len:
+            accepted = min(num_accepted, self.last_draft_len)
+            self.table.guard.observe(self.last_draft_len, accepted)
+            metrics.SHARED_NGRAM_TOKENS.labels(self.table.target, "accepted").inc(accepted)
+            self.last_draft_len = 0

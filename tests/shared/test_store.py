@@ -1,0 +1,146 @@
+"""The store (`shared.store`) on a real `redis-server` and in memory: the same contract for
+both (counted members, top-N trim, TTL), garbage under our keys ignored and counted, a
+wrong password a clear error, Redis down = fast failures (circuit breaker), then recovery
+when it returns; and the shared n-gram table's keys, packing and non-blocking reads."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shared import metrics
+from shared.config import SharedNgramConfig
+from shared.ngram_table import SharedDrafts, SharedNgramTable, ngram_key, pack
+from shared.store import MemoryStore, RedisStore, StoreAuthError, StoreRunner, StoreUnavailable
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def runner(request, redis_server):
+    store = MemoryStore() if request.param == "memory" else RedisStore(redis_server.url)
+    running = StoreRunner(store)
+    yield running
+    running.close()
+
+
+def _run(runner, fn, *args):
+    return runner.submit(fn, *args).result(5)
+
+
+def test_counts_top_and_trim(runner):
+    key = f"specdec:test:{time.monotonic_ns()}"
+    updates = [(key, b"a", 1.0), (key, b"b", 1.0), (key, b"b", 1.0), (key, b"c", 3.0), (key, b"d", 0.5)]
+    _run(runner, runner.store.incr_counts, updates, 3, 60)
+    (top,) = _run(runner, runner.store.top, [key], 10)
+    assert top == [(b"c", 3.0), (b"b", 2.0), (b"a", 1.0)]  # "d" trimmed: top 3 kept
+    assert _run(runner, runner.store.top, [key, key + ":missing"], 1) == [[(b"c", 3.0)], []]
+
+
+def test_redis_keys_get_a_ttl_and_foreign_values_are_ignored(redis_server):
+    import redis
+
+    runner = StoreRunner(RedisStore(redis_server.url))
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        _run(runner, runner.store.incr_counts, [("specdec:test:ttl", b"x", 1.0)], 4, 60)
+        assert 0 < raw.ttl("specdec:test:ttl") <= 60
+        raw.set("specdec:test:string", b"garbage")  # not a sorted set: WRONGTYPE on read
+        before = metrics.STORE_BAD_VALUES.labels("redis")._value.get()
+        assert _run(runner, runner.store.top, ["specdec:test:string", "specdec:test:ttl"], 1) == [[], [(b"x", 1.0)]]
+        assert metrics.STORE_BAD_VALUES.labels("redis")._value.get() == before + 1
+    finally:
+        runner.close()
+        raw.close()
+
+
+def test_wrong_password_is_a_clear_error(tmp_path):
+    server = RedisServer(tmp_path, password="right")
+    try:
+        runner = StoreRunner(RedisStore(server.url, password="wrong"))
+        with pytest.raises(StoreAuthError, match="refused the credentials"):
+            runner.check()
+        runner.close()
+        ok = StoreRunner(RedisStore(server.url, password="right"))
+        assert ok.check()
+        ok.close()
+    finally:
+        server.stop()
+
+
+def test_down_fails_fast_then_recovers(tmp_path):
+    server = RedisServer(tmp_path)
+    store = RedisStore(server.url, socket_timeout_s=0.2, breaker_failures=2, breaker_cooldown_s=0.5)
+    runner = StoreRunner(store)
+    try:
+        assert runner.check()
+        server.stop()
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable):
+                _run(runner, store.ping)
+        assert store.breaker.is_open
+        t = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="breaker is open"):
+            _run(runner, store.ping)
+        assert time.monotonic() - t < 0.1  # no connection attempt while open
+        assert metrics.STORE_UP.labels("redis")._value.get() == 0
+        server.start()  # same port
+        time.sleep(0.6)  # the cooldown: the next call probes
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                _run(runner, store.ping)
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "no reconnect after Redis returned"
+                time.sleep(0.2)
+        assert not store.breaker.is_open and metrics.STORE_UP.labels("redis")._value.get() == 1
+    finally:
+        runner.close()
+        server.stop()
+
+
+# ---------------------------------------------------------------- the n-gram table
+
+
+CONFIG = SharedNgramConfig(min_n=2, max_n=3, continuation_len=4)
+
+
+def test_learned_continuations_are_read_back_and_garbage_is_skipped(runner):
+    table = SharedNgramTable(runner, CONFIG, "tokhash", f"t{time.monotonic_ns()}", vocab_size=100)
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    _run(runner, table._write, tokens)
+    assert table.fetch([7, 1, 2]).result(5) == [3, 4, 5, 6]  # after the 2-token context [1, 2]
+    assert table.fetch([0, 2, 3]).result(5) == [4, 5, 6, 7]  # [0, 2, 3]: no 3-gram, the 2-gram [2, 3]
+    assert table.fetch([9, 9]).result(5) is None
+    # foreign members above the learned one under the 3-gram key [1, 2, 3]: one of the wrong
+    # size, one with an out-of-vocabulary id; both skipped and counted, the 2-gram answers
+    assert table.fetch([1, 2, 3]).result(5) == [4, 5, 6, 7]
+    key = ngram_key("tokhash", table.target, [1, 2, 3])
+    _run(runner, runner.store.incr_counts, [(key, b"junk", 9.0), (key, pack([1, 2, 3, 500]), 8.0)], 4, 60)
+    bad = metrics.STORE_BAD_VALUES.labels(runner.store.name)
+    before = bad._value.get()
+    assert table.fetch([1, 2, 3]).result(5) == [4, 5, 6, 7]
+    assert bad._value.get() == before + 2
+
+
+def test_shared_drafts_never_wait_and_align_with_emitted_tokens(runner):
+    table = SharedNgramTable(runner, CONFIG, "tokhash", f"t{time.monotonic_ns()}", vocab_size=100)
+    _run(runner, table._write, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    drafts = SharedDrafts(table)
+    assert drafts.draft([0, 1, 2], 3) == []  # nothing fetched yet: issues the fetch, returns at once
+    drafts._fetch[1].result(5)  # (test only) let it arrive
+    # the round emitted [3] since: the continuation [3, 4, 5, 6] still aligns -> [4, 5, 6]
+    assert drafts.draft([0, 1, 2, 3], 3) == [4, 5, 6]
+    drafts.update(2)
+    assert drafts._fetch is not None
+    drafts._fetch[1].result(5)
+    assert drafts.draft([0, 1, 2, 3, 9], 3) == []  # emitted 9: the fetched [4, ...] is stale
+    assert drafts.num_hits == 1 and drafts.num_stale == 1
