@@ -285,7 +285,7 @@ class StoreRunner:
     def close(self) -> None:
         try:
             self.submit(self.store.close).result(2.0)
-        except Exception:  # noqa: BLE001 - closing a dead connection
-            pass
+        except Exception as e:  # noqa: BLE001 - closing a dead connection
+            logger.debug("closing the store: %s", e)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(2.0)

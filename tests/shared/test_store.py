@@ -12,7 +12,13 @@ import pytest
 from shared import metrics
 from shared.config import SharedNgramConfig
 from shared.ngram_table import SharedDrafts, SharedNgramTable, ngram_key, pack
-from shared.store import MemoryStore, RedisStore, StoreAuthError, StoreRunner, StoreUnavailable
+from shared.store import (
+    MemoryStore,
+    RedisStore,
+    StoreAuthError,
+    StoreRunner,
+    StoreUnavailable,
+)
 from tests.redis_server import RedisServer
 
 

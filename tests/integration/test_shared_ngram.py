@@ -1,0 +1,102 @@
+"""Two verifier replicas of one target share a real Redis: replica B drafts from the n-gram
+table and accepts tokens that only replica A's earlier output holds; Redis killed mid-run
+costs speculation only (every request completes with the target's own output) and the
+table works again when Redis returns."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shared import metrics
+from shared.config import default_config
+from shared.loading import tokenizer_hash
+from shared.ngram import NgramProposerFactory
+from shared.ngram_table import SharedNgramTable
+from shared.store import RedisStore, StoreRunner
+from shared.types import GenerationRequest
+from tests.exactness import compare_greedy, humaneval_prompts
+from tests.redis_server import RedisServer
+from verifier_service.engine import load_target
+from verifier_service.loop import SpecDecodeLoop
+from verifier_service.policy import RulePolicy
+
+CONFIG = default_config()
+TARGET = "codelm-target-s"
+# a fixed k (the rule's), never stepped aside by load arms: this test is about the drafts
+SPECULATION = CONFIG.speculation.model_copy(update={"load_aware": False})
+MAX_NEW = 48
+
+
+class Replica:
+    """One verifier replica: its own engine, loop, store connection and table."""
+
+    def __init__(self, url: str, engine, tokenizer) -> None:
+        self.runner = StoreRunner(RedisStore(url, socket_timeout_s=0.2, breaker_cooldown_s=0.5))
+        self.table = SharedNgramTable(self.runner, CONFIG.store.shared_ngram, tokenizer_hash(CONFIG.target(TARGET).model_dir),
+                                      TARGET, engine.vocab_size)  # fmt: skip
+        self.factory = NgramProposerFactory(CONFIG.ngram, self.table)
+        self.loop = SpecDecodeLoop(engine.resized(2), tokenizer, RulePolicy(SPECULATION))
+
+    def generate(self, prompt: list[int]):
+        request = GenerationRequest(prompt_ids=prompt, max_new_tokens=MAX_NEW, method="ngram")
+        proposer = self.factory.new_session(prompt, request.sampling)
+        (result,) = self.loop.run_together([(request, proposer)])
+        return result, proposer
+
+    def flush(self) -> None:
+        """(test only) wait until the writes queued so far have run on the store's loop."""
+        self.runner.submit(_noop).result(5)
+
+
+async def _noop() -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_target(CONFIG.target(TARGET), max_batch_rows=2)
+
+
+@pytest.mark.slow
+def test_replica_b_accepts_what_replica_a_wrote(tmp_path, target):
+    engine, tokenizer = target
+    server = RedisServer(tmp_path)
+    a, b = Replica(server.url, engine, tokenizer), Replica(server.url, engine, tokenizer)
+    try:
+        prompts = [tokenizer(p).input_ids for p in humaneval_prompts(3, offset=7)]
+        for prompt in prompts:
+            result, _ = a.generate(prompt)
+            assert compare_greedy(TARGET, prompt, result.token_ids, MAX_NEW).ok
+        a.flush()
+        time.sleep(0.2)  # the writes queued by the sessions' close
+        accepted = metrics.SHARED_NGRAM_TOKENS.labels(TARGET, "accepted")
+        before = accepted._value.get()
+        hits = 0
+        for prompt in prompts:
+            result, proposer = b.generate(prompt)
+            assert compare_greedy(TARGET, prompt, result.token_ids, MAX_NEW).ok
+            hits += proposer.shared.num_hits
+        assert hits > 0, "replica B never drafted from the table"
+        assert accepted._value.get() > before, "no table draft was accepted"
+
+        # Redis killed mid-run: exact output, failures counted; back: the table answers again
+        failed = metrics.SHARED_NGRAM_FETCHES.labels(TARGET, "failed")
+        failed_before = failed._value.get()
+        server.stop()
+        for prompt in prompts[:2]:
+            result, _ = b.generate(prompt)
+            assert compare_greedy(TARGET, prompt, result.token_ids, MAX_NEW).ok
+        assert failed._value.get() > failed_before
+        assert metrics.STORE_UP.labels("redis")._value.get() == 0
+        server.start()
+        time.sleep(0.6)
+        deadline = time.monotonic() + 10
+        while b.table.fetch(prompts[0][:4]).exception(5) is not None:
+            assert time.monotonic() < deadline, "the table did not come back with Redis"
+            time.sleep(0.2)
+    finally:
+        a.runner.close()
+        b.runner.close()
+        server.stop()
