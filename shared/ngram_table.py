@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROBE_EVERY = 16  # while the guard is closed, one lookup in this many still drafts
+MAX_SKIP = 8  # after empty answers, at most one fetch per this many lookups
 
 
 def ngram_key(tokenizer_hash: str, target: str, context: Sequence[int]) -> str:
@@ -85,8 +86,9 @@ class SharedNgramTable:
     """One target's view of the table (one per verifier process and target)."""
 
     def __init__(self, runner: StoreRunner, config: SharedNgramConfig, tokenizer_hash: str, target: str,
-                 vocab_size: int) -> None:  # fmt: skip
+                 vocab_size: int, *, learn: bool = True) -> None:  # fmt: skip
         self.runner = runner
+        self.learns = learn  # False: a read-only view (benchmarks measuring on held-out prompts)
         self.config = config
         self.tokenizer_hash = tokenizer_hash
         self.target = target
@@ -97,7 +99,7 @@ class SharedNgramTable:
 
     def learn(self, tokens: Sequence[int]) -> None:
         """Queue one request's accepted tokens; the store's thread writes them."""
-        if len(tokens) > self.config.min_n:
+        if self.learns and len(tokens) > self.config.min_n:
             self.runner.submit(self._write, list(tokens)).add_done_callback(_log_failure)
 
     def updates(self, tokens: list[int]) -> list[tuple[str, bytes, float]]:
@@ -149,6 +151,10 @@ class SharedDrafts:
         self.last_draft_len = 0  # tokens of the last draft that came from the table
         self.num_hits = 0
         self.num_stale = 0
+        # NOTE: after empty answers in a row, fetch only every 2, 4, then 8 lookups: a table
+        # with nothing for this request costs a hash and a thread hop per round for nothing
+        self._empty_in_row = 0
+        self._skip = 0
 
     def draft(self, context: Sequence[int], k: int) -> list[int]:
         """Up to k tokens from the last arrived fetch that still aligns; issues the next fetch."""
@@ -165,7 +171,10 @@ class SharedDrafts:
                 metrics.SHARED_NGRAM_FETCHES.labels(model, "failed").inc()
             elif (continuation := future.result()) is None:
                 metrics.SHARED_NGRAM_FETCHES.labels(model, "empty").inc()
+                self._empty_in_row += 1
+                self._skip = min(2**self._empty_in_row, MAX_SKIP) - 1
             else:
+                self._empty_in_row = 0
                 emitted = list(context[len(then) :])
                 if list(context[: len(then)]) == then and continuation[: len(emitted)] == emitted:
                     out = continuation[len(emitted) : len(emitted) + k]
@@ -179,7 +188,9 @@ class SharedDrafts:
                     self.num_hits += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "hit").inc()
                     metrics.SHARED_NGRAM_TOKENS.labels(model, "drafted").inc(len(out))
-        if len(context) >= self.table.config.min_n:
+        if self._skip:
+            self._skip -= 1
+        elif len(context) >= self.table.config.min_n:
             self._fetch = (list(context), self.table.fetch(context))
         self.last_draft_len = len(out)
         return out

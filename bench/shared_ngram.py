@@ -1,0 +1,196 @@
+"""The shared n-gram table against request-only `ngram` (in process, one replica learns,
+another measures; `python -m bench.shared_ngram`).
+
+Scenarios, each with a fresh table namespace:
+
+- cross-prompt: the table learns from the outputs of one half of HumanEval (even
+  prompts); `ngram` is measured on the other half (odd prompts), read-only, so no
+  measured prompt ever sees its own output;
+- cross-domain: the table learns from MT-Bench (English, out of the models' domain);
+  measured on the same odd HumanEval half: the contamination guard must keep τ at or
+  above request-only `ngram`;
+- repeated: the table learns from the measured prompts themselves (a replay: it inflates
+  τ, reported separately, llama.cpp #26100).
+
+Per scenario and mode (greedy, T = 0.8 seeded): tokens per target forward over all rounds
+(prefill included), τ, tok/s, each as shared / request-only in the same run (prompt by
+prompt interleaved), the table's hits, and for Redis its memory per 1k learned requests.
+Store calls awaited inside a round: 0 by construction (reads are futures polled with
+`done()`; `SharedDrafts` never calls `result()` on an unfinished one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from bench.common import environment, humaneval_prompts_that_fit, write_results
+from shared.config import default_config
+from shared.loading import tokenizer_hash
+from shared.ngram import NgramProposerFactory
+from shared.ngram_table import SharedNgramTable
+from shared.paths import data_dir
+from shared.store import MemoryStore, RedisStore, StoreRunner
+from shared.types import GenerationRequest, SamplingParams
+from verifier_service.engine import load_target
+from verifier_service.loop import SpecDecodeLoop
+from verifier_service.policy import RulePolicy
+
+
+def mt_bench_prompts(tokenizer, n: int, max_new: int) -> list[list[int]]:
+    out = []
+    with open(data_dir() / "mt_bench" / "question.jsonl") as f:
+        for line in f:
+            ids = tokenizer(json.loads(line)["turns"][0]).input_ids
+            if len(ids) + max_new <= 256:
+                out.append(ids)
+            if len(out) == n:
+                break
+    return out
+
+
+def _start_redis() -> tuple[subprocess.Popen, str]:
+    if shutil.which("redis-server") is None:
+        raise SystemExit("--stores redis needs redis-server on PATH (or --redis-url)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tempfile.mkdtemp(),
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(0.5)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def _redis_memory(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("memory")["used_memory"])
+    finally:
+        client.close()
+
+
+def _run(loop: SpecDecodeLoop, factory, prompt: list[int], sampling: SamplingParams, max_new: int):
+    request = GenerationRequest(prompt_ids=prompt, max_new_tokens=max_new, method="ngram", sampling=sampling)
+    proposer = factory.new_session(prompt, sampling) if factory is not None else None
+    t0 = time.perf_counter()
+    (result,) = loop.run_together([(request, proposer)])
+    return result, time.perf_counter() - t0, proposer
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    config = default_config()
+    speculation = config.speculation.model_copy(update={"load_aware": False})  # the rule's fixed k
+    redis_proc, redis_url = (None, args.redis_url)
+    if "redis" in args.stores and not redis_url:
+        redis_proc, redis_url = _start_redis()
+    results: dict = {}
+    try:
+        for target in args.targets:
+            engine, tokenizer = load_target(config.target(target), max_batch_rows=1)
+            loop = SpecDecodeLoop(engine, tokenizer, RulePolicy(speculation))
+            tok_hash = tokenizer_hash(config.target(target).model_dir)
+            prompts = humaneval_prompts_that_fit(tokenizer, 2 * args.num_prompts, args.max_new_tokens)
+            learn_half, measure = prompts[0::2], prompts[1::2]
+            scenarios = {"cross-prompt": learn_half, "cross-domain": mt_bench_prompts(tokenizer, args.num_prompts, args.max_new_tokens),
+                         "repeated": measure}  # fmt: skip
+            plain = NgramProposerFactory(config.ngram)
+            for store_kind in args.stores:
+                for mode in args.modes:
+                    for scenario, learn_prompts in scenarios.items():
+                        key = f"{target} {store_kind} {mode} {scenario}"
+                        store = MemoryStore() if store_kind == "memory" else RedisStore(redis_url)
+                        runner = StoreRunner(store)
+                        namespace = f"{target}#{scenario}-{mode}-{time.time_ns()}"  # a fresh table
+                        cfg = config.store.shared_ngram
+                        writer = SharedNgramTable(runner, cfg, tok_hash, namespace, engine.vocab_size)
+                        reader = SharedNgramTable(runner, cfg, tok_hash, namespace, engine.vocab_size, learn=False)
+                        mem0 = _redis_memory(redis_url) if store_kind == "redis" else 0
+                        for i, prompt in enumerate(learn_prompts):
+                            sampling = SamplingParams(temperature=args.temperature, seed=10_000 + i) if mode == "sample" else SamplingParams()
+                            _run(loop, NgramProposerFactory(config.ngram, writer), prompt, sampling, args.max_new_tokens)
+                        runner.submit(_noop).result(30)
+                        time.sleep(0.2)
+                        mem = (_redis_memory(redis_url) - mem0) * 1000 / len(learn_prompts) if store_kind == "redis" else None
+                        shared_factory = NgramProposerFactory(config.ngram, reader)
+                        totals = {name: dict(tokens=0, steps=0, rounds=0, accepted=0, spec_rounds=0, time_s=0.0, hits=0)
+                                  for name in ("request-only", "shared")}  # fmt: skip
+                        for i, prompt in enumerate(measure):
+                            sampling = SamplingParams(temperature=args.temperature, seed=i) if mode == "sample" else SamplingParams()
+                            for name, factory in (("request-only", plain), ("shared", shared_factory)):
+                                result, dt, proposer = _run(loop, factory, prompt, sampling, args.max_new_tokens)
+                                t, st = totals[name], result.stats
+                                t["tokens"] += result.completion_tokens
+                                t["steps"] += st.num_rounds + 1  # + the prefill step
+                                t["spec_rounds"] += st.num_spec_rounds
+                                t["accepted"] += st.num_accepted_tokens
+                                t["time_s"] += dt
+                                t["hits"] += proposer.shared.num_hits if proposer.shared else 0
+                        runner.close()
+                        rows = {}
+                        for name, t in totals.items():
+                            rows[name] = {
+                                "tokens_per_forward": t["tokens"] / t["steps"],
+                                "tau": 1 + t["accepted"] / t["spec_rounds"] if t["spec_rounds"] else 1.0,
+                                "tok_s": t["tokens"] / t["time_s"], "table_hits": t["hits"],
+                            }  # fmt: skip
+                        rows["redis_bytes_per_1k_requests"] = mem
+                        results[key] = rows
+                        s, r = rows["shared"], rows["request-only"]
+                        print(f"[{key}] tokens/forward {s['tokens_per_forward'] / r['tokens_per_forward']:.3f}x "
+                              f"tok/s {s['tok_s'] / r['tok_s']:.3f}x hits {s['table_hits']}", flush=True)  # fmt: skip
+    finally:
+        if redis_proc is not None:
+            redis_proc.kill()
+    return results
+
+
+async def _noop() -> None:
+    return None
+
+
+def to_markdown(results: dict, args) -> str:
+    out = [f"# Shared n-gram table vs request-only ngram ({args.num_prompts} measured HumanEval prompts, "
+           f"max_new_tokens {args.max_new_tokens}, T = {args.temperature} for sample rows)\n",
+           "| target | store | mode | scenario | tokens/forward (shared / request-only) | τ | tok/s (ratio) | table hits | Redis bytes per 1k learned requests |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, rows in results.items():
+        target, store, mode, scenario = key.split(" ")
+        s, r = rows["shared"], rows["request-only"]
+        mem = rows["redis_bytes_per_1k_requests"]
+        out.append(f"| {target} | {store} | {mode} | {scenario} | {s['tokens_per_forward']:.2f} / {r['tokens_per_forward']:.2f} "
+                   f"({s['tokens_per_forward'] / r['tokens_per_forward']:.3f}×) | {s['tau']:.2f} / {r['tau']:.2f} | "
+                   f"{s['tok_s']:.0f} / {r['tok_s']:.0f} ({s['tok_s'] / r['tok_s']:.3f}×) | {s['table_hits']} | "
+                   f"{'' if mem is None else f'{mem / 1e6:.1f} MB'} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", nargs="+", default=["codelm-target-m", "codelm-target-s"])
+    p.add_argument("--stores", nargs="+", default=["memory"], choices=["memory", "redis"])
+    p.add_argument("--redis-url", default=None, help="default: start a local redis-server")
+    p.add_argument("--modes", nargs="+", default=["greedy", "sample"], choices=["greedy", "sample"])
+    p.add_argument("--num-prompts", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    results = run(args)
+    markdown = to_markdown(results, args)
+    base = write_results("shared-ngram", {"env": environment(), "args": vars(args), "results": results}, markdown)
+    print(markdown)
+    print(f"results: {base}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
