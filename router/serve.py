@@ -48,7 +48,7 @@ from shared.serving import (
 
 if TYPE_CHECKING:
     from router.server import Router
-    from shared.config import SpecdecConfig
+    from shared.config import SpecdecConfig, StoreConfig
 
 logger = logging.getLogger("specdec.serve")
 
@@ -82,10 +82,13 @@ async def run_router(
     stop: asyncio.Event,
     grace_s: float,
     on_ready: Callable[[int, int | None], None] | None = None,
+    store: StoreConfig | None = None,
 ) -> None:
-    """Serve gRPC (+ HTTP when `http_port` is not None) until `stop`, then drain."""
+    """Serve gRPC (+ HTTP when `http_port` is not None) until `stop`, then drain. With a
+    Redis `store`, verifier replicas are also found in its registry (`router.discovery`)."""
     import uvicorn
 
+    from router.discovery import watch_registry
     from router.http import create_app
     from router.server import start_grpc_server
 
@@ -113,6 +116,7 @@ async def run_router(
                 http_task.result()  # raises the startup error
             await asyncio.sleep(0.01)
     router.start_polling()
+    watcher = watch_registry(router, store) if store is not None else None
     await grpc_server.set_serving(True)
     if on_ready is not None:
         on_ready(grpc_server.port, bound_http)
@@ -129,6 +133,8 @@ async def run_router(
         router.wait_idle(grace_s),
         *(t for t in (http_task,) if t is not None),
     )
+    if watcher is not None:
+        await watcher.close()
     await router.close()
 
 
@@ -349,7 +355,7 @@ class ServeStack:
 
             await run_router(
                 router, host=self.config.host, port=port, http_port=http_port, stop=stop,
-                grace_s=self.grace_s, on_ready=ready,
+                grace_s=self.grace_s, on_ready=ready, store=self.config.store,
             )  # fmt: skip
         finally:
             self.stopping = True
@@ -397,14 +403,56 @@ def serve_main(args: argparse.Namespace) -> int:
     if args.host:
         config = config.model_copy(update={"host": args.host})
     port, http_port = _router_ports(args, config)
-    stack = ServeStack(config, args.config, grace_s=args.grace_period, state_file=args.state_file)
+    with contextlib.ExitStack() as cleanup:
+        if args.redis:
+            from shared.store import REDIS_URL_ENV, redis_url
 
-    async def main() -> None:
-        stop = stop_event()
-        await stack.run(port, http_port, stop)
+            if not redis_url(config.store):
+                # children inherit the URL through the environment
+                os.environ[REDIS_URL_ENV] = cleanup.enter_context(local_redis_server())
+            logger.info("store: Redis at %s", redis_url(config.store))
+        stack = ServeStack(config, args.config, grace_s=args.grace_period, state_file=args.state_file)
 
-    asyncio.run(main())
+        async def main() -> None:
+            stop = stop_event()
+            await stack.run(port, http_port, stop)
+
+        asyncio.run(main())
     return 0
+
+
+@contextlib.contextmanager
+def local_redis_server():
+    """A `redis-server` from PATH on a free loopback port, without persistence, for one run
+    of `specdec serve --redis`; yields its URL."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--redis: no SPECDEC_REDIS_URL or store.redis_url, and no redis-server on PATH")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="specdec-redis-") as directory:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
+             "--appendonly", "no", "--maxmemory", "512mb", "--maxmemory-policy", "volatile-lru"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit("--redis: redis-server did not start") from None
+                    time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(10)
 
 
 def router_main(argv: Sequence[str] | None = None) -> int:
@@ -448,7 +496,7 @@ def router_main(argv: Sequence[str] | None = None) -> int:
                 )
 
         await run_router(router, host=host, port=port, http_port=http_port, stop=stop,
-                         grace_s=args.grace_period, on_ready=ready)  # fmt: skip
+                         grace_s=args.grace_period, on_ready=ready, store=config.store)  # fmt: skip
 
     asyncio.run(main())
     return 0

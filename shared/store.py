@@ -68,6 +68,12 @@ class Store(Protocol):
 
     async def top(self, keys: Sequence[str], n: int) -> list[list[tuple[bytes, float]]]: ...
 
+    async def set_ex(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def keys_with_prefix(self, prefix: str) -> list[str]: ...
+
     async def close(self) -> None: ...
 
 
@@ -80,6 +86,7 @@ class MemoryStore:
     def __init__(self, max_keys: int = 200_000) -> None:
         self.max_keys = max_keys
         self._sets: OrderedDict[str, tuple[float, dict[bytes, float]]] = OrderedDict()
+        self._values: dict[str, tuple[float, bytes]] = {}  # plain keys (the registry): expiry, value
 
     async def ping(self) -> None:
         return None
@@ -115,8 +122,21 @@ class MemoryStore:
             out.append(sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:n])
         return out
 
+    async def set_ex(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._values[key] = (time.monotonic() + ttl_s, value)
+
+    async def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+
+    async def keys_with_prefix(self, prefix: str) -> list[str]:
+        now = time.monotonic()
+        for key in [k for k, (expiry, _) in self._values.items() if expiry < now]:
+            del self._values[key]
+        return [k for k in self._values if k.startswith(prefix)]
+
     async def close(self) -> None:
         self._sets.clear()
+        self._values.clear()
 
 
 class CircuitBreaker:
@@ -233,6 +253,19 @@ class RedisStore:
             else:
                 out.append([(bytes(m), float(s)) for m, s in reply])
         return out
+
+    async def set_ex(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self._call("set_ex", lambda: self.client.set(key, value, px=max(1, int(ttl_s * 1000))))
+
+    async def delete(self, key: str) -> None:
+        await self._call("delete", lambda: self.client.delete(key))
+
+    async def keys_with_prefix(self, prefix: str) -> list[str]:
+        async def run() -> list[str]:
+            # SCAN, never KEYS: it does not block the server on a large keyspace
+            return [k.decode() async for k in self.client.scan_iter(match=prefix + "*", count=500)]
+
+        return await self._call("scan", run)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -53,7 +53,8 @@ async def serve(
     max_queued_requests: int | None = None,
     grace: float = 30.0,
 ) -> None:
-    from shared.store import StoreAuthError
+    from shared.registry import advertised_address
+    from shared.store import StoreAuthError, redis_url
     from verifier_service.servicer import VerifierServicer
 
     servicer = VerifierServicer(config, target, drafter_address=drafter, max_batch_rows=max_batch_rows,
@@ -67,6 +68,8 @@ async def serve(
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
 
     def loaded(_, bound: int) -> None:
+        if redis_url(config.store):  # announce this replica in the shared registry
+            servicer.register(advertised_address(host, bound))
         logger.info(
             "verifier of %r serving on %s:%d (methods %s, drafter %s, %d batch rows, queue %d)",
             target, host, bound, servicer.methods, drafter or "none", servicer.max_batch_rows,

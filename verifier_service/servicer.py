@@ -33,6 +33,7 @@ from shared.errors import (
 from shared.methods import IN_PROCESS_METHODS, RUN_AHEAD_METHODS
 from shared.ngram import NgramProposerFactory
 from shared.ngram_table import SharedNgramTable
+from shared.registry import Heartbeat
 from shared.store import StoreRunner, make_store
 from shared.pb.specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from shared.types import FinishReason, GenerationChunk, GenerationRequest, GenerationResult
@@ -125,6 +126,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.tokenizer_hash = ""
         self.ngram = NgramProposerFactory(config.ngram)
         self.store = StoreRunner(make_store(config.store))  # shared draft state (`shared.store`)
+        self._heartbeat: Heartbeat | None = None
         self.remote: dict[str, RemoteProposerFactory] = {}
         self._channel: grpc.Channel | None = None
 
@@ -188,7 +190,22 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         """Methods served right now: in process ones plus those the drafter has not refused."""
         return [*IN_PROCESS_METHODS, *(m for m, f in self.remote.items() if f.available)]
 
+    def register(self, address: str) -> None:
+        """Announce this replica in the store's registry (`shared.registry`) until `close`."""
+
+        async def start() -> Heartbeat:
+            heartbeat = Heartbeat(self.store.store, "verifier", self.target.name, address)
+            heartbeat.start()
+            return heartbeat
+
+        self._heartbeat = self.store.submit(start).result(5)
+
     def close(self) -> None:
+        if self._heartbeat is not None:
+            try:
+                self.store.submit(self._heartbeat.stop).result(2)
+            except Exception as e:  # noqa: BLE001 - the key expires anyway
+                logger.debug("registry: %s", e)
         if self.scheduler is not None:
             self.scheduler.stop()
         if self._channel is not None:
