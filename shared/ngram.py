@@ -103,10 +103,9 @@ class NgramProposer:
     def propose(self, context_ids: Sequence[int], k: int) -> Draft:
         context = self._sync(context_ids)
         draft = find_ngram_draft(context, self.min_n, self.max_n, k)
-        if not draft and self.shared is not None:  # the request's own context first
-            draft = self.shared.draft(context_ids, k)
-        elif self.shared is not None:
-            self.shared.last_draft_len = 0
+        if self.shared is not None:  # the request's own context first
+            shared = self.shared.draft(context_ids, k, use=not draft)
+            draft = draft or shared
         return Draft(token_ids=draft)
 
     def update(self, num_accepted: int) -> None:

@@ -156,11 +156,17 @@ class SharedDrafts:
         self._empty_in_row = 0
         self._skip = 0
 
-    def draft(self, context: Sequence[int], k: int) -> list[int]:
-        """Up to k tokens from the last arrived fetch that still aligns; issues the next fetch."""
+    def draft(self, context: Sequence[int], k: int, use: bool = True) -> list[int]:
+        """Up to k tokens from the last arrived fetch that still aligns; issues the next fetch.
+        `use=False` (the request's own context had a draft) only keeps the fetches going, so
+        a round that needs the table finds an answer already there."""
         self.last_draft_len = 0
         out: list[int] = []
         model = self.table.target
+        if not use:
+            if self._fetch is None or self._fetch[1].done():
+                self._issue(context)
+            return out
         if self._fetch is not None:
             then, future = self._fetch
             if not future.done():
@@ -188,12 +194,15 @@ class SharedDrafts:
                     self.num_hits += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "hit").inc()
                     metrics.SHARED_NGRAM_TOKENS.labels(model, "drafted").inc(len(out))
+        self._issue(context)
+        self.last_draft_len = len(out)
+        return out
+
+    def _issue(self, context: Sequence[int]) -> None:
         if self._skip:
             self._skip -= 1
         elif len(context) >= self.table.config.min_n:
             self._fetch = (list(context), self.table.fetch(context))
-        self.last_draft_len = len(out)
-        return out
 
     def update(self, num_accepted: int) -> None:
         if self.last_draft_len:
