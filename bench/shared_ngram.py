@@ -122,6 +122,7 @@ def run(args) -> dict:
                         time.sleep(0.2)
                         mem = (_redis_memory(redis_url) - mem0) * 1000 / len(learn_prompts) if store_kind == "redis" else None
                         shared_factory = NgramProposerFactory(config.ngram, reader)
+                        fetches0 = _fetch_counts(namespace)
                         totals = {name: dict(tokens=0, steps=0, rounds=0, accepted=0, spec_rounds=0, time_s=0.0, hits=0)
                                   for name in ("request-only", "shared")}  # fmt: skip
                         for i, prompt in enumerate(measure):
@@ -144,6 +145,8 @@ def run(args) -> dict:
                                 "tok_s": t["tokens"] / t["time_s"], "table_hits": t["hits"],
                             }  # fmt: skip
                         rows["redis_bytes_per_1k_requests"] = mem
+                        now = _fetch_counts(namespace)
+                        rows["fetches"] = {r: now[r] - fetches0[r] for r in now}
                         results[key] = rows
                         s, r = rows["shared"], rows["request-only"]
                         print(f"[{key}] tokens/forward {s['tokens_per_forward'] / r['tokens_per_forward']:.3f}x "
@@ -154,6 +157,15 @@ def run(args) -> dict:
     return results
 
 
+FETCH_RESULTS = ("hit", "stale", "empty", "late", "guarded", "failed")
+
+
+def _fetch_counts(model: str) -> dict[str, float]:
+    from shared import metrics
+
+    return {r: metrics.SHARED_NGRAM_FETCHES.labels(model, r)._value.get() for r in FETCH_RESULTS}
+
+
 async def _noop() -> None:
     return None
 
@@ -161,7 +173,7 @@ async def _noop() -> None:
 def to_markdown(results: dict, args) -> str:
     out = [f"# Shared n-gram table vs request-only ngram ({args.num_prompts} measured HumanEval prompts, "
            f"max_new_tokens {args.max_new_tokens}, T = {args.temperature} for sample rows)\n",
-           "| target | store | mode | scenario | tokens/forward (shared / request-only) | τ | tok/s (ratio) | table hits | Redis bytes per 1k learned requests |",
+           "| target | store | mode | scenario | tokens/forward (shared / request-only) | τ | tok/s (ratio) | table fetches hit/stale/empty/late/guarded/failed | Redis bytes per 1k learned requests |",
            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, rows in results.items():
         target, store, mode, scenario = key.split(" ")
@@ -169,7 +181,8 @@ def to_markdown(results: dict, args) -> str:
         mem = rows["redis_bytes_per_1k_requests"]
         out.append(f"| {target} | {store} | {mode} | {scenario} | {s['tokens_per_forward']:.2f} / {r['tokens_per_forward']:.2f} "
                    f"({s['tokens_per_forward'] / r['tokens_per_forward']:.3f}×) | {s['tau']:.2f} / {r['tau']:.2f} | "
-                   f"{s['tok_s']:.0f} / {r['tok_s']:.0f} ({s['tok_s'] / r['tok_s']:.3f}×) | {s['table_hits']} | "
+                   f"{s['tok_s']:.0f} / {r['tok_s']:.0f} ({s['tok_s'] / r['tok_s']:.3f}×) | "
+                   f"{'/'.join(str(int(rows['fetches'][x])) for x in FETCH_RESULTS)} | "
                    f"{'' if mem is None else f'{mem / 1e6:.1f} MB'} |")  # fmt: skip
     return "\n".join(out) + "\n"
 

@@ -130,8 +130,8 @@ class Replica:
     model: str
     address: str
     max_sessions: int
-    stub: verifier_pb2_grpc.VerifierServiceStub
-    channel: grpc.aio.Channel
+    stub: verifier_pb2_grpc.VerifierServiceStub  # or a `router.handles.HandleStub` (Ray Serve)
+    channel: grpc.aio.Channel | None  # None: reached through a Serve handle
     active: int = 0  # sessions this router has in flight there
     healthy: bool = True
     methods: tuple[str, ...] = ()  # last GetLoad report
@@ -161,11 +161,18 @@ class ReplicaRegistry:
         self._replicas.setdefault(model, []).append(replica)
         return replica
 
+    def add_stub(self, model: str, name: str, stub, max_sessions: int) -> Replica:
+        """A replica reached through `stub` (a Serve deployment handle's `HandleStub`)."""
+        replica = Replica(model=model, address=name, max_sessions=max_sessions, stub=stub, channel=None)
+        self._replicas.setdefault(model, []).append(replica)
+        return replica
+
     async def remove(self, model: str, address: str) -> None:
         replicas = self._replicas.get(model, [])
         for replica in [r for r in replicas if r.address == address]:
             replicas.remove(replica)
-            await replica.channel.close()
+            if replica.channel is not None:
+                await replica.channel.close()
 
     def replicas(self, model: str) -> list[Replica]:
         return list(self._replicas.get(model, []))
@@ -198,7 +205,8 @@ class ReplicaRegistry:
 
     async def close(self) -> None:
         for replica in self.all():
-            await replica.channel.close()
+            if replica.channel is not None:
+                await replica.channel.close()
         self._replicas.clear()
 
 
@@ -306,6 +314,16 @@ class Router:
         replica = self.registry.add(model, address, capacity)
         await self._refresh(replica)
         logger.info("registered verifier %s for %s (methods %s)", address, model, replica.methods)
+        return replica
+
+    async def add_deployment(self, model: str, name: str, stub, max_sessions: int) -> Replica:
+        """A verifier deployment reached through a Serve handle (`router.ray_app`): one
+        logical replica; Serve spreads its requests over the deployment's replicas."""
+        if model not in self._targets:
+            raise NotFoundError(f"model {model!r} is not configured", field="model")
+        replica = self.registry.add_stub(model, name, stub, max_sessions)
+        await self._refresh(replica, timeout=30.0)
+        logger.info("registered verifier deployment %s for %s (methods %s)", name, model, replica.methods)
         return replica
 
     async def _refresh(self, replica: Replica, timeout: float = 2.0) -> None:

@@ -292,6 +292,41 @@ class StoreConfig(_Frozen):
     shared_ngram: SharedNgramConfig = Field(default_factory=SharedNgramConfig, description="Shared n-gram table.")
 
 
+class AutoscalingConfig(_Frozen):
+    """Serve autoscaling of one target's verifier deployment, on ongoing requests."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, gt=0)
+    target_ongoing_requests: float = Field(
+        32.0, gt=0, description="Ongoing requests per replica Serve aims at (default: the batch rows)."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class RayConfig(_Frozen):
+    """The Ray Serve application (`router.ray_app`): resources and scaling per deployment."""
+
+    router_num_cpus: float = Field(0.5, ge=0, description="Per router (ingress) replica.")
+    drafter_num_cpus: float = Field(1.0, ge=0, description="Per drafter-pool replica.")
+    drafter_num_gpus: float = Field(0.0, ge=0)
+    drafter_replicas: int = Field(1, gt=0)
+    verifier_num_cpus: float = Field(1.0, ge=0, description="Per verifier replica.")
+    verifier_num_gpus: float = Field(0.0, ge=0)
+    autoscaling: dict[str, AutoscalingConfig] = Field(
+        default_factory=dict, description="Per target; a target without an entry runs `replicas` fixed replicas."
+    )  # fmt: skip
+    target_resources: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Custom Ray resources a target's verifier replicas need (e.g. "
+        "{'model-codelm-target-m': 0.01}): only nodes that have the target's weights offer them.",
+    )  # fmt: skip
+    drafter_resources: dict[str, float] = Field(default_factory=dict, description="Likewise for the drafter pool.")
+
+
 class SpecdecConfig(_Frozen):
     targets: list[TargetConfig] = Field(..., min_length=1, description="Target models served.")
     drafters: list[DrafterConfig] = Field(
@@ -308,12 +343,17 @@ class SpecdecConfig(_Frozen):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Public API keys and rate limits.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS certificates (none: plaintext).")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Shared draft state (memory or Redis).")
+    ray: RayConfig = Field(default_factory=RayConfig, description="The Ray Serve application (`specdec serve --ray`).")
 
     @model_validator(mode="after")
     def _unique_names(self) -> SpecdecConfig:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate target names in {names}")
+        for field, keys in (("ray.autoscaling", self.ray.autoscaling), ("ray.target_resources", self.ray.target_resources)):
+            unknown = set(keys) - set(names)
+            if unknown:
+                raise ValueError(f"{field} names targets not in the config: {sorted(unknown)}")
         drafters = {d.name: d.kind for d in self.drafters}
         for target in self.targets:
             for method, spec in self.speculation_for(target.name).methods.items():

@@ -89,7 +89,7 @@ class NgramProposer:
     """
 
     def __init__(self, prompt_ids: Sequence[int], min_n: int, max_n: int,
-                 table: SharedNgramTable | None = None) -> None:  # fmt: skip
+                 table: SharedNgramTable | None = None, greedy: bool = True) -> None:  # fmt: skip
         assert 0 < min_n <= max_n, (min_n, max_n)
         self.min_n = min_n
         self.max_n = max_n
@@ -98,7 +98,7 @@ class NgramProposer:
         self._sync(prompt_ids)
         self._prompt_len = len(prompt_ids)
         self.table = table
-        self.shared = SharedDrafts(table) if table is not None else None
+        self.shared = SharedDrafts(table, greedy) if table is not None else None
 
     def propose(self, context_ids: Sequence[int], k: int) -> Draft:
         context = self._sync(context_ids)
@@ -170,4 +170,4 @@ class NgramProposerFactory:
 
     def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> NgramProposer:
         # NOTE: sampling does not matter: drafts are deterministic, so q is one-hot for any p.
-        return NgramProposer(prompt_ids, self.config.min_n, self.config.max_n, self.table)
+        return NgramProposer(prompt_ids, self.config.min_n, self.config.max_n, self.table, sampling.greedy)

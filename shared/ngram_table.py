@@ -15,11 +15,13 @@ tokens emitted since it was issued, then issues the next fetch for the current c
 A fetch issued at round r is thus used at round r + 1 if it is there, or later while the
 emitted tokens follow its continuation.
 
-Contamination guard (`AcceptanceGuard`): per target, the measured per-token acceptance of
-the table's drafts (an exponential average) must stay at `min_acceptance` or above for its
-drafts to be used; below it, one lookup in `PROBE_EVERY` still drafts, so the measure
-recovers when the traffic changes. An unrelated workload can therefore cost a few probe
-rounds, never the request-only `ngram`'s own drafts (those always come first).
+Contamination guard (`AcceptanceGuard`): per target and sampling mode, the measured
+per-token acceptance of the table's drafts (an exponential average) must stay at
+`min_acceptance` or above for the table to be read; below it, one lookup in `PROBE_EVERY`
+still fetches and drafts, so the measure recovers when the traffic changes. An unrelated
+workload (or sampled decoding, whose draws rarely follow another request's output) thus
+costs a few probe rounds, never the request-only `ngram`'s own drafts (those always come
+first), and a closed guard costs no fetches.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ class SharedNgramTable:
         self.tokenizer_hash = tokenizer_hash
         self.target = target
         self.vocab_size = vocab_size
-        self.guard = AcceptanceGuard(config.min_acceptance)
+        # per sampling mode: greedy outputs repeat each other far more than sampled ones
+        self.guards = {True: AcceptanceGuard(config.min_acceptance), False: AcceptanceGuard(config.min_acceptance)}
 
     # ---------------------------------------------------------------- writes
 
@@ -145,8 +148,9 @@ def _log_failure(future: concurrent.futures.Future) -> None:
 class SharedDrafts:
     """One session's non-blocking use of the table (see the module docstring)."""
 
-    def __init__(self, table: SharedNgramTable) -> None:
+    def __init__(self, table: SharedNgramTable, greedy: bool = True) -> None:
         self.table = table
+        self.guard = table.guards[greedy]
         self._fetch: tuple[list[int], concurrent.futures.Future] | None = None  # (context then, future)
         self.last_draft_len = 0  # tokens of the last draft that came from the table
         self.num_hits = 0
@@ -187,9 +191,6 @@ class SharedDrafts:
                 if not out:
                     self.num_stale += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "stale").inc()
-                elif not self.table.guard.allows():
-                    out = []
-                    metrics.SHARED_NGRAM_FETCHES.labels(model, "guarded").inc()
                 else:
                     self.num_hits += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "hit").inc()
@@ -201,12 +202,16 @@ class SharedDrafts:
     def _issue(self, context: Sequence[int]) -> None:
         if self._skip:
             self._skip -= 1
-        elif len(context) >= self.table.config.min_n:
+        elif len(context) < self.table.config.min_n:
+            return
+        elif not self.guard.allows():
+            metrics.SHARED_NGRAM_FETCHES.labels(self.table.target, "guarded").inc()
+        else:
             self._fetch = (list(context), self.table.fetch(context))
 
     def update(self, num_accepted: int) -> None:
         if self.last_draft_len:
             accepted = min(num_accepted, self.last_draft_len)
-            self.table.guard.observe(self.last_draft_len, accepted)
+            self.guard.observe(self.last_draft_len, accepted)
             metrics.SHARED_NGRAM_TOKENS.labels(self.table.target, "accepted").inc(accepted)
             self.last_draft_len = 0

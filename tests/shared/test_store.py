@@ -150,3 +150,16 @@ def test_shared_drafts_never_wait_and_align_with_emitted_tokens(runner):
     drafts._fetch[1].result(5)
     assert drafts.draft([0, 1, 2, 3, 9], 3) == []  # emitted 9: the fetched [4, ...] is stale
     assert drafts.num_hits == 1 and drafts.num_stale == 1
+
+
+def test_the_guard_closes_on_low_acceptance_probes_and_reopens():
+    from shared.ngram_table import PROBE_EVERY, AcceptanceGuard
+
+    guard = AcceptanceGuard(min_acceptance=0.2)
+    assert guard.allows()
+    guard.observe(200, 0)  # nothing accepted
+    assert guard.rate < 0.2
+    allowed = [guard.allows() for _ in range(4 * PROBE_EVERY)]
+    assert sum(allowed) == 4  # one probe in PROBE_EVERY lookups
+    guard.observe(200, 200)  # the traffic changed: everything accepted
+    assert guard.allows()

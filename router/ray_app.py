@@ -1,0 +1,128 @@
+"""The specdec Ray Serve application: `import_path: router.ray_app:build_app`.
+
+    router (ingress: OpenAI HTTP through Serve's HTTP proxy, public gRPC on its own server)
+      └─ handle, streaming ─> verifier-<target>  (one deployment per target; autoscaled on
+                                                  ongoing requests)
+                                └─ gRPC Draft stream ─> drafter-pool (address by handle)
+
+The deployments run the same servicers as `specdec serve`'s processes:
+`router.server.Router` (validation, placement, admission, relay), `VerifierServicer` (step
+loop, batching, queue) and the drafter pool. Only the verifier hop changes: the router
+reaches each target's verifier deployment through a Serve handle
+(`router.handles.HandleStub`), so Serve's autoscaler sees every ongoing request and spreads
+requests over the deployment's replicas.
+
+Public gRPC: the router replica runs its own `GenerationService` server (health,
+reflection, server streaming: `grpcurl` and the `specdec` CLI work unchanged) on
+`router_port`. NOTE: not Serve's gRPC proxy: in the installed Ray (2.60) the proxy routes
+by application metadata, needs the servicer compiled into every proxy, and serves neither
+our health service nor reflection, so `grpcurl -plaintext host:port list` and health checks
+would break. Keep the router at one replica per node that exposes the port.
+
+`max_ongoing_requests` of a verifier deployment = its batch rows + queue
+(`TargetConfig.replica_capacity`); its replicas need the target's custom resources
+(`ray.target_resources`), so they land only on nodes that have the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "specdec"
+# NOTE: no per-call access log: the router polls each verifier's load every 2 s
+_QUIET = {"enable_access_log": False}
+
+
+class RouterIngress:
+    async def __init__(self, config: dict, verifiers: dict) -> None:  # type: ignore[misc]
+        import asyncio
+
+        from router.handles import HandleStub
+        from router.server import Router, start_grpc_server
+        from shared.config import SpecdecConfig
+
+        cfg = SpecdecConfig.model_validate(config)
+        self.router = await asyncio.get_running_loop().run_in_executor(None, Router.from_config, cfg)
+        for target in cfg.targets:
+            autoscaling = cfg.ray.autoscaling.get(target.name)
+            num_replicas = autoscaling.max_replicas if autoscaling else target.replicas
+            await self.router.add_deployment(target.name, f"verifier-{target.name}", HandleStub(verifiers[target.name]),
+                                             target.replica_capacity * num_replicas)  # fmt: skip
+        self.router.start_polling()
+        self.grpc = await start_grpc_server(self.router, cfg.host, cfg.router_port)
+        await self.grpc.set_serving(True)
+        logger.info("specdec router on Ray: gRPC %s:%d", cfg.host, self.grpc.port)
+
+    def __serve_build_asgi_app__(self):
+        from router.http import create_app
+
+        return create_app(self.router)
+
+    def grpc_port(self) -> int:
+        return self.grpc.port
+
+    async def __del__(self) -> None:
+        self.router.draining = True
+        await self.grpc.set_serving(False)
+        await self.grpc.server.stop(5)
+        await self.router.close()
+
+
+def _env(num_threads: int | None) -> dict:
+    """One torch/OpenMP thread per replica unless the target says otherwise."""
+    return {"env_vars": {"OMP_NUM_THREADS": str(num_threads or 1)}}
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """The application for a Serve config or `serve.run`. args: `config` = a specdec YAML
+    path (default: the embedded demo), `config_dict` = the same as a dict (rendered
+    manifests inline it)."""
+    from ray import serve
+
+    from drafter_service.ray_deployment import DrafterPoolReplica
+    from shared.config import SpecdecConfig
+    from verifier_service.ray_deployment import VerifierReplica
+
+    args = args or {}
+    if args.get("config_dict"):
+        config = SpecdecConfig.model_validate(args["config_dict"])
+    else:
+        config = SpecdecConfig.load(args.get("config"))
+    ray_cfg = config.ray
+    as_dict = config.model_dump(mode="json")
+
+    drafter = None
+    if config.drafters:
+        drafter = serve.deployment(
+            DrafterPoolReplica, name="drafter-pool", num_replicas=ray_cfg.drafter_replicas,
+            ray_actor_options={"num_cpus": ray_cfg.drafter_num_cpus, "num_gpus": ray_cfg.drafter_num_gpus,
+                               "resources": ray_cfg.drafter_resources, "runtime_env": _env(None)},
+            logging_config=_QUIET,
+        ).bind(as_dict)  # fmt: skip
+    verifiers = {}
+    for target in config.targets:
+        autoscaling = ray_cfg.autoscaling.get(target.name)
+        scaling: dict[str, Any] = {"num_replicas": target.replicas}
+        if autoscaling is not None:
+            scaling = {"autoscaling_config": {
+                "min_replicas": autoscaling.min_replicas, "max_replicas": autoscaling.max_replicas,
+                "target_ongoing_requests": autoscaling.target_ongoing_requests,
+                "upscale_delay_s": 2.0, "downscale_delay_s": 60.0,
+            }}  # fmt: skip
+        verifiers[target.name] = serve.deployment(
+            VerifierReplica, name=f"verifier-{target.name}", max_ongoing_requests=target.replica_capacity,
+            ray_actor_options={"num_cpus": ray_cfg.verifier_num_cpus, "num_gpus": ray_cfg.verifier_num_gpus,
+                               "resources": ray_cfg.target_resources.get(target.name, {}),
+                               "runtime_env": _env(target.num_threads)},
+            health_check_period_s=5, logging_config=_QUIET, **scaling,
+        ).bind(as_dict, target.name, drafter)  # fmt: skip
+    router = serve.deployment(
+        serve.ingress()(RouterIngress), name="router", num_replicas=1,
+        max_ongoing_requests=sum(t.replica_capacity * t.replicas for t in config.targets) + 64,
+        ray_actor_options={"num_cpus": ray_cfg.router_num_cpus, "runtime_env": _env(None)},
+        logging_config=_QUIET,
+    )  # fmt: skip
+    return router.bind(as_dict, verifiers)
