@@ -44,6 +44,13 @@ class DrafterPoolReplica:
         """host:port of this replica's Draft stream."""
         return self._address
 
+    def placement(self) -> dict[str, str]:
+        """Where this replica runs (operators, tests): Ray node id and actor name."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "actor_name": context.get_actor_name()}
+
     def check_health(self) -> None:
         if self.servicer.pool is None:
             raise RuntimeError("the drafter pool is not loaded")

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     from router.serve import add_serve_arguments  # light: argparse only at import time
 
     add_serve_arguments(serve)
+    serve.add_argument("--ray", action="store_true",
+                       help="run as a Ray Serve application on a local Ray instance (or RAY_ADDRESS)")
     serve.add_argument("--redis", action="store_true",
                        help="share draft state through Redis: SPECDEC_REDIS_URL / store.redis_url, or "
                        "else a local redis-server (found on PATH) started for this run")  # fmt: skip

@@ -107,11 +107,7 @@ def build_app(args: dict[str, Any] | None = None):
         autoscaling = ray_cfg.autoscaling.get(target.name)
         scaling: dict[str, Any] = {"num_replicas": target.replicas}
         if autoscaling is not None:
-            scaling = {"autoscaling_config": {
-                "min_replicas": autoscaling.min_replicas, "max_replicas": autoscaling.max_replicas,
-                "target_ongoing_requests": autoscaling.target_ongoing_requests,
-                "upscale_delay_s": 2.0, "downscale_delay_s": 60.0,
-            }}  # fmt: skip
+            scaling = {"autoscaling_config": autoscaling.model_dump()}
         verifiers[target.name] = serve.deployment(
             VerifierReplica, name=f"verifier-{target.name}", max_ongoing_requests=target.replica_capacity,
             ray_actor_options={"num_cpus": ray_cfg.verifier_num_cpus, "num_gpus": ray_cfg.verifier_num_gpus,
@@ -126,3 +122,31 @@ def build_app(args: dict[str, Any] | None = None):
         logging_config=_QUIET,
     )  # fmt: skip
     return router.bind(as_dict, verifiers)
+
+
+def serve_on_ray(config_path: str | None, host: str, http_port: int, grpc_port: int) -> None:
+    """`specdec serve --ray`: the application on a local Ray instance (or the cluster in
+    RAY_ADDRESS) until SIGTERM/SIGINT; then Serve drains and shuts down."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from shared.config import SpecdecConfig
+    from shared.serving import announce_port
+
+    config = SpecdecConfig.load(config_path).model_copy(update={"router_port": grpc_port, "host": host})
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(http_options={"host": host, "port": http_port})
+    serve.run(build_app({"config_dict": config.model_dump(mode="json")}), name=APP_NAME, route_prefix="/")
+    bound = serve.get_deployment_handle("router", app_name=APP_NAME).grpc_port.remote().result()
+    announce_port(bound)
+    announce_port(http_port, "HTTP")
+    logger.info("specdec on Ray: gRPC %s:%d, HTTP %s:%d", host, bound, host, http_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()

@@ -411,6 +411,11 @@ def serve_main(args: argparse.Namespace) -> int:
                 # children inherit the URL through the environment
                 os.environ[REDIS_URL_ENV] = cleanup.enter_context(local_redis_server())
             logger.info("store: Redis at %s", redis_url(config.store))
+        if args.ray:
+            from router.ray_app import serve_on_ray
+
+            serve_on_ray(args.config, config.host, http_port or config.http_port, port)
+            return 0
         stack = ServeStack(config, args.config, grace_s=args.grace_period, state_file=args.state_file)
 
         async def main() -> None:

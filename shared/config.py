@@ -300,6 +300,10 @@ class AutoscalingConfig(_Frozen):
     target_ongoing_requests: float = Field(
         32.0, gt=0, description="Ongoing requests per replica Serve aims at (default: the batch rows)."
     )
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas and handles report load.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window the load is averaged over.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="Load above target this long adds replicas.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Load below target this long removes replicas.")
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:

@@ -77,6 +77,13 @@ class VerifierReplica:
         response = await self.servicer.GetLoad(verifier_pb2.GetLoadRequest(), None)
         return response.SerializeToString()
 
+    def placement(self) -> dict[str, str]:
+        """Where this replica runs (operators, tests): Ray node id and actor name."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "actor_name": context.get_actor_name()}
+
     def check_health(self) -> None:
         if not self.servicer.ready:
             raise RuntimeError("the verifier is not loaded")

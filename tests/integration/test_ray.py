@@ -1,0 +1,151 @@
+"""The Ray Serve application (`router.ray_app`) on a real, simulated three-node Ray cluster
+(`ray.cluster_utils.Cluster`; fractional CPUs, small object stores, the proxy on the head
+only): each target's verifier replicas land on the node that has its custom resource, the
+drafter pool on its own; greedy output through Serve's HTTP proxy and the router's gRPC is
+HF `generate`'s for every method; a killed verifier replica is replaced and requests
+succeed again; a burst scales a target from one replica to two."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.exactness import compare_greedy, humaneval_prompts, load_reference_model
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+APP = "specdec"
+M, S = "codelm-target-m", "codelm-target-s"
+MAX_NEW = 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app():
+    from ray.cluster_utils import Cluster
+
+    from router.ray_app import build_app
+    from shared.config import AutoscalingConfig, default_config
+
+    store = 80 * 1024**2
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": store,
+                                                            "include_dashboard": False})  # fmt: skip
+    node_m = cluster.add_node(num_cpus=2, resources={"weights-m": 1, "drafters": 1}, object_store_memory=store)
+    node_s = cluster.add_node(num_cpus=2, resources={"weights-s": 1}, object_store_memory=store)
+    ray.init(address=cluster.address, logging_level="WARNING")
+    http_port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly")
+    base = default_config(router_port=0)
+    ray_cfg = base.ray.model_copy(update={
+        "router_num_cpus": 0.25, "drafter_num_cpus": 0.5, "verifier_num_cpus": 0.5,
+        "target_resources": {M: {"weights-m": 0.1}, S: {"weights-s": 0.1}}, "drafter_resources": {"drafters": 0.1},
+        "autoscaling": {S: AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2,
+                                             metrics_interval_s=0.5, look_back_period_s=2, upscale_delay_s=1)},
+    })  # fmt: skip
+    config = base.model_copy(update={"ray": ray_cfg})
+    serve.run(build_app({"config_dict": config.model_dump(mode="json")}), name=APP, route_prefix="/")
+    grpc_port = serve.get_deployment_handle("router", app_name=APP).grpc_port.remote().result()
+    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}",
+           "nodes": {M: node_m.node_id, S: node_s.node_id, "drafters": node_m.node_id}}  # fmt: skip
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _placement(deployment: str) -> dict[str, str]:
+    """A replica's node and actor name (the deployments here run one replica each)."""
+    return serve.get_deployment_handle(deployment, app_name=APP).placement.remote().result()
+
+
+def _complete(base: str, prompt: list[int], method: str, max_tokens: int = MAX_NEW) -> list[int]:
+    body = {"model": S if method == "_s" else M, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "method": method}  # fmt: skip
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["specdec"]["token_ids"]
+
+
+@pytest.mark.slow
+def test_replicas_land_on_the_nodes_with_their_resources(app):
+    for deployment, node in ((f"verifier-{M}", app["nodes"][M]), (f"verifier-{S}", app["nodes"][S]),
+                             ("drafter-pool", app["nodes"]["drafters"])):  # fmt: skip
+        assert _placement(deployment)["node_id"] == node, deployment
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "ngram", "sorted", "card"])
+def test_greedy_through_serve_http_and_grpc_equals_hf(app, method):
+    from router.client import SpecdecClient
+
+    _, tokenizer = load_reference_model(M)
+    prompt = tokenizer(humaneval_prompts(1, offset=4)[0]).input_ids
+    body = {"model": M, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0, "method": method}
+    r = httpx.post(f"{app['http']}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert compare_greedy(M, prompt, r.json()["specdec"]["token_ids"], MAX_NEW).ok
+    with SpecdecClient(app["grpc"]) as client:
+        done = client.generate(S, prompt, max_new_tokens=MAX_NEW, method=method)
+    assert compare_greedy(S, prompt, done.token_ids, MAX_NEW).ok
+
+
+@pytest.mark.slow
+def test_a_killed_verifier_replica_is_replaced(app):
+    victim = _placement(f"verifier-{M}")["actor_name"]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    _, tokenizer = load_reference_model(M)
+    prompt = tokenizer("def add(a, b):").input_ids
+    deadline = time.monotonic() + 180
+    while True:  # requests fail while no replica runs; succeed once Serve has replaced it
+        body = {"model": M, "prompt": prompt, "max_tokens": 16, "temperature": 0, "method": "ngram"}
+        r = httpx.post(f"{app['http']}/v1/completions", json=body, timeout=120)
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, f"no replacement replica: {r.status_code} {r.text}"
+        time.sleep(1.0)
+    assert compare_greedy(M, prompt, r.json()["specdec"]["token_ids"], 16).ok
+    assert _placement(f"verifier-{M}")["actor_name"] != victim
+
+
+@pytest.mark.slow
+def test_a_burst_scales_a_target_to_two_replicas(app):
+    """Serve decides on the load it sees (its status says so), the second replica starts,
+    and both replicas then serve (asserted on Serve's status and on which replicas answer,
+    not on timing)."""
+    _, tokenizer = load_reference_model(S)
+    prompts = [tokenizer(p).input_ids for p in humaneval_prompts(12)]
+    body = lambda p: {"model": S, "prompt": p, "max_tokens": 128, "temperature": 0, "method": "none"}  # noqa: E731
+    deployment = f"verifier-{S}"
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        wanted = 1
+        for _ in range(5):  # bursts until Serve wants a second replica
+            futures = [pool.submit(httpx.post, f"{app['http']}/v1/completions", json=body(p), timeout=300) for p in prompts]
+            while not all(f.done() for f in futures):
+                wanted = max(wanted, sum(_states(deployment).values()))
+                time.sleep(0.3)
+            assert all(f.result().status_code == 200 for f in futures)
+            if wanted >= 2:
+                break
+        assert wanted == 2, "Serve never asked for a second replica"
+        deadline = time.monotonic() + 180
+        while _states(deployment).get("RUNNING", 0) < 2:
+            assert time.monotonic() < deadline, _states(deployment)
+            time.sleep(1.0)
+        futures = [pool.submit(httpx.post, f"{app['http']}/v1/completions", json=body(p), timeout=300) for p in prompts]
+        assert all(f.result().status_code == 200 for f in futures)
+    handle = serve.get_deployment_handle(deployment, app_name=APP)
+    answered = {handle.placement.remote().result()["actor_name"] for _ in range(30)}
+    assert len(answered) == 2, answered
+
+
+def _states(deployment: str) -> dict[str, int]:
+    return dict(serve.status().applications[APP].deployments[deployment].replica_states)
