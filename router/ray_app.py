@@ -118,7 +118,8 @@ def build_app(args: dict[str, Any] | None = None):
     router = serve.deployment(
         serve.ingress()(RouterIngress), name="router", num_replicas=1,
         max_ongoing_requests=sum(t.replica_capacity * t.replicas for t in config.targets) + 64,
-        ray_actor_options={"num_cpus": ray_cfg.router_num_cpus, "runtime_env": _env(None)},
+        ray_actor_options={"num_cpus": ray_cfg.router_num_cpus, "resources": ray_cfg.router_resources,
+                           "runtime_env": _env(None)},
         logging_config=_QUIET,
     )  # fmt: skip
     return router.bind(as_dict, verifiers)

@@ -316,6 +316,10 @@ class RayConfig(_Frozen):
     """The Ray Serve application (`router.ray_app`): resources and scaling per deployment."""
 
     router_num_cpus: float = Field(0.5, ge=0, description="Per router (ingress) replica.")
+    router_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources the router needs (KubeRay: the head, where "
+        "the gRPC Service points).",
+    )  # fmt: skip
     drafter_num_cpus: float = Field(1.0, ge=0, description="Per drafter-pool replica.")
     drafter_num_gpus: float = Field(0.0, ge=0)
     drafter_replicas: int = Field(1, gt=0)
