@@ -260,6 +260,10 @@ class SharedNgramConfig(_Frozen):
     enabled: bool = Field(True, description="Learn from outputs and draft from the table when the "
                           "request's own context has no match.")  # fmt: skip
     learn_prompts: bool = Field(False, description="Learn from prompts too (they are users' data).")
+    sampled: bool = Field(
+        False, description="Sampled requests draft from the table too. Off: measured, their draws follow "
+        "another request's output too rarely to pay for the lookups (bench.shared_ngram); they still teach it.",
+    )  # fmt: skip
     min_n: int = Field(2, gt=0, description="Shortest context (tokens) the table keys on.")
     max_n: int = Field(4, gt=0, description="Longest context (tried first).")
     continuation_len: int = Field(8, gt=0, le=64, description="Tokens stored per continuation.")

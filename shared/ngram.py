@@ -98,7 +98,8 @@ class NgramProposer:
         self._sync(prompt_ids)
         self._prompt_len = len(prompt_ids)
         self.table = table
-        self.shared = SharedDrafts(table, greedy) if table is not None else None
+        reads = table is not None and (greedy or table.config.sampled)
+        self.shared = SharedDrafts(table, greedy) if reads else None  # every session teaches it
 
     def propose(self, context_ids: Sequence[int], k: int) -> Draft:
         context = self._sync(context_ids)
