@@ -27,6 +27,8 @@ would break. Keep the router at one replica per node that exposes the port.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -125,6 +127,15 @@ def build_app(args: dict[str, Any] | None = None):
     return router.bind(as_dict, verifiers)
 
 
+def cpus_needed(config) -> float:
+    """Ray CPUs the application asks for at its largest (autoscaling at max replicas)."""
+    ray_cfg = config.ray
+    verifiers = sum(ray_cfg.autoscaling[t.name].max_replicas if t.name in ray_cfg.autoscaling else t.replicas
+                    for t in config.targets)  # fmt: skip
+    drafters = ray_cfg.drafter_replicas if config.drafters else 0
+    return ray_cfg.router_num_cpus + drafters * ray_cfg.drafter_num_cpus + verifiers * ray_cfg.verifier_num_cpus
+
+
 def serve_on_ray(config_path: str | None, host: str, http_port: int, grpc_port: int) -> None:
     """`specdec serve --ray`: the application on a local Ray instance (or the cluster in
     RAY_ADDRESS) until SIGTERM/SIGINT; then Serve drains and shuts down."""
@@ -138,7 +149,13 @@ def serve_on_ray(config_path: str | None, host: str, http_port: int, grpc_port: 
     from shared.serving import announce_port
 
     config = SpecdecConfig.load(config_path).model_copy(update={"router_port": grpc_port, "host": host})
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)  # an existing cluster
+    else:
+        # NOTE: one machine: every replica must fit, however few cores it has (Ray's CPUs
+        # are logical; the replicas' threads are set per process, as in `specdec serve`)
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed(config))), include_dashboard=False,
+                 logging_level=logging.WARNING)  # fmt: skip
     serve.start(http_options={"host": host, "port": http_port})
     serve.run(build_app({"config_dict": config.model_dump(mode="json")}), name=APP_NAME, route_prefix="/")
     bound = serve.get_deployment_handle("router", app_name=APP_NAME).grpc_port.remote().result()
