@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 logger = logging.getLogger(__name__)
 
 _END = object()
+FOLLOW_DRAFTER_S = 2.0
 
 
 class _Aborted(Exception):
@@ -38,6 +39,16 @@ class _StreamContext:
         raise _Aborted
 
 
+def _reachable(channel, timeout_s: float = 1.0) -> bool:
+    import grpc
+
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+
+
 class VerifierReplica:
     async def __init__(self, config: dict, target: str, drafter=None) -> None:  # type: ignore[misc]
         from shared.config import SpecdecConfig
@@ -48,7 +59,28 @@ class VerifierReplica:
         self.servicer = VerifierServicer(cfg, target, drafter_address=address)
         self.servicer.store.check()  # down = degraded; wrong credentials raise: the replica fails to start
         await asyncio.get_running_loop().run_in_executor(None, self.servicer.load)
+        self._follower = asyncio.get_running_loop().create_task(self._follow(drafter)) if drafter else None
         logger.info("verifier replica of %r ready (drafter %s)", target, address or "none")
+
+    async def _follow(self, drafter) -> None:
+        """Serve restarts a dead drafter-pool replica elsewhere, on another port: ask the
+        deployment for its address every few seconds and reconnect when it changed (until
+        then, model methods run with k = 0)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(FOLLOW_DRAFTER_S)
+            # NOTE: only a pool we cannot reach is replaced: with several pool replicas the
+            # handle answers with any one of them, and a working stream stays where it is
+            if await loop.run_in_executor(None, _reachable, self.servicer.drafter_channel):
+                continue
+            try:
+                address = await asyncio.wait_for(drafter.address.remote(), FOLLOW_DRAFTER_S)
+            except Exception as e:  # noqa: BLE001 - no replica yet: ask again later
+                logger.debug("drafter pool address: %s", e)
+                continue
+            if address != self.servicer.drafter_address:
+                logger.info("drafter pool moved to %s: reconnecting", address)
+                self.servicer.connect_drafter(address)
 
     async def generate(self, request: bytes) -> AsyncIterator[bytes | tuple]:
         from shared.pb.specdec.v1 import verifier_pb2

@@ -155,26 +155,38 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                                      spec_loop.engine.vocab_size)  # fmt: skip
             self.ngram = NgramProposerFactory(self.config.ngram, table)
         if self.drafter_address:
-            self._channel = make_channel(self.drafter_address, internal_channel_credentials(self.config.tls))
-            # every drafter kind as its own method, and the run-ahead methods over the pool's default
-            methods = sorted({d.kind for d in self.config.drafters}) + list(RUN_AHEAD_METHODS)
-            speculation = self.config.speculation_for(self.target.name).methods
-            for method in methods:
-                self.remote[method] = RemoteProposerFactory(
-                    self.drafter_address,
-                    self.target.name,
-                    tokenizer_hash,
-                    method,
-                    drafter=speculation[method].drafter if method in speculation else "",
-                    timeout_s=self.config.speculation.draft_timeout_s,
-                    run_ahead_wait_s=self.config.speculation.run_ahead_wait_s,
-                    channel=self._channel,
-                )
+            self.connect_drafter(self.drafter_address)
         self.max_batch_rows = spec_loop.engine.max_batch_rows
         spec_loop.target = self.target.name  # its metrics' label
         self.spec_loop = spec_loop
         self.scheduler = Scheduler(spec_loop, max_queued_requests=self.max_queued_requests,
                                    queue_timeout_s=self.target.queue_timeout_s)  # fmt: skip
+
+    def connect_drafter(self, address: str) -> None:
+        """Draft through the pool at `address` from now on (at attach; on Ray, again when
+        Serve replaced the pool's replica and its address changed). Running requests keep
+        their sessions: a dead pool's streams have failed over to k = 0 already."""
+        old = self._channel
+        self.drafter_address = address
+        self._channel = make_channel(address, internal_channel_credentials(self.config.tls))
+        # every drafter kind as its own method, and the run-ahead methods over the pool's default
+        methods = sorted({d.kind for d in self.config.drafters}) + list(RUN_AHEAD_METHODS)
+        speculation = self.config.speculation_for(self.target.name).methods
+        self.remote = {
+            method: RemoteProposerFactory(
+                address, self.target.name, self.tokenizer_hash, method,
+                drafter=speculation[method].drafter if method in speculation else "",
+                timeout_s=self.config.speculation.draft_timeout_s,
+                run_ahead_wait_s=self.config.speculation.run_ahead_wait_s, channel=self._channel,
+            )
+            for method in methods
+        }  # fmt: skip
+        if old is not None:
+            old.close()
+
+    @property
+    def drafter_channel(self) -> grpc.Channel | None:
+        return self._channel
 
     @property
     def ready(self) -> bool:

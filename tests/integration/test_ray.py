@@ -149,3 +149,27 @@ def test_a_burst_scales_a_target_to_two_replicas(app):
 
 def _states(deployment: str) -> dict[str, int]:
     return dict(serve.status().applications[APP].deployments[deployment].replica_states)
+
+
+@pytest.mark.slow
+def test_a_killed_drafter_pool_costs_speculation_only_until_it_returns(app):
+    """Requests stay exact with k = 0 while the pool is gone; Serve restarts it elsewhere (a
+    new address) and the verifiers follow it, so drafting resumes."""
+    _, tokenizer = load_reference_model(M)
+    prompt = tokenizer(humaneval_prompts(1, offset=9)[0]).input_ids
+    old = _placement("drafter-pool")["actor_name"]
+    ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
+    body = {"model": M, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0, "method": "draft_model"}
+    r = httpx.post(f"{app['http']}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert compare_greedy(M, prompt, r.json()["specdec"]["token_ids"], MAX_NEW).ok
+    deadline = time.monotonic() + 180
+    while True:  # until a request drafts again through the replacement pool
+        r = httpx.post(f"{app['http']}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert compare_greedy(M, prompt, r.json()["specdec"]["token_ids"], MAX_NEW).ok
+        if int(r.json()["specdec"]["stats"].get("num_accepted_tokens", 0)) > 0:
+            break
+        assert time.monotonic() < deadline, "the verifiers never drafted through the restarted pool"
+        time.sleep(1.0)
+    assert _placement("drafter-pool")["actor_name"] != old
