@@ -155,8 +155,9 @@ class SharedDrafts:
         self.last_draft_len = 0  # tokens of the last draft that came from the table
         self.num_hits = 0
         self.num_stale = 0
-        # NOTE: after empty answers in a row, fetch only every 2, 4, then 8 lookups: a table
-        # with nothing for this request costs a hash and a thread hop per round for nothing
+        # NOTE: after useless answers in a row (empty, or stale: no longer aligned), fetch
+        # only every 2, 4, then 8 lookups: a table with nothing for this request costs a
+        # hash and a thread hop per round for nothing
         self._empty_in_row = 0
         self._skip = 0
 
@@ -168,7 +169,12 @@ class SharedDrafts:
         out: list[int] = []
         model = self.table.target
         if not use:
-            if self._fetch is None or self._fetch[1].done():
+            if self._fetch is not None and self._fetch[1].done():
+                future = self._fetch[1]
+                if future.exception() is None and future.result() is None:
+                    self._back_off()  # the table has nothing here either
+                self._fetch = None
+            if self._fetch is None:
                 self._issue(context)
             return out
         if self._fetch is not None:
@@ -181,8 +187,7 @@ class SharedDrafts:
                 metrics.SHARED_NGRAM_FETCHES.labels(model, "failed").inc()
             elif (continuation := future.result()) is None:
                 metrics.SHARED_NGRAM_FETCHES.labels(model, "empty").inc()
-                self._empty_in_row += 1
-                self._skip = min(2**self._empty_in_row, MAX_SKIP) - 1
+                self._back_off()
             else:
                 self._empty_in_row = 0
                 emitted = list(context[len(then) :])
@@ -191,6 +196,7 @@ class SharedDrafts:
                 if not out:
                     self.num_stale += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "stale").inc()
+                    self._back_off()
                 else:
                     self.num_hits += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "hit").inc()
@@ -198,6 +204,10 @@ class SharedDrafts:
         self._issue(context)
         self.last_draft_len = len(out)
         return out
+
+    def _back_off(self) -> None:
+        self._empty_in_row += 1
+        self._skip = min(2**self._empty_in_row, MAX_SKIP) - 1
 
     def _issue(self, context: Sequence[int]) -> None:
         if self._skip:
