@@ -155,9 +155,9 @@ class SharedDrafts:
         self.last_draft_len = 0  # tokens of the last draft that came from the table
         self.num_hits = 0
         self.num_stale = 0
-        # NOTE: after useless answers in a row (empty, or stale: no longer aligned), fetch
-        # only every 2, 4, then 8 lookups: a table with nothing for this request costs a
-        # hash and a thread hop per round for nothing
+        # NOTE: after empty answers in a row, fetch only every 2, 4, then 8 lookups: a table
+        # with nothing for this request costs a hash and a thread hop per round for nothing.
+        # Not after stale ones: the table had something, and the next round may align
         self._empty_in_row = 0
         self._skip = 0
 
@@ -196,7 +196,6 @@ class SharedDrafts:
                 if not out:
                     self.num_stale += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "stale").inc()
-                    self._back_off()
                 else:
                     self.num_hits += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "hit").inc()
