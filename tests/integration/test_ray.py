@@ -8,6 +8,7 @@ succeed again; a burst scales a target from one replica to two."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import time
 
@@ -100,10 +101,24 @@ def test_greedy_through_serve_http_and_grpc_equals_hf(app, method):
 
 @pytest.mark.slow
 def test_a_killed_verifier_replica_is_replaced(app):
+    """Killed mid-stream: the in-flight stream ends with a clear in-band error (it already
+    streamed tokens, so it cannot move); Serve replaces the replica and new requests succeed."""
     victim = _placement(f"verifier-{M}")["actor_name"]
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     _, tokenizer = load_reference_model(M)
     prompt = tokenizer("def add(a, b):").input_ids
+    body = {"model": M, "prompt": prompt, "max_tokens": 400, "temperature": 0, "method": "none", "stream": True}
+    events = []
+    with httpx.stream("POST", f"{app['http']}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[len("data: ") :])
+            if len(events) == 1:  # streaming has started: kill the replica under it
+                ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "went away" in error["message"] or "failed" in error["message"], error
     deadline = time.monotonic() + 180
     while True:  # requests fail while no replica runs; succeed once Serve has replaced it
         body = {"model": M, "prompt": prompt, "max_tokens": 16, "temperature": 0, "method": "ngram"}
