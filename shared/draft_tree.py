@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from shared.run_ahead import extends
+
 
 def depths_of(parents: Sequence[int]) -> list[int]:
     """Depth of each node (1 = a child of the root); parents precede their children."""
@@ -85,12 +87,13 @@ class RunAheadTree:
     def commit(self, context: Sequence[int]) -> bool:
         """Prune to an accepted context: keep what lies beyond it when the line extends it
         (the target's bonus token was the line's own), else restart at the context. True
-        when kept. A context only grows, so commits applied in turn equal the last alone."""
-        n = len(context)
-        kept = len(self.line) >= n and self.line[:n] == list(context)
-        if not kept:
-            self.reset(list(context))
+        when kept. A context only grows, so commits applied in turn equal the last alone.
+        The line follows `shared.run_ahead`'s commit rule, as the drafter's does."""
+        context = list(context)
+        if not extends(self.line, context):
+            self.reset(context)
             return False
+        n = len(context)
         for table in (self.line_probs, self.alternatives):
             for p in [p for p in table if p < n]:
                 del table[p]

@@ -24,13 +24,16 @@ verifier's policy steps `card` aside under load).
 from __future__ import annotations
 
 
+def extends(line: list[int], context: list[int]) -> bool:
+    """Whether the line begins with the whole context (the commit rule's test)."""
+    n = len(context)
+    return len(line) >= n and line[:n] == context
+
+
 def reconcile(line: list[int], context: list[int]) -> list[int]:
     """The line after a commit of `context`: kept when it extends the context, else the
     context itself (a new list; neither argument is modified)."""
-    n = len(context)
-    if len(line) >= n and line[:n] == context:
-        return list(line)
-    return list(context)
+    return list(line) if extends(line, context) else list(context)
 
 
 # Runner-up children kept beside each line token (the drafter's tree, `shared.draft_tree`):

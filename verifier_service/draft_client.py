@@ -39,6 +39,7 @@ import tenacity
 
 from shared import tls
 from shared.draft_tree import RunAheadTree, is_chain
+from shared.run_ahead import extends
 from shared.errors import status_from_int
 from shared.methods import RUN_AHEAD_METHODS
 from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
@@ -459,7 +460,7 @@ class RunAheadProposer(RemoteProposer):
                 return
             if len(context) > self._committed_len:
                 self.num_commits += 1
-                kept = self._tree.line[: len(context)] == context
+                kept = extends(self._tree.line, context)
                 self.num_line_kept += kept
                 self.num_alternative_commits += not kept and self._took_alternative(context)
             self._send_commit(context, max(k, 0))
