@@ -49,10 +49,8 @@ class RouterIngress:
         cfg = SpecdecConfig.model_validate(config)
         self.router = await asyncio.get_running_loop().run_in_executor(None, Router.from_config, cfg)
         for target in cfg.targets:
-            autoscaling = cfg.ray.autoscaling.get(target.name)
-            num_replicas = autoscaling.max_replicas if autoscaling else target.replicas
             await self.router.add_deployment(target.name, f"verifier-{target.name}", HandleStub(verifiers[target.name]),
-                                             target.replica_capacity * num_replicas)  # fmt: skip
+                                             target.replica_capacity * most_replicas(cfg, target))  # fmt: skip
         self.router.start_polling()
         self.grpc = await start_grpc_server(self.router, cfg.host, cfg.router_port)
         await self.grpc.set_serving(True)
@@ -127,11 +125,16 @@ def build_app(args: dict[str, Any] | None = None):
     return router.bind(as_dict, verifiers)
 
 
+def most_replicas(config, target) -> int:
+    """A target's verifier replicas at most: autoscaling's max, else its fixed count."""
+    autoscaling = config.ray.autoscaling.get(target.name)
+    return autoscaling.max_replicas if autoscaling else target.replicas
+
+
 def cpus_needed(config) -> float:
     """Ray CPUs the application asks for at its largest (autoscaling at max replicas)."""
     ray_cfg = config.ray
-    verifiers = sum(ray_cfg.autoscaling[t.name].max_replicas if t.name in ray_cfg.autoscaling else t.replicas
-                    for t in config.targets)  # fmt: skip
+    verifiers = sum(most_replicas(config, t) for t in config.targets)
     drafters = ray_cfg.drafter_replicas if config.drafters else 0
     return ray_cfg.router_num_cpus + drafters * ray_cfg.drafter_num_cpus + verifiers * ray_cfg.verifier_num_cpus
 
