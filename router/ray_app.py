@@ -117,7 +117,7 @@ def build_app(args: dict[str, Any] | None = None):
         ).bind(as_dict, target.name, drafter)  # fmt: skip
     router = serve.deployment(
         serve.ingress()(RouterIngress), name="router", num_replicas=1,
-        max_ongoing_requests=sum(t.replica_capacity * t.replicas for t in config.targets) + 64,
+        max_ongoing_requests=sum(t.replica_capacity * most_replicas(config, t) for t in config.targets) + 64,
         ray_actor_options={"num_cpus": ray_cfg.router_num_cpus, "resources": ray_cfg.router_resources,
                            "runtime_env": _env(None)},
         logging_config=_QUIET,
