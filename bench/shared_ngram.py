@@ -22,16 +22,14 @@ Store calls awaited inside a round: 0 by construction (reads are futures polled 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 
 import torch
 
 from bench.common import environment, humaneval_prompts_that_fit, write_results
+from router.serve import local_redis_server
 from shared.config import default_config
 from shared.loading import tokenizer_hash
 from shared.ngram import NgramProposerFactory
@@ -56,18 +54,6 @@ def mt_bench_prompts(tokenizer, n: int, max_new: int) -> list[list[int]]:
     return out
 
 
-def _start_redis() -> tuple[subprocess.Popen, str]:
-    if shutil.which("redis-server") is None:
-        raise SystemExit("--stores redis needs redis-server on PATH (or --redis-url)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tempfile.mkdtemp(),
-                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
-    time.sleep(0.5)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
 def _redis_memory(url: str) -> int:
     import redis
 
@@ -90,11 +76,11 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     config = default_config()
     speculation = config.speculation.model_copy(update={"load_aware": False})  # the rule's fixed k
-    redis_proc, redis_url = (None, args.redis_url)
-    if "redis" in args.stores and not redis_url:
-        redis_proc, redis_url = _start_redis()
     results: dict = {}
-    try:
+    with contextlib.ExitStack() as cleanup:
+        redis_url = args.redis_url
+        if "redis" in args.stores and not redis_url:
+            redis_url = cleanup.enter_context(local_redis_server())  # what `specdec serve --redis` starts
         for target in args.targets:
             engine, tokenizer = load_target(config.target(target), max_batch_rows=1)
             loop = SpecDecodeLoop(engine, tokenizer, RulePolicy(speculation))
@@ -151,9 +137,6 @@ def run(args) -> dict:
                         s, r = rows["shared"], rows["request-only"]
                         print(f"[{key}] tokens/forward {s['tokens_per_forward'] / r['tokens_per_forward']:.3f}x "
                               f"tok/s {s['tok_s'] / r['tok_s']:.3f}x hits {s['table_hits']}", flush=True)  # fmt: skip
-    finally:
-        if redis_proc is not None:
-            redis_proc.kill()
     return results
 
 

@@ -11,11 +11,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from router.serve import free_port
 
 
 class RedisServer:
@@ -23,7 +19,7 @@ class RedisServer:
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not on PATH (.ci/run installs it)")
         self.directory, self.password = directory, password
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.start()
 

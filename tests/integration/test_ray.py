@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import time
 
 import httpx
 import pytest
 
+from router.serve import free_port
 from tests.exactness import compare_greedy, humaneval_prompts, load_reference_model
 
 ray = pytest.importorskip("ray")
@@ -23,12 +23,6 @@ serve = pytest.importorskip("ray.serve")
 APP = "specdec"
 M, S = "codelm-target-m", "codelm-target-s"
 MAX_NEW = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def app():
     node_m = cluster.add_node(num_cpus=2, resources={"weights-m": 1, "drafters": 1}, object_store_memory=store)
     node_s = cluster.add_node(num_cpus=2, resources={"weights-s": 1}, object_store_memory=store)
     ray.init(address=cluster.address, logging_level="WARNING")
-    http_port = _free_port()
+    http_port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly")
     base = default_config(router_port=0)
     ray_cfg = base.ray.model_copy(update={
@@ -138,7 +132,7 @@ def test_a_burst_scales_a_target_to_two_replicas(app):
     not on timing)."""
     _, tokenizer = load_reference_model(S)
     prompts = [tokenizer(p).input_ids for p in humaneval_prompts(12)]
-    body = lambda p: {"model": S, "prompt": p, "max_tokens": 128, "temperature": 0, "method": "none"}  # noqa: E731
+    body = lambda p: {"model": S, "prompt": p, "max_tokens": 128, "temperature": 0, "method": "none"}
     deployment = f"verifier-{S}"
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         wanted = 1
