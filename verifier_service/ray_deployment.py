@@ -15,6 +15,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from shared.errors import status_to_int
+
 logger = logging.getLogger(__name__)
 
 _END = object()
@@ -35,7 +37,7 @@ class _StreamContext:
         await self.items.put(message.SerializeToString())
 
     async def abort(self, code, details: str, trailing_metadata=()) -> None:
-        await self.items.put(("abort", code.value[0], details, tuple(trailing_metadata)))
+        await self.items.put(("abort", status_to_int(code), details, tuple(trailing_metadata)))
         raise _Aborted
 
 
