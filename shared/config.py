@@ -281,6 +281,19 @@ class SharedNgramConfig(_Frozen):
         return self
 
 
+class DraftCacheConfig(_Frozen):
+    """Repeated-prompt draft cache (`shared.draft_cache`): a greedy request's output stored
+    under its prompt's hash; the same prompt later drafts from it first."""
+
+    enabled: bool = Field(False, description="Store greedy outputs under their prompt's hash and draft "
+                          "from them. Off by default: it keeps users' outputs keyed by their prompts.")  # fmt: skip
+    sampled: bool = Field(False, description="Sampled requests draft from the cache too (they never write "
+                          "it: a sampled output is one draw).")  # fmt: skip
+    ttl_s: int = Field(24 * 3600, gt=0, description="An entry expires this long after it was written.")
+    max_tokens: int = Field(1024, gt=0, le=65536, description="Output tokens stored per prompt (the first ones).")
+    min_tokens: int = Field(4, gt=0, description="Shorter outputs are not stored (not worth a key).")
+
+
 class StoreConfig(_Frozen):
     """Shared draft state (`shared.store`): in-memory per process by default; Redis when a URL
     is given here or in SPECDEC_REDIS_URL (which wins)."""
@@ -294,6 +307,7 @@ class StoreConfig(_Frozen):
     breaker_cooldown_s: float = Field(2.0, gt=0, description="How long the open breaker fails calls fast.")
     memory_max_keys: int = Field(200_000, gt=0, description="In-memory store: keys kept (oldest write out).")
     shared_ngram: SharedNgramConfig = Field(default_factory=SharedNgramConfig, description="Shared n-gram table.")
+    draft_cache: DraftCacheConfig = Field(default_factory=DraftCacheConfig, description="Repeated-prompt draft cache.")
 
 
 class AutoscalingConfig(_Frozen):

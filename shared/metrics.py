@@ -207,6 +207,19 @@ SHARED_NGRAM_TOKENS = Counter(
     "specdec:shared_ngram_tokens", "Draft tokens from the shared n-gram table: drafted and accepted.",
     ["model", "outcome"],
 )
+DRAFT_CACHE_LOOKUPS = Counter(
+    "specdec:draft_cache_lookups",
+    "Draft cache lookups (one per request, by its prompt) by result: hit (an entry arrived), miss (none), "
+    "bad (a value that is not ours, ignored), failed (store down); and entries dropped mid-request: "
+    "divergent (the emitted tokens left the cached continuation).",
+    ["model", "result"],
+)
+DRAFT_CACHE_TOKENS = Counter(
+    "specdec:draft_cache_tokens", "Draft tokens from the draft cache: drafted and accepted.", ["model", "outcome"]
+)
+DRAFT_CACHE_WRITES = Counter(
+    "specdec:draft_cache_writes", "Greedy outputs queued for the draft cache (written or failed).", ["model", "outcome"]
+)
 
 
 def observe_request(model: str, method: str, stats: SpecStats) -> None:

@@ -18,6 +18,8 @@ parse as missing and counts it (`STORE_BAD_VALUES`).
 Sorted sets carry counted items (the n-gram table: member = a packed continuation, score =
 its count): `incr_counts` adds to scores, keeps each key's `keep_top` highest members and
 renews the key's TTL; `top` reads the best members of several keys at once.
+Plain values (`set_ex`, `get`) carry the registry's heartbeats and the draft cache's packed
+drafts; in memory they are bounded by `max_keys` too.
 
 Calls are coroutines. `StoreRunner` runs a store on its own event loop in a daemon thread,
 so the verifier's step thread submits work and never waits for it (DESIGN.md: the store
@@ -70,6 +72,8 @@ class Store(Protocol):
 
     async def set_ex(self, key: str, value: bytes, ttl_s: float) -> None: ...
 
+    async def get(self, key: str) -> bytes | None: ...
+
     async def delete(self, key: str) -> None: ...
 
     async def keys_with_prefix(self, prefix: str) -> list[str]: ...
@@ -86,7 +90,8 @@ class MemoryStore:
     def __init__(self, max_keys: int = 200_000) -> None:
         self.max_keys = max_keys
         self._sets: OrderedDict[str, tuple[float, dict[bytes, float]]] = OrderedDict()
-        self._values: dict[str, tuple[float, bytes]] = {}  # plain keys (the registry): expiry, value
+        # plain keys (the registry, the draft cache): expiry, value; least recently written first out
+        self._values: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
     async def ping(self) -> None:
         return None
@@ -123,7 +128,14 @@ class MemoryStore:
         return out
 
     async def set_ex(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._values.pop(key, None)
         self._values[key] = (time.monotonic() + ttl_s, value)
+        while len(self._values) > self.max_keys:
+            self._values.popitem(last=False)
+
+    async def get(self, key: str) -> bytes | None:
+        expiry, value = self._values.get(key, (0.0, None))
+        return value if expiry >= time.monotonic() else None
 
     async def delete(self, key: str) -> None:
         self._values.pop(key, None)
@@ -256,6 +268,19 @@ class RedisStore:
 
     async def set_ex(self, key: str, value: bytes, ttl_s: float) -> None:
         await self._call("set_ex", lambda: self.client.set(key, value, px=max(1, int(ttl_s * 1000))))
+
+    async def get(self, key: str) -> bytes | None:
+        from redis.exceptions import ResponseError
+
+        async def run() -> bytes | None:
+            try:
+                return await self.client.get(key)
+            except ResponseError as e:
+                if "WRONGTYPE" not in str(e):
+                    raise
+                return b""  # not a plain value, so not ours: b"" parses as nothing, the caller counts it
+
+        return await self._call("get", run)
 
     async def delete(self, key: str) -> None:
         await self._call("delete", lambda: self.client.delete(key))
