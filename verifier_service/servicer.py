@@ -30,6 +30,7 @@ from shared.errors import (
     FIELD_METADATA,
     status_to_int,
 )
+from shared.draft_cache import CachedProposerFactory, DraftCache
 from shared.methods import IN_PROCESS_METHODS, RUN_AHEAD_METHODS
 from shared.ngram import NgramProposerFactory
 from shared.ngram_table import SharedNgramTable
@@ -126,6 +127,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.tokenizer_hash = ""
         self.ngram = NgramProposerFactory(config.ngram)
         self.store = StoreRunner(make_store(config.store))  # shared draft state (`shared.store`)
+        self.draft_cache: DraftCache | None = None  # repeated prompts (`shared.draft_cache`), if enabled
         self._heartbeat: Heartbeat | None = None
         self.remote: dict[str, RemoteProposerFactory] = {}
         self._channel: grpc.Channel | None = None
@@ -154,6 +156,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             table = SharedNgramTable(self.store, shared_ngram, tokenizer_hash, self.target.name,
                                      spec_loop.engine.vocab_size)  # fmt: skip
             self.ngram = NgramProposerFactory(self.config.ngram, table)
+        if self.config.store.draft_cache.enabled:
+            self.draft_cache = DraftCache(self.store, self.config.store.draft_cache, self.target.name,
+                                          spec_loop.engine.vocab_size)  # fmt: skip
         if self.drafter_address:
             self.connect_drafter(self.drafter_address)
         self.max_batch_rows = spec_loop.engine.max_batch_rows
@@ -287,7 +292,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
         try:
             gen_request = self.build_request(request)
-            ticket = self.scheduler.submit(gen_request, self.proposer_factory(gen_request.method), sink)
+            factory = self.proposer_factory(gen_request.method)
+            if factory is not None and self.draft_cache is not None:
+                factory = CachedProposerFactory(factory, self.draft_cache)
+            ticket = self.scheduler.submit(gen_request, factory, sink)
         except SpecdecError as e:
             await _abort(context, e)
             return
@@ -318,6 +326,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     await context.write(result_to_proto(item))
                     finish = item.finish_reason.value
                     metrics.observe_request(self.target.name, request.method, item.stats)
+                    if self.draft_cache is not None:  # queued, never awaited
+                        self.draft_cache.record(request.prompt_ids, item.token_ids, request.sampling.greedy)
                     return
         except asyncio.CancelledError:
             logger.info("request %s cancelled", request.request_id or "-")
