@@ -207,6 +207,12 @@ SHARED_NGRAM_TOKENS = Counter(
     "specdec:shared_ngram_tokens", "Draft tokens from the shared n-gram table: drafted and accepted.",
     ["model", "outcome"],
 )
+POLICY_STATS = Counter(
+    "specdec:policy_stats",
+    "The policy's statistics in the store (verifier_service.policy_stats): arms seeded at start-up, "
+    "start-up reads failed (read_failed: a cold start), writes written and write_failed.",
+    ["model", "event"],
+)
 DRAFT_CACHE_LOOKUPS = Counter(
     "specdec:draft_cache_lookups",
     "Draft cache lookups (one per request, by its prompt) by result: hit (an entry arrived), miss (none), "

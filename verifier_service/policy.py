@@ -28,7 +28,7 @@ what a seeded request produces.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -98,6 +98,16 @@ class _Arms:
     regret_s: float = 0.0  # what probes cost beyond the better arm's pace
     steps_since_probe: int = 0
     probe_left: int = 0  # steps still to take in the current probe run
+    seeded: set[bool] = field(default_factory=set)  # arms whose goodput came from the store
+
+
+@dataclass(slots=True)
+class Tally:
+    """Measured steps of one arm (warm-up steps excluded), summed."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
 
 
 @dataclass(slots=True)
@@ -125,7 +135,12 @@ class LoadArms:
     A batch size seen for the first time starts from the next smaller measured one where
     drafting lost there: drafting pays less the fuller the batch, so it would lose here too,
     and trying it first (a warm-up and a measured step, each as slow as several plain
-    steps at a full batch) would cost more than the probes that confirm it."""
+    steps at a full batch) would cost more than the probes that confirm it.
+
+    A replica may start warm (`seed`, from other replicas' measurements in the store,
+    `verifier_service.policy_stats`): a seeded arm is not measured first, and the first
+    local measurement of it replaces the seed instead of being averaged with it. Measured
+    steps are also summed in `unpublished` for the store (`take_unpublished`)."""
 
     alpha: float = 0.2  # EMA weight of a new step
     probe_share: float = 0.02
@@ -133,6 +148,7 @@ class LoadArms:
     warmup_steps: int = 2
     arms: dict[ArmKey, _Arms] = field(default_factory=dict)
     drafting_run: int = 0  # drafting steps in a row, any key (0: the last step was plain)
+    unpublished: dict[tuple[ArmKey, bool], Tally] = field(default_factory=dict)  # (key, drafting)
 
     @staticmethod
     def bucket(num_rows: int) -> int:
@@ -179,9 +195,28 @@ class LoadArms:
             arms.regret_s += max(0.0, seconds - tokens / arms.goodput[not drafting])
         if drafting and self.drafting_run <= self.warmup_steps:
             return  # warming up: says nothing about drafting's pace
+        tally = self.unpublished.setdefault((key, drafting), Tally())
+        tally.tokens, tally.seconds, tally.steps = tally.tokens + tokens, tally.seconds + seconds, tally.steps + 1
         value = tokens / seconds
         old = arms.goodput.get(drafting)
+        if drafting in arms.seeded:  # another machine's or an earlier run's pace: ours wins at once
+            arms.seeded.discard(drafting)
+            old = None
         arms.goodput[drafting] = value if old is None else old + self.alpha * (value - old)
+
+    def seed(self, key: ArmKey, goodput: dict[bool, float]) -> int:
+        """Start `key`'s arms that have no measurement here from `goodput` (marked seeded);
+        the number of arms seeded."""
+        arms = self.arms.setdefault(key, _Arms())
+        fresh = {drafting: value for drafting, value in goodput.items() if drafting not in arms.goodput}
+        arms.goodput.update(fresh)
+        arms.seeded.update(fresh)
+        return len(fresh)
+
+    def take_unpublished(self) -> dict[tuple[ArmKey, bool], Tally]:
+        """The measured steps summed since the last call (the step thread's, or after it stopped)."""
+        out, self.unpublished = self.unpublished, {}
+        return out
 
 
 def plus_two_minus_one(k: int, num_draft: int, num_accepted: int, max_k: int) -> int:
@@ -215,6 +250,8 @@ class RulePolicy:
         self.config = config
         self.arms = LoadArms()
         self._step: tuple[ArmKey, bool, bool] | None = None  # (key, drafting, probe) planned
+        # called on the step thread after each observed step (`policy_stats` publishes from it)
+        self.after_observe: Callable[[], None] | None = None
 
     def start(self, request: GenerationRequest) -> RowState:
         max_k = self.config.max_speculative_tokens
@@ -253,6 +290,8 @@ class RulePolicy:
             tokens = sum(o.num_accepted_tokens + 1 for o in outcomes)
             self.arms.observe(*self._step, tokens=tokens, seconds=step.seconds)
             self._step = None
+            if self.after_observe is not None:
+                self.after_observe()
         for row, outcome in zip(rows, outcomes, strict=True):
             # NOTE: a round whose draft came back empty (a late or failed drafter, no
             # n-gram match) says nothing about acceptance: k stays

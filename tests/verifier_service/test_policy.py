@@ -238,3 +238,48 @@ def test_greedy_settings_are_bounded_and_one_level_deep():
     with pytest.raises(ValueError, match="its own when_greedy"):
         MethodSpeculation(num_speculative_tokens=3, when_greedy=MethodSpeculation(
             num_speculative_tokens=3, when_greedy=MethodSpeculation(num_speculative_tokens=3)))  # fmt: skip
+
+
+def test_seeded_arms_skip_their_first_measurement_and_yield_to_local_ones():
+    arms = LoadArms(min_probe_gap=2, warmup_steps=2)
+    key = (8, "card", True)
+    assert arms.seed(key, {True: 100.0, False: 400.0}) == 2  # another replica: drafting loses
+    assert arms.choose(key) == (False, False)  # plain at once: no warm-up, no measured drafting step
+    assert arms.arms[key].seeded == {True, False}
+    arms.observe(key, False, False, tokens=8, seconds=0.04)  # 200 tok/s here: replaces the seed
+    assert arms.arms[key].goodput[False] == 200.0 and arms.arms[key].seeded == {True}
+    # probes go on: drafting is tried again, and its first measured step replaces its seed
+    probed = []
+    for _ in range(8):
+        drafting, probe = arms.choose(key)
+        arms.observe(key, drafting, probe, tokens=40 if drafting else 8, seconds=0.04)  # drafting: 1000 tok/s
+        probed.append(drafting)
+    assert True in probed and arms.arms[key].seeded == set()
+    assert arms.arms[key].goodput[True] == 1000.0
+    assert arms.choose(key)[0] is True  # this machine drafts faster: noticed
+    # a seed never overwrites a local measurement
+    assert arms.seed(key, {True: 1.0, False: 1.0}) == 0 and arms.arms[key].goodput[True] == 1000.0
+
+
+def test_measured_steps_are_summed_for_the_store_and_warm_up_steps_are_not():
+    arms = LoadArms(warmup_steps=1)
+    key = (4, "ngram", False)
+    for drafting, tokens in ((True, 3), (True, 5), (True, 7), (False, 4)):
+        arms.choose(key)
+        arms.observe(key, drafting, False, tokens=tokens, seconds=0.5)
+    taken = arms.take_unpublished()
+    assert {k: (t.tokens, t.seconds, t.steps) for k, t in taken.items()} == {
+        (key, True): (12.0, 1.0, 2),  # the first drafting step warmed up
+        (key, False): (4.0, 0.5, 1),
+    }
+    assert arms.take_unpublished() == {}
+
+
+def test_after_observe_is_called_after_each_measured_step():
+    policy = RulePolicy(LOAD_AWARE)
+    calls = []
+    policy.after_observe = lambda: calls.append(len(policy.arms.unpublished))
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(4)]
+    for _ in range(3):
+        _step(policy, rows, tokens_per_row=2, seconds=0.01)
+    assert len(calls) == 3
