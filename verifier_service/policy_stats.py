@@ -52,7 +52,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TTL_S = 7 * 24 * 3600
 DEFAULT_PUBLISH_EVERY_S = 10.0
 DEFAULT_WAIT_S = 1.0
-MIN_STEPS = 2  # merged measured steps an arm needs to seed (one step is too noisy)
+# merged measured steps an arm needs to seed: one, as a cold LoadArms decides from its first
+# measured step too (a seed is never less informed than that; probes correct both)
+MIN_STEPS = 1
 MAX_BUCKET = 1 << 16
 FIELDS = ("t", "s", "n")
 # every bucket up to MAX_BUCKET, both arms, each field: more members than this is not ours

@@ -41,6 +41,7 @@ from shared.types import FinishReason, GenerationChunk, GenerationRequest, Gener
 from shared.validation import check_lengths, check_message_size, check_options, check_prompt_ids
 from shared.tls import internal_channel_credentials
 from verifier_service.draft_client import RemoteProposerFactory, make_channel
+from verifier_service.policy_stats import PolicyStats
 from verifier_service.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.store = StoreRunner(make_store(config.store))  # shared draft state (`shared.store`)
         self.draft_cache: DraftCache | None = None  # repeated prompts (`shared.draft_cache`), if enabled
         self._heartbeat: Heartbeat | None = None
+        self.policy_stats: PolicyStats | None = None  # the policy's arms in the store
         self.remote: dict[str, RemoteProposerFactory] = {}
         self._channel: grpc.Channel | None = None
 
@@ -163,6 +165,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             self.connect_drafter(self.drafter_address)
         self.max_batch_rows = spec_loop.engine.max_batch_rows
         spec_loop.target = self.target.name  # its metrics' label
+        # before the step loop starts (it owns the arms after): warm arms from other replicas
+        self.policy_stats = PolicyStats.attach(self.store, self.config, self.target.name, spec_loop.policy)
         self.spec_loop = spec_loop
         self.scheduler = Scheduler(spec_loop, max_queued_requests=self.max_queued_requests,
                                    queue_timeout_s=self.target.queue_timeout_s)  # fmt: skip
@@ -225,6 +229,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 logger.debug("registry: %s", e)
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.policy_stats is not None:  # after the step loop stopped: its last measurements
+            self.policy_stats.close()
         if self._channel is not None:
             self._channel.close()
         self.store.close()
