@@ -24,7 +24,7 @@ import time
 import torch
 
 from bench.common import environment, humaneval_prompts_that_fit, write_results
-from bench.shared_ngram import _noop, _run
+from bench.shared_ngram import _run
 from router.serve import local_redis_server
 from shared import metrics
 from shared.config import default_config
@@ -71,8 +71,9 @@ def run(args) -> dict:
                 totals = {name: {"tokens": 0, "steps": 0, "accepted": 0, "spec_rounds": 0, "time_s": 0.0} for name in ("off", "on")}
                 for prompt in prompts:
                     first, _, _ = _run(loop, plain, prompt, sampling, args.max_new_tokens)  # replica A
-                    writer.record(prompt, first.token_ids, greedy=True)
-                    runner_a.submit(_noop).result(30)  # A's write is in the store before B starts
+                    written = writer.record(prompt, first.token_ids, greedy=True)
+                    if written is not None:
+                        written.result(30)  # A's write is in the store before B starts
                     for name, factory in (("off", plain), ("on", cached)):  # replica B
                         result, dt, _ = _run(loop, factory, prompt, sampling, args.max_new_tokens)
                         # only a floating-point tie under another step shape may explain a difference

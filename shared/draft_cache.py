@@ -85,14 +85,16 @@ class DraftCache:
 
     # ---------------------------------------------------------------- writes
 
-    def record(self, prompt: Sequence[int], output: Sequence[int], greedy: bool) -> None:
-        """Queue a finished request's output; the store's thread writes it. Only greedy
-        outputs: a sampled one is one draw, a poor draft for the next."""
+    def record(self, prompt: Sequence[int], output: Sequence[int], greedy: bool) -> concurrent.futures.Future | None:
+        """Queue a finished request's output; the store's thread writes it (the future: for
+        tests and benchmarks; the verifier never waits for it). Only greedy outputs: a
+        sampled one is one draw, a poor draft for the next."""
         if not greedy or len(output) < self.config.min_tokens:
-            return
+            return None
         tokens = list(output[: self.config.max_tokens])
         future = self.runner.submit(self._write, draft_key(self.target, prompt), tokens)
         future.add_done_callback(self._written)
+        return future
 
     async def _write(self, key: str, tokens: list[int]) -> None:
         store = self.runner.store

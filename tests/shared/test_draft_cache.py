@@ -6,6 +6,7 @@ pipelined proposer."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -51,15 +52,6 @@ def _cache(runner, config=CONFIG) -> DraftCache:
     return DraftCache(runner, config, f"t{time.monotonic_ns()}", vocab_size=100)  # a fresh namespace
 
 
-def _flush(runner) -> None:
-    """(test only) wait until the writes queued so far have run on the store's loop."""
-
-    async def noop() -> None:
-        return None
-
-    runner.submit(noop).result(5)
-
-
 def _count(metric, *labels) -> float:
     return metric.labels(*labels)._value.get()
 
@@ -74,19 +66,15 @@ def test_key_and_packing():
 
 def test_greedy_outputs_are_written_bounded_and_never_shortened(runner):
     cache = _cache(runner)
-    cache.record(PROMPT, [1, 2, 3], greedy=False)  # a sampled draw: not stored
-    cache.record([9], [1], greedy=True)  # shorter than min_tokens
-    _flush(runner)
+    assert cache.record(PROMPT, [1, 2, 3], greedy=False) is None  # a sampled draw: not stored
+    assert cache.record([9], [1], greedy=True) is None  # shorter than min_tokens
     assert cache.fetch(PROMPT).result(5).result == "miss"
     assert cache.fetch([9]).result(5).result == "miss"
-    cache.record(PROMPT, list(range(20)), greedy=True)
-    _flush(runner)
+    cache.record(PROMPT, list(range(20)), greedy=True).result(5)
     assert cache.fetch(PROMPT).result(5).tokens == list(range(8))  # the first max_tokens
-    cache.record(PROMPT, [0, 1, 2], greedy=True)  # a shorter request with the same output
-    _flush(runner)
+    cache.record(PROMPT, [0, 1, 2], greedy=True).result(5)  # a shorter request with the same output
     assert cache.fetch(PROMPT).result(5).tokens == list(range(8))
-    cache.record(PROMPT, [0, 1, 9], greedy=True)  # a different output (a new model): replaces it
-    _flush(runner)
+    cache.record(PROMPT, [0, 1, 9], greedy=True).result(5)  # a different output (a new model): replaces it
     assert cache.fetch(PROMPT).result(5).tokens == [0, 1, 9]
 
 
@@ -102,8 +90,7 @@ def test_foreign_values_are_ignored_and_counted(runner):
         assert bad._value.get() == before + 1
         assert _count(metrics.DRAFT_CACHE_LOOKUPS, cache.target, "bad") == lookups + 1
     # a real output replaces the foreign value
-    cache.record(PROMPT, [1, 2, 3], greedy=True)
-    _flush(runner)
+    cache.record(PROMPT, [1, 2, 3], greedy=True).result(5)
     assert cache.fetch(PROMPT).result(5).tokens == [1, 2, 3]
 
 
@@ -122,8 +109,7 @@ def test_redis_wrong_type_under_the_key_is_a_bad_value(redis_server):
 
 def test_drafts_while_emitted_tokens_agree_then_drops_a_divergent_entry(runner):
     cache = _cache(runner)
-    cache.record(PROMPT, [10, 11, 12, 13, 14, 15], greedy=True)
-    _flush(runner)
+    cache.record(PROMPT, [10, 11, 12, 13, 14, 15], greedy=True).result(5)
     cached = CachedContinuation(cache, PROMPT)
     cached._future.result(5)  # (test only) let the answer arrive
     assert cached.draft(PROMPT, 3) == [10, 11, 12]
@@ -139,8 +125,7 @@ def test_drafts_while_emitted_tokens_agree_then_drops_a_divergent_entry(runner):
 
 def test_a_used_up_entry_is_dropped_without_counting_divergence(runner):
     cache = _cache(runner)
-    cache.record(PROMPT, [10, 11], greedy=True)
-    _flush(runner)
+    cache.record(PROMPT, [10, 11], greedy=True).result(5)
     cached = CachedContinuation(cache, PROMPT)
     cached._future.result(5)
     assert cached.draft(PROMPT + [10], 4) == [11]
@@ -151,22 +136,26 @@ def test_a_used_up_entry_is_dropped_without_counting_divergence(runner):
 
 
 def test_reads_never_wait():
-    class Never:  # a store that has not answered yet
+    class Slow:  # a store that answers after half a second
         name = "memory"
 
         async def get(self, key):
-            import asyncio
+            await asyncio.sleep(0.5)
+            return pack([1, 2])
 
-            await asyncio.sleep(3600)
+        async def close(self):
+            pass
 
-    runner = StoreRunner(Never())
+    runner = StoreRunner(Slow())
     try:
-        cached = CachedContinuation(DraftCache(runner, CONFIG, "t-never", 100), PROMPT)
+        cached = CachedContinuation(DraftCache(runner, CONFIG, "t-slow", 100), PROMPT)
         t = time.perf_counter()
-        assert cached.draft(PROMPT, 4) == []
+        assert cached.draft(PROMPT, 4) == []  # not there yet: the round goes on without it
         assert time.perf_counter() - t < 0.05
+        cached._future.result(5)
+        assert cached.draft(PROMPT, 4) == [1, 2]  # a later round uses it
     finally:
-        runner.loop.call_soon_threadsafe(runner.loop.stop)
+        runner.close()
 
 
 def test_ngram_drafts_from_the_cache_first_then_falls_back(runner):
@@ -174,8 +163,7 @@ def test_ngram_drafts_from_the_cache_first_then_falls_back(runner):
     factory = CachedProposerFactory(NgramProposerFactory(NgramConfig(min_n=1, max_n=2)), cache)
     assert factory.method == "ngram"
     prompt = [1, 2, 3, 1, 2]  # prompt lookup alone drafts [3, 1, 2]
-    cache.record(prompt, [7, 8, 9], greedy=True)
-    _flush(runner)
+    cache.record(prompt, [7, 8, 9], greedy=True).result(5)
     proposer = factory.new_session(prompt, SamplingParams())
     assert isinstance(proposer, CachedProposer)
     proposer.cached._future.result(5)
@@ -217,8 +205,7 @@ def test_pipelined_proposers_ask_the_drafter_for_nothing_while_the_cache_drafts(
             pass
 
     cache = _cache(runner)
-    cache.record(PROMPT, [20, 21], greedy=True)
-    _flush(runner)
+    cache.record(PROMPT, [20, 21], greedy=True).result(5)
     remote = Remote()
     proposer = CachedProposerFactory(remote, cache).new_session(PROMPT, SamplingParams())
     assert isinstance(proposer, CachedPipelinedProposer)
