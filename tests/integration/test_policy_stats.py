@@ -108,7 +108,7 @@ def test_replica_b_starts_with_the_arms_replica_a_measured(tmp_path):
         before = written._value.get()
     finally:
         a.close()  # writes what it measured since its last write
-    assert written._value.get() == before + 1
+    assert written._value.get() >= before + 1  # (a periodic write may still have been in flight)
     measured = {drafting for drafting in (True, False) if drafting in arms_a.arms[KEY].goodput}
     assert measured, "replica A measured nothing at a full batch"
 
