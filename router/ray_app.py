@@ -52,6 +52,7 @@ class RouterIngress:
             await self.router.add_deployment(target.name, f"verifier-{target.name}", HandleStub(verifiers[target.name]),
                                              target.replica_capacity * most_replicas(cfg, target))  # fmt: skip
         self.router.start_polling()
+        self.drain_timeout_s = cfg.ray.drain_timeout_s
         self.grpc = await start_grpc_server(self.router, cfg.host, cfg.router_port)
         await self.grpc.set_serving(True)
         logger.info("specdec router on Ray: gRPC %s:%d", cfg.host, self.grpc.port)
@@ -65,15 +66,22 @@ class RouterIngress:
         return self.grpc.port
 
     async def __del__(self) -> None:
-        self.router.draining = True
+        """Drain: Serve has already waited for the HTTP requests it routed here; the public
+        gRPC server is ours, so its streams get the same grace before it stops."""
+        self.router.draining = True  # new requests: UNAVAILABLE, a client retries elsewhere
         await self.grpc.set_serving(False)
-        await self.grpc.server.stop(5)
+        await self.router.wait_idle(self.drain_timeout_s)
+        await self.grpc.server.stop(1)
         await self.router.close()
 
 
-def _env(num_threads: int | None) -> dict:
-    """One torch/OpenMP thread per replica unless the target says otherwise."""
-    return {"env_vars": {"OMP_NUM_THREADS": str(num_threads or 1)}}
+def _env(ray_cfg, num_threads: int | None = None) -> dict:
+    """One torch/OpenMP thread per replica unless the target says otherwise; Serve's
+    autoscaling metrics interval (an environment variable since Ray 2.50)."""
+    interval = str(ray_cfg.autoscaling_metrics_interval_s)
+    return {"env_vars": {"OMP_NUM_THREADS": str(num_threads or 1),
+                         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": interval,
+                         "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": interval}}  # fmt: skip
 
 
 def build_app(args: dict[str, Any] | None = None):
@@ -81,8 +89,10 @@ def build_app(args: dict[str, Any] | None = None):
     path (default: the embedded demo), `config_dict` = the same as a dict (rendered
     manifests inline it)."""
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     from drafter_service.ray_deployment import DrafterPoolReplica
+    from router.ray_routing import LeastLoadedRouter
     from shared.config import SpecdecConfig
     from verifier_service.ray_deployment import VerifierReplica
 
@@ -93,14 +103,17 @@ def build_app(args: dict[str, Any] | None = None):
         config = SpecdecConfig.load(args.get("config"))
     ray_cfg = config.ray
     as_dict = config.model_dump(mode="json")
+    # Serve waits this long for a stopping replica's ongoing requests (`serve shutdown`,
+    # scale-down, redeploys) before it calls the replica's `__del__`
+    drain = {"graceful_shutdown_timeout_s": ray_cfg.drain_timeout_s, "graceful_shutdown_wait_loop_s": 1.0}
 
     drafter = None
     if config.drafters:
         drafter = serve.deployment(
             DrafterPoolReplica, name="drafter-pool", num_replicas=ray_cfg.drafter_replicas,
             ray_actor_options={"num_cpus": ray_cfg.drafter_num_cpus, "num_gpus": ray_cfg.drafter_num_gpus,
-                               "resources": ray_cfg.drafter_resources, "runtime_env": _env(None)},
-            logging_config=_QUIET,
+                               "resources": ray_cfg.drafter_resources, "runtime_env": _env(ray_cfg)},
+            logging_config=_QUIET, **drain,
         ).bind(as_dict)  # fmt: skip
     verifiers = {}
     for target in config.targets:
@@ -112,15 +125,17 @@ def build_app(args: dict[str, Any] | None = None):
             VerifierReplica, name=f"verifier-{target.name}", max_ongoing_requests=target.replica_capacity,
             ray_actor_options={"num_cpus": ray_cfg.verifier_num_cpus, "num_gpus": ray_cfg.verifier_num_gpus,
                                "resources": ray_cfg.target_resources.get(target.name, {}),
-                               "runtime_env": _env(target.num_threads)},
-            health_check_period_s=5, logging_config=_QUIET, **scaling,
+                               "runtime_env": _env(ray_cfg, target.num_threads)},
+            health_check_period_s=5, logging_config=_QUIET, **scaling, **drain,
+            request_router_config=RequestRouterConfig(request_router_class=LeastLoadedRouter,
+                                                      request_routing_stats_period_s=1.0),
         ).bind(as_dict, target.name, drafter)  # fmt: skip
     router = serve.deployment(
         serve.ingress()(RouterIngress), name="router", num_replicas=1,
         max_ongoing_requests=sum(t.replica_capacity * most_replicas(config, t) for t in config.targets) + 64,
         ray_actor_options={"num_cpus": ray_cfg.router_num_cpus, "resources": ray_cfg.router_resources,
-                           "runtime_env": _env(None)},
-        logging_config=_QUIET,
+                           "runtime_env": _env(ray_cfg)},
+        logging_config=_QUIET, **drain,
     )  # fmt: skip
     return router.bind(as_dict, verifiers)
 
@@ -141,7 +156,7 @@ def cpus_needed(config) -> float:
 
 def serve_on_ray(config_path: str | None, host: str, http_port: int, grpc_port: int) -> None:
     """`specdec serve --ray`: the application on a local Ray instance (or the cluster in
-    RAY_ADDRESS) until SIGTERM/SIGINT; then Serve drains and shuts down."""
+    RAY_ADDRESS) until SIGTERM/SIGINT; then it drains and shuts Serve down."""
     import signal
     import threading
 
@@ -169,5 +184,16 @@ def serve_on_ray(config_path: str | None, host: str, http_port: int, grpc_port: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    serve.shutdown()
+    drain_and_shutdown()
     ray.shutdown()
+
+
+def drain_and_shutdown(app_name: str = APP_NAME) -> None:
+    """Stop the application without cutting requests in flight. `serve.delete` first: the
+    app's replicas get `ray.drain_timeout_s` for their requests while Serve's proxies still
+    carry the streams. NOTE: `serve.shutdown()` (and the `serve shutdown` CLI) alone kills
+    the proxies at once, cutting every HTTP stream through them (Ray 2.60)."""
+    from ray import serve
+
+    serve.delete(app_name)  # blocks until every replica has drained and stopped
+    serve.shutdown()

@@ -33,14 +33,14 @@ import tenacity
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from router.auth import Gatekeeper
+from router.placement import load_share, rank_by_load
 from router.validation import ModelSpec, ValidatedRequest, validate_request
 from shared import metrics
-from router.auth import Gatekeeper
 from shared.config import AuthConfig, RequestLimits, TlsConfig
-from shared.tls import add_port, aio_channel, internal_channel_credentials, public_server_credentials
-from shared.methods import IN_PROCESS_METHODS, SPEC_METHODS
-from shared.serving import HealthReporter, grpc_server
 from shared.errors import (
+    CAPACITY_METADATA,
+    FIELD_METADATA,
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -48,17 +48,23 @@ from shared.errors import (
     ResourceExhaustedError,
     SpecdecError,
     UnavailableError,
-    CAPACITY_METADATA,
-    FIELD_METADATA,
     status_from_int,
     status_to_int,
 )
+from shared.methods import IN_PROCESS_METHODS, SPEC_METHODS
 from shared.pb.specdec.v1 import (
     common_pb2,
     router_pb2,
     router_pb2_grpc,
     verifier_pb2,
     verifier_pb2_grpc,
+)
+from shared.serving import HealthReporter, grpc_server
+from shared.tls import (
+    add_port,
+    aio_channel,
+    internal_channel_credentials,
+    public_server_credentials,
 )
 
 if TYPE_CHECKING:
@@ -69,6 +75,9 @@ logger = logging.getLogger(__name__)
 SERVICE = "router"  # `service` label of this process's metrics
 GENERATION_SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _UPSTREAM_RETRIES = 10  # upstream RESOURCE_EXHAUSTED retries before the first message (~1 s)
+# a Serve deployment's replica died before the first message: retry on the deployment
+# while Serve notices (actor death reaches the handles within about a second)
+_DEPLOYMENT_RETRIES, _DEPLOYMENT_RETRY_S = 5, 1.0
 _DRAIN_CALL_TIMEOUT_S = 5.0
 DEFAULT_REPLICA_CAPACITY = 256  # a replica's rows + queue when the config does not say
 
@@ -181,21 +190,22 @@ class ReplicaRegistry:
         return [r for rs in self._replicas.values() for r in rs]
 
     def acquire(self, model: str) -> Replica:
-        """The least-loaded healthy replica with a free session slot; counts the session."""
-        replicas = self._replicas.get(model, [])
-        healthy = [r for r in replicas if r.healthy]
+        """The least-loaded healthy replica with a free session slot (`router.placement`);
+        counts the session."""
+        healthy = [r for r in self._replicas.get(model, []) if r.healthy]
         if not healthy:
             raise UnavailableError(f"no healthy verifier replica for model {model!r}", field="model")
         start = self._next.get(model, 0) % len(healthy)
-        rotated = healthy[start:] + healthy[:start]
-        best = min(rotated, key=lambda r: r.active / r.max_sessions)
-        if best.active >= best.max_sessions:
+        rotated = healthy[start:] + healthy[:start]  # round robin among equally loaded replicas
+        tiers = rank_by_load(rotated, lambda r: load_share(r.active, r.max_sessions))
+        if not tiers:
             total = sum(r.max_sessions for r in healthy)
             raise ResourceExhaustedError(
                 f"model {model!r} is at capacity ({total} requests running or queued on "
                 f"{len(healthy)} replicas); retry later"
             )
         self._next[model] = start + 1
+        best = tiers[0][0]
         best.active += 1
         return best
 
@@ -457,6 +467,7 @@ class Router:
         the target (`held[0]` is swapped, so the caller releases the right one). Nothing was
         streamed yet, so moving is invisible to the client."""
         message = validated.to_verifier()
+        deployment_retries = _DEPLOYMENT_RETRIES
         while True:
             replica = held[0]
             try:
@@ -464,6 +475,15 @@ class Router:
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
+                if replica.channel is None and deployment_retries > 0:
+                    # A Serve deployment routes every call anew: once Serve knows the
+                    # replica died, the same deployment means a live replica, or a wait
+                    # for the one Serve starts in its place
+                    deployment_retries -= 1
+                    logger.warning("request %s: a replica of %s unavailable (%s); retrying",
+                                   validated.request_id, replica.address, e.details())  # fmt: skip
+                    await asyncio.sleep(_DEPLOYMENT_RETRY_S)
+                    continue
                 replica.healthy = False  # the health poller brings it back once SERVING
                 try:
                     other = self.registry.acquire(validated.model)

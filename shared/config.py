@@ -318,8 +318,10 @@ class AutoscalingConfig(_Frozen):
     target_ongoing_requests: float = Field(
         32.0, gt=0, description="Ongoing requests per replica Serve aims at (default: the batch rows)."
     )
-    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas and handles report load.")
-    look_back_period_s: float = Field(10.0, gt=0, description="Window the load is averaged over.")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window the load is averaged over (Serve warns at ≤ 10 s, its deprecated metrics "
+        "interval's default).",
+    )  # fmt: skip
     upscale_delay_s: float = Field(5.0, ge=0, description="Load above target this long adds replicas.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Load below target this long removes replicas.")
 
@@ -351,6 +353,15 @@ class RayConfig(_Frozen):
         "{'model-codelm-target-m': 0.01}): only nodes that have the target's weights offer them.",
     )  # fmt: skip
     drafter_resources: dict[str, float] = Field(default_factory=dict, description="Likewise for the drafter pool.")
+    autoscaling_metrics_interval_s: float = Field(
+        2.0, gt=0, description="How often replicas and handles report load to Serve's autoscaler (Serve "
+        "reads it from RAY_SERVE_{REPLICA,HANDLE}_AUTOSCALING_METRIC_PUSH_INTERVAL_S, set in every replica's "
+        "environment; its own default is 10 s).",
+    )  # fmt: skip
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="How long a stopping replica (`serve shutdown`, scale-down, redeploy) keeps "
+        "serving its in-flight requests before it is stopped.",
+    )  # fmt: skip
 
 
 class SpecdecConfig(_Frozen):

@@ -111,6 +111,11 @@ class VerifierReplica:
         response = await self.servicer.GetLoad(verifier_pb2.GetLoadRequest(), None)
         return response.SerializeToString()
 
+    def record_routing_stats(self) -> dict[str, int]:
+        """What `router.ray_routing.LeastLoadedRouter` ranks this replica by: its rows and
+        queued requests, from every router (Serve polls it every second)."""
+        return {"in_flight": self.servicer.active_sessions}
+
     def placement(self) -> dict[str, str]:
         """Where this replica runs (operators, tests): Ray node id and actor name."""
         import ray

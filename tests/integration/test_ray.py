@@ -18,6 +18,9 @@ from router.serve import free_port
 from tests.exactness import compare_greedy, humaneval_prompts, load_reference_model
 
 ray = pytest.importorskip("ray")
+# the burst test averages load over 2 s so that it scales quickly; Serve 2.60 warns at a
+# window ≤ its deprecated metrics_interval_s default (10 s) even where the interval is set
+pytestmark = pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
 serve = pytest.importorskip("ray.serve")
 
 APP = "specdec"
@@ -45,7 +48,8 @@ def app():
         "router_num_cpus": 0.25, "drafter_num_cpus": 0.5, "verifier_num_cpus": 0.5,
         "target_resources": {M: {"weights-m": 0.1}, S: {"weights-s": 0.1}}, "drafter_resources": {"drafters": 0.1},
         "autoscaling": {S: AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-                                             metrics_interval_s=0.5, look_back_period_s=2, upscale_delay_s=1)},
+                                             look_back_period_s=2, upscale_delay_s=1)},
+        "autoscaling_metrics_interval_s": 0.5,
     })  # fmt: skip
     config = base.model_copy(update={"ray": ray_cfg})
     serve.run(build_app({"config_dict": config.model_dump(mode="json")}), name=APP, route_prefix="/")
@@ -96,7 +100,8 @@ def test_greedy_through_serve_http_and_grpc_equals_hf(app, method):
 @pytest.mark.slow
 def test_a_killed_verifier_replica_is_replaced(app):
     """Killed mid-stream: the in-flight stream ends with a clear in-band error (it already
-    streamed tokens, so it cannot move); Serve replaces the replica and new requests succeed."""
+    streamed tokens, so it cannot move); Serve replaces the replica, and a request sent
+    right after the kill succeeds."""
     victim = _placement(f"verifier-{M}")["actor_name"]
     _, tokenizer = load_reference_model(M)
     prompt = tokenizer("def add(a, b):").input_ids
@@ -113,14 +118,11 @@ def test_a_killed_verifier_replica_is_replaced(app):
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert "went away" in error["message"] or "failed" in error["message"], error
-    deadline = time.monotonic() + 180
-    while True:  # requests fail while no replica runs; succeed once Serve has replaced it
-        body = {"model": M, "prompt": prompt, "max_tokens": 16, "temperature": 0, "method": "ngram"}
-        r = httpx.post(f"{app['http']}/v1/completions", json=body, timeout=120)
-        if r.status_code == 200:
-            break
-        assert time.monotonic() < deadline, f"no replacement replica: {r.status_code} {r.text}"
-        time.sleep(1.0)
+    # at once: a request that has streamed nothing yet is retried on the deployment, which
+    # holds it until Serve's replacement replica is up
+    body = {"model": M, "prompt": prompt, "max_tokens": 16, "temperature": 0, "method": "ngram"}
+    r = httpx.post(f"{app['http']}/v1/completions", json=body, timeout=180)
+    assert r.status_code == 200, r.text
     assert compare_greedy(M, prompt, r.json()["specdec"]["token_ids"], 16).ok
     assert _placement(f"verifier-{M}")["actor_name"] != victim
 
@@ -151,8 +153,13 @@ def test_a_burst_scales_a_target_to_two_replicas(app):
             time.sleep(1.0)
         futures = [pool.submit(httpx.post, f"{app['http']}/v1/completions", json=body(p), timeout=300) for p in prompts]
         assert all(f.result().status_code == 200 for f in futures)
+    # both serve once idle: the request router ranks by load the replicas report every
+    # few seconds, so the one that ran the burst gets requests once its report is fresh
     handle = serve.get_deployment_handle(deployment, app_name=APP)
-    answered = {handle.placement.remote().result()["actor_name"] for _ in range(30)}
+    answered, deadline = set(), time.monotonic() + 30
+    while len(answered) < 2 and time.monotonic() < deadline:
+        answered.add(handle.placement.remote().result()["actor_name"])
+        time.sleep(0.1)
     assert len(answered) == 2, answered
 
 
@@ -182,3 +189,59 @@ def test_a_killed_drafter_pool_costs_speculation_only_until_it_returns(app):
         assert time.monotonic() < deadline, "the verifiers never drafted through the restarted pool"
         time.sleep(1.0)
     assert _placement("drafter-pool")["actor_name"] != old
+
+
+@pytest.mark.slow
+def test_verifier_deployments_place_by_the_routers_rule(app):
+    """Every verifier deployment routes with `LeastLoadedRouter`, and its replicas report the
+    load it ranks them by."""
+    from ray.serve.context import _get_global_client
+
+    from router.ray_routing import LeastLoadedRouter
+
+    for target in (M, S):
+        info = _get_global_client().get_deployment_info(f"verifier-{target}", APP)
+        info = info[0] if isinstance(info, tuple) else info
+        assert info.deployment_config.request_router_config.get_request_router_class() is LeastLoadedRouter
+        stats = serve.get_deployment_handle(f"verifier-{target}", app_name=APP).record_routing_stats.remote().result()
+        assert stats == {"in_flight": 0}
+
+
+@pytest.mark.slow
+def test_shutdown_drains_streams_in_flight(app):
+    """Last in this module (it stops Serve): the shutdown `specdec serve --ray` runs on
+    SIGTERM, while an HTTP and a gRPC stream are running, lets both finish, complete and
+    exact."""
+    from router.client import SpecdecClient
+    from router.ray_app import drain_and_shutdown
+
+    _, tokenizer = load_reference_model(M)
+    prompt = tokenizer(humaneval_prompts(1, offset=2)[0]).input_ids
+    n = 96
+    started = concurrent.futures.ThreadPoolExecutor(2)
+    http_started, grpc_started = concurrent.futures.Future(), concurrent.futures.Future()
+
+    def over_http() -> list[int]:
+        body = {"model": M, "prompt": prompt, "max_tokens": n, "temperature": 0, "method": "none", "stream": True}
+        tokens: list[int] = []
+        with httpx.stream("POST", f"{app['http']}/v1/completions", json=body, timeout=300) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[len("data: ") :])
+                    assert "error" not in event, event
+                    tokens += event.get("specdec", {}).get("token_ids", [])
+                    http_started.set_result(True) if not http_started.done() else None
+        return tokens
+
+    def over_grpc() -> list[int]:
+        with SpecdecClient(app["grpc"]) as client:
+            for item in client.stream(S, prompt, max_new_tokens=n, method="none"):
+                grpc_started.set_result(True) if not grpc_started.done() else None
+        return item.token_ids
+
+    http_tokens, grpc_tokens = started.submit(over_http), started.submit(over_grpc)
+    assert http_started.result(120) and grpc_started.result(120)
+    drain_and_shutdown(APP)
+    assert compare_greedy(M, prompt, http_tokens.result(60), n).ok
+    assert compare_greedy(S, prompt, grpc_tokens.result(60), n).ok
