@@ -424,7 +424,7 @@ def endpoints(args: argparse.Namespace) -> Iterator[Endpoints]:
     served = dict(config, router_port=0, http_port=0,
                   targets=[t for t in config["targets"] if t["name"] in args.targets])  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="loadtest-") as workdir:
-        stack = ServeProcess(Path(workdir), served)
+        stack = ServeProcess(Path(workdir), served, ray=args.ray)
         stack.start()
         try:
             children = [f"http://127.0.0.1:{c['metrics_port']}/metrics" for c in stack.state["children"]
@@ -621,6 +621,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc-address", help="a running specdec router's gRPC address")
     p.add_argument("--protocols", "--protocol", nargs="+", choices=["http", "grpc"], default=["http"])
     p.add_argument("--config", type=Path, help="YAML merged over the default config (for the server started here)")
+    p.add_argument("--ray", action="store_true", help="start the server as `specdec serve --ray` (Ray Serve)")
     p.add_argument("--metrics-url", nargs="*", default=[], help="more /metrics URLs to scrape for batch rows")
     p.add_argument("--targets", nargs="+", default=["codelm-target-m", "codelm-target-s"])
     p.add_argument("--methods", nargs="+", default=["none"],

@@ -26,9 +26,11 @@ would break. Keep the router at one replica per node that exposes the port.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -154,7 +156,8 @@ def cpus_needed(config) -> float:
     return ray_cfg.router_num_cpus + drafters * ray_cfg.drafter_num_cpus + verifiers * ray_cfg.verifier_num_cpus
 
 
-def serve_on_ray(config_path: str | None, host: str, http_port: int, grpc_port: int) -> None:
+def serve_on_ray(config_path: str | None, host: str, http_port: int, grpc_port: int,
+                 state_file: str | None = None) -> None:  # fmt: skip
     """`specdec serve --ray`: the application on a local Ray instance (or the cluster in
     RAY_ADDRESS) until SIGTERM/SIGINT; then it drains and shuts Serve down."""
     import signal
@@ -179,6 +182,9 @@ def serve_on_ray(config_path: str | None, host: str, http_port: int, grpc_port: 
     bound = serve.get_deployment_handle("router", app_name=APP_NAME).grpc_port.remote().result()
     announce_port(bound)
     announce_port(http_port, "HTTP")
+    if state_file:  # as `specdec serve` writes it (`router.stack.ServeProcess` reads it)
+        state = {"pid": os.getpid(), "grpc_port": bound, "http_port": http_port, "children": []}
+        Path(state_file).write_text(json.dumps(state))
     logger.info("specdec on Ray: gRPC %s:%d, HTTP %s:%d", host, bound, host, http_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING
 from shared.serving import (
     PARENT_PID_ENV,
     add_common_arguments,
-    load_config_or_exit,
     announce_port,
     configure_logging,
+    load_config_or_exit,
     stop_event,
 )
 
@@ -414,7 +414,7 @@ def serve_main(args: argparse.Namespace) -> int:
         if args.ray:
             from router.ray_app import serve_on_ray
 
-            serve_on_ray(args.config, config.host, http_port or config.http_port, port)
+            serve_on_ray(args.config, config.host, http_port or config.http_port, port, state_file=args.state_file)
             return 0
         stack = ServeStack(config, args.config, grace_s=args.grace_period, state_file=args.state_file)
 
@@ -470,8 +470,8 @@ def router_main(argv: Sequence[str] | None = None) -> int:
                         help="seconds to wait for each verifier to be SERVING")  # fmt: skip
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    from shared.tls import internal_channel_credentials
     from router.server import Router, parse_verifier_flags, wait_for_health
+    from shared.tls import internal_channel_credentials
 
     config = load_config_or_exit(args.config)
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from router.serve import free_port
 from shared.paths import PROJECT_ROOT
 
 START_TIMEOUT_S = 300.0
@@ -38,8 +39,9 @@ def metric_samples(text: str, name: str, **labels: str) -> list[float]:
 class ServeProcess:
     """One `specdec serve` process and the state file it writes."""
 
-    def __init__(self, workdir: Path, config: dict, grace_s: float = 20.0) -> None:
+    def __init__(self, workdir: Path, config: dict, grace_s: float = 20.0, ray: bool = False) -> None:
         self.workdir = workdir
+        self.ray = ray  # `specdec serve --ray`: the Ray Serve application
         self.config_path = workdir / "specdec.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.state_path = workdir / "state.json"
@@ -57,8 +59,9 @@ class ServeProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config_path),
-                 "--port", "0", "--http-port", "0", "--state-file", str(self.state_path),
-                 "--grace-period", str(self.grace_s)],
+                 "--port", "0", "--http-port", str(free_port() if self.ray else 0),  # Serve's proxy: no port 0
+                 "--state-file", str(self.state_path), "--grace-period", str(self.grace_s)]
+                + (["--ray"] if self.ray else []),
                 cwd=PROJECT_ROOT, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
