@@ -271,7 +271,8 @@ class ServeStack:
         self.grace_s = grace_s
         self.state_file = Path(state_file) if state_file else None
         cfg = ["--config", config_path] if config_path else []
-        self.drafter = Child("drafter", "pool", ["-m", "drafter_service", *cfg])
+        # no drafters configured: no pool (verifiers serve `none` and `ngram`)
+        self.drafter = Child("drafter", "pool", ["-m", "drafter_service", *cfg]) if config.drafters else None
         self.verifiers = [
             Child("verifier", t.name, ["-m", "verifier_service", "--target", t.name, *cfg])
             for t in config.targets
@@ -283,7 +284,7 @@ class ServeStack:
 
     @property
     def children(self) -> list[Child]:
-        return [self.drafter, *self.verifiers]
+        return [self.drafter, *self.verifiers] if self.drafter else list(self.verifiers)
 
     async def start_children(self) -> None:
         from shared.tls import internal_channel_credentials
@@ -291,9 +292,10 @@ class ServeStack:
         credentials = internal_channel_credentials(self.config.tls)  # files read once
         for child in self.children:
             child.credentials = credentials
-        await start_child(self.drafter)
-        for v in self.verifiers:
-            v.argv += ["--drafter", self.drafter.address]
+        if self.drafter is not None:
+            await start_child(self.drafter)
+            for v in self.verifiers:
+                v.argv += ["--drafter", self.drafter.address]
         # Verifiers load their targets concurrently.
         await asyncio.gather(*(start_child(v) for v in self.verifiers))
 
@@ -364,8 +366,10 @@ class ServeStack:
             # Verifiers first: they are the drafter pool's clients.
             t0 = time.monotonic()
             rcs = await asyncio.gather(*(stop_child(c) for c in self.verifiers))
-            rcs.append(await stop_child(self.drafter))
-            names = [*(c.name for c in self.verifiers), self.drafter.name]
+            names = [c.name for c in self.verifiers]
+            if self.drafter is not None:
+                rcs.append(await stop_child(self.drafter))
+                names.append(self.drafter.name)
             logger.info("children stopped in %.1fs: %s", time.monotonic() - t0, dict(zip(names, rcs)))
 
 
