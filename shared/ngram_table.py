@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 PROBE_EVERY = 16  # while the guard is closed, one lookup in this many still drafts
 MAX_SKIP = 8  # after empty answers, at most one fetch per this many lookups
+FETCH_PER_KEY = 2  # continuations read per context suffix
 
 
 def ngram_key(tokenizer_hash: str, target: str, context: Sequence[int]) -> str:
@@ -121,28 +122,38 @@ class SharedNgramTable:
 
     # ---------------------------------------------------------------- reads
 
-    def fetch(self, context: Sequence[int]) -> concurrent.futures.Future[list[int] | None]:
-        """The best continuation of the longest context suffix the table has (None: none)."""
+    def fetch(self, context: Sequence[int]) -> concurrent.futures.Future[list[list[int]]]:
+        """Continuations of the context's suffixes, best first: longer suffixes first, then
+        by count (empty: none). Several, because the round that uses them has emitted
+        tokens since: the best one may no longer align where a runner-up still does."""
         cfg = self.config
         ns = [n for n in range(min(cfg.max_n, len(context)), cfg.min_n - 1, -1)]
         keys = [ngram_key(self.tokenizer_hash, self.target, context[len(context) - n :]) for n in ns]
         return self.runner.submit(self._read, keys)
 
-    async def _read(self, keys: list[str]) -> list[int] | None:
-        # two per key: a foreign value on top does not hide the learned one below it
-        for entries in await self.runner.store.top(keys, 2):
+    async def _read(self, keys: list[str]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for entries in await self.runner.store.top(keys, FETCH_PER_KEY):
             for value, _ in entries:
                 tokens = unpack(value, self.config.continuation_len, self.vocab_size)
-                if tokens is None:
+                if tokens is None:  # foreign: skipped, the learned ones below it still count
                     metrics.STORE_BAD_VALUES.labels(self.runner.store.name).inc()
-                    continue
-                return tokens
-        return None
+                elif tokens not in out:
+                    out.append(tokens)
+        return out
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:
     if future.exception() is not None:
         logger.debug("shared n-gram write failed: %s", future.exception())
+
+
+def _aligned(continuations: list[list[int]], emitted: list[int], k: int) -> list[int]:
+    """Up to k tokens of the first continuation that the emitted tokens follow."""
+    for continuation in continuations:
+        if continuation[: len(emitted)] == emitted and len(continuation) > len(emitted):
+            return continuation[len(emitted) : len(emitted) + k]
+    return []
 
 
 class SharedDrafts:
@@ -171,7 +182,7 @@ class SharedDrafts:
         if not use:
             if self._fetch is not None and self._fetch[1].done():
                 future = self._fetch[1]
-                if future.exception() is None and future.result() is None:
+                if future.exception() is None and not future.result():
                     self._back_off()  # the table has nothing here either
                 self._fetch = None
             if self._fetch is None:
@@ -185,14 +196,14 @@ class SharedDrafts:
             self._fetch = None
             if future.exception() is not None:
                 metrics.SHARED_NGRAM_FETCHES.labels(model, "failed").inc()
-            elif (continuation := future.result()) is None:
+            elif not (continuations := future.result()):
                 metrics.SHARED_NGRAM_FETCHES.labels(model, "empty").inc()
                 self._back_off()
             else:
                 self._empty_in_row = 0
                 emitted = list(context[len(then) :])
-                if list(context[: len(then)]) == then and continuation[: len(emitted)] == emitted:
-                    out = continuation[len(emitted) : len(emitted) + k]
+                if list(context[: len(then)]) == then:
+                    out = _aligned(continuations, emitted, k)
                 if not out:
                     self.num_stale += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "stale").inc()

@@ -123,17 +123,17 @@ def test_learned_continuations_are_read_back_and_garbage_is_skipped(runner):
     table = SharedNgramTable(runner, CONFIG, "tokhash", f"t{time.monotonic_ns()}", vocab_size=100)
     tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     _run(runner, table._write, tokens)
-    assert table.fetch([7, 1, 2]).result(5) == [3, 4, 5, 6]  # after the 2-token context [1, 2]
-    assert table.fetch([0, 2, 3]).result(5) == [4, 5, 6, 7]  # [0, 2, 3]: no 3-gram, the 2-gram [2, 3]
-    assert table.fetch([9, 9]).result(5) is None
+    assert table.fetch([7, 1, 2]).result(5) == [[3, 4, 5, 6]]  # after the 2-token context [1, 2]
+    assert table.fetch([0, 2, 3]).result(5) == [[4, 5, 6, 7]]  # [0, 2, 3]: no 3-gram, the 2-gram [2, 3]
+    assert table.fetch([9, 9]).result(5) == []
     # foreign members above the learned one under the 3-gram key [1, 2, 3]: one of the wrong
     # size, one with an out-of-vocabulary id; both skipped and counted, the 2-gram answers
-    assert table.fetch([1, 2, 3]).result(5) == [4, 5, 6, 7]
+    assert table.fetch([1, 2, 3]).result(5) == [[4, 5, 6, 7]]
     key = ngram_key("tokhash", table.target, [1, 2, 3])
     _run(runner, runner.store.incr_counts, [(key, b"junk", 9.0), (key, pack([1, 2, 3, 500]), 8.0)], 4, 60)
     bad = metrics.STORE_BAD_VALUES.labels(runner.store.name)
     before = bad._value.get()
-    assert table.fetch([1, 2, 3]).result(5) == [4, 5, 6, 7]
+    assert table.fetch([1, 2, 3]).result(5) == [[4, 5, 6, 7]]
     assert bad._value.get() == before + 2
 
 
@@ -150,6 +150,20 @@ def test_shared_drafts_never_wait_and_align_with_emitted_tokens(runner):
     drafts._fetch[1].result(5)
     assert drafts.draft([0, 1, 2, 3, 9], 3) == []  # emitted 9: the fetched [4, ...] is stale
     assert drafts.num_hits == 1 and drafts.num_stale == 1
+
+
+def test_a_runner_up_continuation_drafts_where_the_best_one_went_stale(runner):
+    table = SharedNgramTable(runner, CONFIG, "tokhash", f"t{time.monotonic_ns()}", vocab_size=100)
+    for _ in range(2):  # after [1, 2]: [3, 4, 5, 6] twice, [3, 7, 8, 9] once
+        _run(runner, table._write, [1, 2, 3, 4, 5, 6])
+    _run(runner, table._write, [1, 2, 3, 7, 8, 9])
+    assert table.fetch([0, 1, 2]).result(5)[:2] == [[3, 4, 5, 6], [3, 7, 8, 9]]
+    drafts = SharedDrafts(table)
+    drafts.draft([0, 1, 2], 3)
+    drafts._fetch[1].result(5)
+    # the round emitted [3, 7]: the best continuation went stale, the runner-up goes on
+    assert drafts.draft([0, 1, 2, 3, 7], 3) == [8, 9]
+    assert drafts.num_hits == 1 and drafts.num_stale == 0
 
 
 def test_the_guard_closes_on_low_acceptance_probes_and_reopens():
