@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class ProposeCall:
 class DraftResult:
     draft: Draft
     exit_layers: list[int] = field(default_factory=list)  # per draft token (sorted drafters)
+    compute_s: float = 0.0  # drafter CPU seconds: this draft's share of its batch, by tokens
 
 
 class DraftSession:
@@ -167,8 +169,9 @@ def propose_one(call: ProposeCall) -> DraftResult:
         if session.closed:
             return DraftResult(EMPTY_DRAFT)
         session.prepare_locked(call)
+        t = time.thread_time()
         draft = session.proposer.propose(call.context_ids, call.k)
-        return DraftResult(draft, _exit_layers(draft))
+        return DraftResult(draft, _exit_layers(draft), time.thread_time() - t)
 
 
 class _Batcher:
@@ -240,6 +243,7 @@ class _Batcher:
                     todo.append((call, fut))
                 if not todo:
                     return
+                t = time.thread_time()  # CPU, not wall: torch runs on this thread (one intra-op thread)
                 try:
                     drafts = self._propose_batch(
                         [(c.session.proposer, c.context_ids, c.k) for c, _ in todo]
@@ -248,9 +252,12 @@ class _Batcher:
                     for _, fut in todo:
                         fut.set_exception(e)
                     return
+                cpu_s = time.thread_time() - t
                 metrics.DRAFTER_BATCH_SIZE.labels(self.name).observe(len(todo))
+                num_tokens = sum(len(d.token_ids) for d in drafts) or 1
                 for (call, fut), draft in zip(todo, drafts):
-                    fut.set_result(DraftResult(draft, _exit_layers(draft)))
+                    share = cpu_s * len(draft.token_ids) / num_tokens
+                    fut.set_result(DraftResult(draft, _exit_layers(draft), share))
         finally:
             for session in locked:
                 session.lock.release()

@@ -50,10 +50,10 @@ def num_accepted_since(
 
 
 def candidates_message(
-    epoch: int, start_position: int, draft: Draft, exit_layers: list[int] | None = None
+    epoch: int, start_position: int, draft: Draft, exit_layers: list[int] | None = None, compute_s: float = 0.0
 ) -> drafter_pb2.DraftResponse:
     cand = drafter_pb2.Candidates(
-        epoch=epoch, start_position=start_position, token_ids=draft.token_ids
+        epoch=epoch, start_position=start_position, token_ids=draft.token_ids, compute_s=compute_s
     )
     if draft.draft_probs is not None:
         q = draft.draft_probs.detach().float().cpu().numpy()  # [k, vocab_size]
@@ -212,6 +212,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         served_epoch = 0
         last_start, last_draft_ids = 0, []  # the last draft sent, for update(num_accepted)
         applied_params: dict[str, float] = {}
+        owed_s = 0.0  # drafter CPU seconds not yet reported (`Candidates.compute_s`)
         while True:
             if state.epoch == served_epoch and not state.ended:
                 await self._wait_commit(state)
@@ -230,6 +231,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 params = applied_params = state.params
             result = await pool.propose(ProposeCall(session, snapshot, k, num_accepted, params))
             draft = result.draft
+            owed_s += result.compute_s  # a dropped draft's compute rides on the next message
             if state.epoch != epoch:
                 self.num_stale_dropped += 1
                 continue
@@ -238,7 +240,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 if draft.draft_probs is not None:
                     draft.draft_probs = draft.draft_probs[:k]
             last_start, last_draft_ids = len(snapshot), list(draft.token_ids)
-            await context.write(candidates_message(epoch, len(snapshot), draft, result.exit_layers))
+            await context.write(candidates_message(epoch, len(snapshot), draft, result.exit_layers, owed_s))
+            owed_s = 0.0
             self.num_candidates_sent += 1
 
     async def _run_ahead_loop(
@@ -252,6 +255,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         line: list[int] = []
         epoch, base = -1, 0  # the commit the line was last reconciled with, its context length
         applied_params: dict[str, float] = {}
+        owed_s = 0.0  # drafter CPU seconds not yet reported (`Candidates.compute_s`)
         while not state.ended:
             if state.epoch != epoch:
                 epoch, committed = state.epoch, list(state.context)
@@ -266,12 +270,14 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             n = min(RUN_AHEAD_CHUNK, room)
             result = await pool.propose(ProposeCall(session, list(line), n, None, params))
             draft = result.draft
+            owed_s += result.compute_s
             if not draft.token_ids:  # nothing to add (the drafter's context is full)
                 if state.epoch == epoch:
                     await self._wait_commit(state)
                 continue
             draft.draft_probs = None  # run-ahead drafts are verified as one-hot (seeded sessions)
-            await context.write(candidates_message(epoch, len(line), draft, result.exit_layers))
+            await context.write(candidates_message(epoch, len(line), draft, result.exit_layers, owed_s))
+            owed_s = 0.0
             line.extend(draft.line_ids()[:n])
             self.num_candidates_sent += 1
 

@@ -162,6 +162,12 @@ class SpeculationConfig(_Frozen):
         0.0, ge=0, description="Longest a step waits for the first token of a run-ahead (card) "
         "draft; 0 = only what the drafter has already streamed.",
     )
+    charge_drafter_compute: bool = Field(
+        True,
+        description="The load-aware choice counts the drafter CPU seconds the pool reports "
+        "as part of a drafting step's time: right where the pool shares the verifier's machine "
+        "(`specdec serve`); set false where drafters run on hardware of their own.",
+    )
     load_aware: bool = Field(
         True,
         description="A step drafts only where drafting has measured more tokens per second than "

@@ -235,6 +235,9 @@ class CachedPipelinedProposer(CachedProposer):
             return draft
         return self.inner.collect(deadline)
 
+    def take_compute_s(self) -> float:
+        return self.inner.take_compute_s()
+
 
 class CachedProposerFactory:
     """Any method's factory with the cache in front of its sessions (greedy requests only,

@@ -127,6 +127,10 @@ class PipelinedProposer(Proposer, Protocol):
         (`time.monotonic()`); what already arrived counts even past the deadline."""
         ...
 
+    def take_compute_s(self) -> float:
+        """Drafter CPU seconds reported since the last call (`Candidates.compute_s`)."""
+        ...
+
 
 class ProposerFactory(Protocol):
     """Shared state of one proposer kind; makes per-session proposers."""

@@ -39,12 +39,12 @@ import tenacity
 
 from shared import tls
 from shared.draft_tree import RunAheadTree, is_chain
-from shared.run_ahead import extends
 from shared.errors import status_from_int
 from shared.methods import RUN_AHEAD_METHODS
 from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.proposer import Draft, common_prefix_len
 from shared.protocol import PROTOCOL_VERSION
+from shared.run_ahead import extends
 from shared.wire import sampling_to_proto
 
 if TYPE_CHECKING:
@@ -204,6 +204,7 @@ class RemoteProposer:
         self.num_proposals = 0
         self.num_timeouts = 0
         self.num_stale_dropped = 0
+        self._compute_s = 0.0  # reported by Candidates not yet taken (`take_compute_s`)
         self.num_failures = 0
         self.num_reopens = 0
         # set_params: what the policy wants, and what the current stream already has (the
@@ -350,6 +351,7 @@ class RemoteProposer:
             kind = resp.WhichOneof("response")
             if kind == "candidates":
                 cand = resp.candidates
+                self._compute_s += cand.compute_s
                 if cand.epoch == epoch:
                     return cand
                 if cand.epoch < epoch:
@@ -386,6 +388,10 @@ class RemoteProposer:
             token_ids = token_ids[:k]
             exit_layers = exit_layers[:k] if exit_layers is not None else None
         return Draft(token_ids=token_ids, info=info, exit_layers=exit_layers)
+
+    def take_compute_s(self) -> float:
+        out, self._compute_s = self._compute_s, 0.0
+        return out
 
     def update(self, num_accepted: int) -> None:
         pass  # the next Commit carries the accepted context itself
@@ -528,6 +534,7 @@ class RunAheadProposer(RemoteProposer):
                 raise resp.error
             kind = resp.WhichOneof("response")
             if kind == "candidates":
+                self._compute_s += resp.candidates.compute_s
                 self._apply(resp.candidates)
             elif kind == "opened":
                 self.drafter_name = resp.opened.drafter

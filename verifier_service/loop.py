@@ -104,7 +104,8 @@ class SpecDecodeLoop:
         self.rows: list[Row] = []
         self.peak_rows = 0  # most rows one step fed (tests, logs)
         # the last step's outcomes, reported to the policy when the next step starts
-        self._unobserved: tuple[list[RowState], list[RowOutcome], int, int, float] | None = None
+        self._unobserved: tuple[list[RowState], list[RowOutcome], int, int, float, float] | None = None
+        self._drafter_s = 0.0  # drafter CPU seconds reported for this step's drafts
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -190,7 +191,9 @@ class SpecDecodeLoop:
                 self._fail(row, e)
         t3 = time.perf_counter()
         if observed:
-            self._unobserved = (observed, outcomes, len(feeds), sum(len(f.token_ids) for f in feeds), t0)
+            self._unobserved = (observed, outcomes, len(feeds), sum(len(f.token_ids) for f in feeds), t0,
+                                self._drafter_s)  # fmt: skip
+            self._drafter_s = 0.0
             if not self.rows:
                 self._observe(t3)
         overhead = (t1 - t_drafted) + (t3 - t2)  # drafting is in each row's draft_time_s
@@ -201,13 +204,13 @@ class SpecDecodeLoop:
         """Report the last step to the policy, timed to `now`."""
         if self._unobserved is None:
             return
-        rows, outcomes, num_rows, num_tokens, t0 = self._unobserved
+        rows, outcomes, num_rows, num_tokens, t0, drafter_s = self._unobserved
         self._unobserved = None
         # NOTE: the loop's whole cycle, from this step's start to the next one's: drafting
         # is part of what a draft token costs where drafters share the machine (or are slow),
         # and a plain step pays the per-step bookkeeping and streaming (which contend with
         # the loop in this process) for fewer tokens
-        self.policy.observe(rows, outcomes, StepCost(num_rows, num_tokens, now - t0))
+        self.policy.observe(rows, outcomes, StepCost(num_rows, num_tokens, now - t0, drafter_s))
 
     def _draft(self, rows: Sequence[Row]) -> None:
         """Each decoding row's draft for this step: in-process proposers run here, remote
@@ -223,6 +226,7 @@ class SpecDecodeLoop:
             if k <= 0:
                 if isinstance(row.proposer, PipelinedProposer):
                     row.proposer.request(row.tokens, 0)  # a run-ahead drafter stops
+                    self._drafter_s += row.proposer.take_compute_s()  # what it spent getting there
                 continue
             t = time.perf_counter()
             try:
@@ -244,6 +248,7 @@ class SpecDecodeLoop:
                 if not draft.token_ids:
                     metrics.LATE_DRAFTS.labels(self.target).inc()
                 row.draft = self._checked(draft, k)
+                self._drafter_s += row.proposer.take_compute_s()
             waited = time.perf_counter() - t
             for row, _ in pending:
                 row.stats.draft_time_s += waited / len(pending)

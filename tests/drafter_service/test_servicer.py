@@ -101,6 +101,7 @@ async def test_open_commit_candidates_match_in_process_proposer(pool, stub, prom
     assert first.epoch == 1 and first.start_position == len(prompt)
     assert list(first.token_ids) == in_process_draft(pool, prompt, 5).token_ids
     assert not first.draft_probs  # greedy: deterministic draft, one-hot q
+    assert 0 < first.compute_s < 10  # the drafter CPU seconds it cost, for the verifier's policy
 
     # Round 2: two drafts accepted plus a correction token; the drafter reconciles its cache.
     tail = list(first.token_ids[:2]) + [7]
@@ -247,6 +248,8 @@ async def test_remote_proposer_drops_late_candidates(pool, drafter, prompts):
         draft = await loop.run_in_executor(None, proposer.propose, context, 4)
         assert proposer.num_stale_dropped == 1
         assert draft.token_ids == in_process_draft(pool, context, 4).token_ids
+        # both rounds' drafter compute is reported, the dropped one's too, and taken once
+        assert proposer.take_compute_s() > 0 and proposer.take_compute_s() == 0
     finally:
         proposer.close()
         factory.close()

@@ -192,6 +192,9 @@ def test_pipelined_proposers_ask_the_drafter_for_nothing_while_the_cache_drafts(
         def collect(self, deadline):
             return Draft(token_ids=[0] * self.asked[-1])
 
+        def take_compute_s(self):
+            return 0.0
+
         def propose(self, context_ids, k):
             raise AssertionError("pipelined: the loop requests and collects")
 

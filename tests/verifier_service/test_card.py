@@ -169,7 +169,14 @@ def test_greedy_card_equals_the_target_alone(server, target):
     factory = card_factory(server.address, name)
     prompts = [tokenizer(p).input_ids for p in humaneval_prompts(4)]  # one per slot
     max_new = 48
-    results, sessions = generate(loop, factory, [GenerationRequest(prompt_ids=p, max_new_tokens=max_new, method="card") for p in prompts])
+    drafter_s: list[float] = []  # what each step reports to the policy
+    observe = loop.policy.observe
+    loop.policy.observe = lambda rows, outcomes, step: (drafter_s.append(step.drafter_s), observe(rows, outcomes, step))
+    try:
+        results, sessions = generate(loop, factory, [GenerationRequest(prompt_ids=p, max_new_tokens=max_new, method="card") for p in prompts])
+    finally:
+        del loop.policy.observe
+    assert sum(drafter_s) > 0  # the pool's CPU seconds reached the policy
     for i, (prompt, result) in enumerate(zip(prompts, results)):
         cmp = compare_greedy(name, prompt, result.token_ids, max_new)
         assert cmp.ok, f"{name} prompt {i} diverged at {cmp.position}"

@@ -177,11 +177,24 @@ def test_drafting_after_plain_steps_warms_up_unmeasured_and_its_probes_run_long_
     assert arms.choose(key)[0] is True
 
 
-def _step(policy, rows, tokens_per_row: int, seconds: float) -> list[int]:
+def _step(policy, rows, tokens_per_row: int, seconds: float, drafter_s: float = 0.0) -> list[int]:
     plans = policy.plan(rows)
     outcomes = [RowOutcome(p.k, tokens_per_row - 1 if p.k else 0) for p in plans]
-    policy.observe(rows, outcomes, StepCost(len(rows), sum(p.k + 1 for p in plans), seconds))
+    policy.observe(rows, outcomes, StepCost(len(rows), sum(p.k + 1 for p in plans), seconds, drafter_s))
     return [p.k for p in plans]
+
+
+@pytest.mark.parametrize("charge", [True, False])
+def test_drafter_compute_is_charged_to_drafting_steps_where_the_pool_shares_the_machine(charge):
+    """Drafting wins the loop's own cycle (2 tokens per row in 0.03 s against 1 in 0.02 s)
+    but the pool spent 0.02 s of CPU on it: charged, plain steps win."""
+    policy = RulePolicy(LOAD_AWARE.model_copy(update={"charge_drafter_compute": charge}))
+    policy.arms = LoadArms(warmup_steps=0)
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
+    assert _step(policy, rows, tokens_per_row=2, seconds=0.03, drafter_s=0.02)[0] == 5  # measures drafting
+    assert _step(policy, rows, tokens_per_row=1, seconds=0.02)[0] == 0  # measures plain
+    # charged: drafting 16 tokens / 0.05 s = 320 tok/s < plain 400; free: 533 > 400
+    assert _step(policy, rows, tokens_per_row=1, seconds=0.02)[0] == (0 if charge else 5)
 
 
 def test_a_full_batch_stops_drafting_where_plain_steps_give_more():

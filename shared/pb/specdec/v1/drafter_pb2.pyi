@@ -74,7 +74,7 @@ class Commit(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., accepted_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_speculative_tokens: _Optional[int] = ..., params: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Candidates(_message.Message):
-    __slots__ = ("epoch", "start_position", "token_ids", "draft_probs", "vocab_size", "exit_layers", "tree_parents", "node_probs")
+    __slots__ = ("epoch", "start_position", "token_ids", "draft_probs", "vocab_size", "exit_layers", "tree_parents", "node_probs", "compute_s")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class Candidates(_message.Message):
     EXIT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     TREE_PARENTS_FIELD_NUMBER: _ClassVar[int]
     NODE_PROBS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start_position: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -91,4 +92,5 @@ class Candidates(_message.Message):
     exit_layers: _containers.RepeatedScalarFieldContainer[int]
     tree_parents: _containers.RepeatedScalarFieldContainer[int]
     node_probs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, epoch: _Optional[int] = ..., start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[bytes] = ..., vocab_size: _Optional[int] = ..., exit_layers: _Optional[_Iterable[int]] = ..., tree_parents: _Optional[_Iterable[int]] = ..., node_probs: _Optional[_Iterable[float]] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, epoch: _Optional[int] = ..., start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[bytes] = ..., vocab_size: _Optional[int] = ..., exit_layers: _Optional[_Iterable[int]] = ..., tree_parents: _Optional[_Iterable[int]] = ..., node_probs: _Optional[_Iterable[float]] = ..., compute_s: _Optional[float] = ...) -> None: ...
