@@ -211,13 +211,15 @@ class RemoteProposer:
         # drafter keeps Commit.params sticky per stream; a reopened stream starts empty).
         self._params: dict[str, float] = {}
         self._sent_params: dict[str, float] = {}
-        self._open(list(prompt_ids))
+        # NOTE: no stream yet: it opens with the first request for k > 0 tokens. A session
+        # the load-aware policy keeps plain then costs the pool nothing; opening at session
+        # start made the pool prefill every prompt on cores the target's batch needed
+        # (`sorted` at 8 rows, the arms plain: 0.88x `none`, lazily 1.0x)
 
     # ---------------------------------------------------------------- stream lifecycle
 
     def _open(self, context: list[int]) -> None:
-        # NOTE: Open is sent at session start, without waiting for Opened: the drafter sets
-        # up its session while the target prefills, and the first Candidates confirm it.
+        # NOTE: Open is sent without waiting for Opened; the first Candidates confirm it.
         f = self.factory
         open_msg = drafter_pb2.Open(
             protocol_version=PROTOCOL_VERSION,
@@ -281,7 +283,7 @@ class RemoteProposer:
         if self._stream is None:
             if self._permanent or time.monotonic() < self._retry_at:
                 return False
-            self.num_reopens += 1
+            self.num_reopens += self.num_failures > 0  # the first open is no reopen
             self._open(list(context))
         return self._stream is not None
 
