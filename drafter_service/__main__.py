@@ -5,6 +5,11 @@ port is bound (port 0 = any free port), reports NOT_SERVING on the health servic
 every drafter is loaded, and on SIGTERM stops taking new streams and drains open ones for
 `--grace` seconds.
 
+With a Redis store configured (SPECDEC_REDIS_URL or `store.redis_url`) the pool announces
+itself in the replica registry once loaded, under each of its tokenizer hashes
+(`shared.registry`), so verifiers started without `--drafter` find it; a clean stop
+deletes its keys, a killed pool's expire.
+
 Every drafter serves every configured target: a drafter whose tokenizer differs from a
 target's is a configuration error, reported (drafter, target, both tokenizer hashes) with
 exit status 2 before the port is bound.
@@ -16,18 +21,17 @@ import argparse
 import asyncio
 import logging
 
-
 from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import drafter_pb2_grpc
-from shared.tls import internal_server_credentials
 from shared.serving import (
+    CONFIG_ERROR_EXIT,
     add_service_arguments,
     configure_logging,
     grpc_server,
     load_config_or_exit,
-    CONFIG_ERROR_EXIT,
     run_service,
 )
+from shared.tls import internal_server_credentials
 
 logger = logging.getLogger("drafter_service")
 
@@ -53,7 +57,20 @@ async def serve(
 ) -> None:
     from drafter_service.pool import DrafterPool
     from drafter_service.servicer import DrafterServicer
+    from shared.registry import Heartbeat, advertised_address
+    from shared.store import StoreAuthError, make_store, redis_url
 
+    # the registry only means something on a store other machines share
+    store = make_store(config.store) if redis_url(config.store) else None
+    if store is not None:
+        try:
+            await store.ping()
+        except StoreAuthError as e:
+            await store.close()
+            raise SystemExit(f"store: {e}") from None
+        except Exception as e:  # noqa: BLE001 - down = degraded: the heartbeat keeps trying
+            logger.warning("store %s unreachable at start-up (%s): registering when it answers", store.name, e)
+    heartbeats: list[Heartbeat] = []
     server = grpc_server(config.limits)
     servicer = DrafterServicer(pool=None)
     drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server)
@@ -63,6 +80,13 @@ async def serve(
 
     def loaded(pool: DrafterPool, bound: int) -> None:
         servicer.pool = pool
+        if store is not None:
+            # NOTE: keyed by tokenizer, not target: the pool attaches any target that shares
+            # a drafter's tokenizer at its first Open, so that is what a verifier must match
+            address = advertised_address(host, bound)
+            for tok_hash in sorted(pool.tokenizer_hashes):
+                heartbeats.append(Heartbeat(store, "drafter", tok_hash, address))
+                heartbeats[-1].start()
         logger.info(
             "drafter pool serving on %s:%d: drafters %s, methods %s",
             host, bound, pool.drafter_names, pool.methods,
@@ -75,6 +99,10 @@ async def serve(
         logger.error("configuration error: %s", e)
         raise SystemExit(CONFIG_ERROR_EXIT) from None
     finally:
+        for heartbeat in heartbeats:  # leave the registry before the models go
+            await heartbeat.stop()
+        if store is not None:
+            await store.close()
         if servicer.pool is not None:
             servicer.pool.shutdown()
     logger.info("stopped")

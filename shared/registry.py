@@ -1,12 +1,17 @@
-"""Replica registry in the store: services announce themselves, routers find them.
+"""Replica registry in the store: services announce themselves, routers and verifiers find them.
 
     specdec:replica:<service>:<target>:<address>  ->  b"1", expiring `ttl_s` after the last beat
+
+<service> is "verifier" (<target>: the target's name) or "drafter" (<target>: the hash of
+a tokenizer the pool's drafters use, one key per hash: a pool serves every target that
+shares a drafter's tokenizer, so that is what a verifier looking for one matches on).
 
 One key per replica, renewed by `SET ... PX` every `ttl_s / 3` (per-field hash expiry would
 need Redis >= 7.4). A replica that stops beating (killed, partitioned) disappears when its
 key expires; one that stops cleanly deletes its key. `discover` lists the live replicas of a
 service by target with SCAN, so a router started with a store picks up verifiers on other
-machines without a restart (`router.server.RegistryWatcher`).
+machines without a restart (`router.discovery.RegistryWatcher`), and a verifier started
+without `--drafter` picks a drafter pool (`verifier_service.drafter_discovery`).
 
 The registry is only useful on a store every process shares (Redis); with the in-memory
 store each process sees its own registrations only.
@@ -69,7 +74,7 @@ class Heartbeat:
                 await self.store.set_ex(self.key, b"1", self.ttl_s)
             except StoreUnavailable as e:  # keep beating: the key returns with the store
                 logger.debug("registry heartbeat failed: %s", e)
-            except Exception:  # noqa: BLE001 - a heartbeat must never die
+            except Exception:  # a heartbeat must never die
                 logger.exception("registry heartbeat failed")
             await asyncio.sleep(self.ttl_s / 3)
 

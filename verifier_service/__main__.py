@@ -5,6 +5,10 @@ Runs one target's verifier replica as a grpc.aio server. Prints `LISTENING <port
 as the port is bound (port 0 = any free port), reports NOT_SERVING on the health service
 until the target is loaded, and on SIGTERM stops taking requests and lets in-flight ones
 finish for `--grace` seconds.
+
+With a Redis store configured the replica announces itself in the registry; without
+`--drafter` it then finds a drafter pool there too, and moves to another live pool when
+its own stops answering (`verifier_service.drafter_discovery`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,8 @@ import argparse
 import asyncio
 import logging
 
-
 from shared.config import SpecdecConfig
 from shared.pb.specdec.v1 import verifier_pb2_grpc
-from shared.tls import internal_server_credentials
 from shared.serving import (
     add_service_arguments,
     configure_logging,
@@ -24,6 +26,7 @@ from shared.serving import (
     load_config_or_exit,
     run_service,
 )
+from shared.tls import internal_server_credentials
 
 logger = logging.getLogger("verifier_service")
 
@@ -35,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m verifier_service", description=__doc__.splitlines()[0])
     add_service_arguments(p, DEFAULT_PORT, default_grace=30.0)
     p.add_argument("--target", required=True, help="target name from the config")
-    p.add_argument("--drafter", help="drafter pool address HOST:PORT (model-based methods)")
+    p.add_argument("--drafter", help="drafter pool address HOST:PORT (model-based methods); "
+                   "default with a Redis store: any live pool in the registry")
     p.add_argument("--max-batch-rows", type=int, help="default: the target's max_batch_rows")
     p.add_argument("--max-queued-requests", type=int, help="default: the target's max_queued_requests")
     return p.parse_args(argv)
@@ -55,6 +59,7 @@ async def serve(
 ) -> None:
     from shared.registry import advertised_address
     from shared.store import StoreAuthError, redis_url
+    from verifier_service.drafter_discovery import DrafterFollower
     from verifier_service.servicer import VerifierServicer
 
     servicer = VerifierServicer(config, target, drafter_address=drafter, max_batch_rows=max_batch_rows,
@@ -66,20 +71,28 @@ async def serve(
         raise SystemExit(f"store: {e}") from None
     server = grpc_server(config.limits)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
+    # an explicit --drafter is kept as given; otherwise the registry (when shared) names one
+    # (a config without drafters drafts nothing, as `specdec serve` starts no pool for it)
+    follow = redis_url(config.store) and config.drafters and not drafter
+    follower = DrafterFollower(servicer) if follow else None
 
-    def loaded(_, bound: int) -> None:
+    async def loaded(_, bound: int) -> None:
         if redis_url(config.store):  # announce this replica in the shared registry
             servicer.register(advertised_address(host, bound))
+        if follower is not None:
+            await follower.start()
         logger.info(
             "verifier of %r serving on %s:%d (methods %s, drafter %s, %d batch rows, queue %d)",
-            target, host, bound, servicer.methods, drafter or "none", servicer.max_batch_rows,
-            servicer.max_queued_requests,
+            target, host, bound, servicer.methods, servicer.drafter_address or "none",
+            servicer.max_batch_rows, servicer.max_queued_requests,
         )  # fmt: skip
 
     try:
         await run_service(server, SERVICE_NAME, host, port, metrics_port, servicer.load, loaded, grace,
                           internal_server_credentials(config.tls))  # fmt: skip
     finally:
+        if follower is not None:
+            follower.close()
         servicer.close()
     logger.info("stopped")
 

@@ -272,7 +272,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         if factory is None:
             logger.warning(
                 "method %r needs a drafter %s; decoding without speculation",
-                method, "that serves it" if self.drafter_address else "address (--drafter)",
+                method, "that serves it" if self.drafter_address else "address (--drafter, or a pool in the registry)",
             )
         return factory
 
