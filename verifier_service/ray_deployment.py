@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from shared.errors import status_to_int
+from verifier_service.drafter_discovery import reachable
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +42,6 @@ class _StreamContext:
         raise _Aborted
 
 
-def _reachable(channel, timeout_s: float = 1.0) -> bool:
-    import grpc
-
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
-        return True
-    except grpc.FutureTimeoutError:
-        return False
-
-
 class VerifierReplica:
     async def __init__(self, config: dict, target: str, drafter=None) -> None:  # type: ignore[misc]
         from shared.config import SpecdecConfig
@@ -73,7 +64,7 @@ class VerifierReplica:
             await asyncio.sleep(FOLLOW_DRAFTER_S)
             # NOTE: only a pool we cannot reach is replaced: with several pool replicas the
             # handle answers with any one of them, and a working stream stays where it is
-            if await loop.run_in_executor(None, _reachable, self.servicer.drafter_channel):
+            if await loop.run_in_executor(None, reachable, self.servicer.drafter_channel):
                 continue
             try:
                 address = await asyncio.wait_for(drafter.address.remote(), FOLLOW_DRAFTER_S)
