@@ -142,7 +142,7 @@ DEFAULT_METHODS: dict[str, MethodSpeculation] = {
     "card": MethodSpeculation(num_speculative_tokens=4),
     "sorted": MethodSpeculation(
         num_speculative_tokens=3, drafter_params={"fixed_exit": 1.0},
-        when_greedy=MethodSpeculation(num_speculative_tokens=7, drafter_params={"fixed_exit": 1.0}),
+        when_greedy=MethodSpeculation(rule="plus2minus1", num_speculative_tokens=5, drafter_params={"fixed_exit": 1.0}),
     ),
 }
 

@@ -145,7 +145,10 @@ async def test_greedy_sorted_equals_target_only(loops, verifiers, prompts, model
         policy = dict(complete.stats.policy)
         # the configured greedy default (speculation.methods.sorted), in the final stats
         default = CONFIG.speculation.methods["sorted"].for_request(greedy=True)
-        assert policy["k"] == default.num_speculative_tokens, policy
+        if default.rule == "plus2minus1":  # k moved with the acceptance
+            assert policy["plus2minus1"] == 1.0 and 1 <= policy["k"] <= CONFIG.speculation.max_speculative_tokens
+        else:
+            assert policy["k"] == default.num_speculative_tokens, policy
         assert {"k", *default.drafter_params} <= set(policy), policy
     assert num_draft_tokens > 0  # the shared drafter really drafted
     labels = {"model": model}
