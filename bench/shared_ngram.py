@@ -26,6 +26,7 @@ import contextlib
 import json
 import time
 
+import numpy as np
 import torch
 
 from bench.common import environment, humaneval_prompts_that_fit, write_results
@@ -64,6 +65,20 @@ def _redis_memory(url: str) -> int:
         client.close()
 
 
+def _timed_steps(loop: SpecDecodeLoop) -> list[float]:
+    """Record the seconds of every step (round) the loop runs from now on."""
+    times: list[float] = []
+    step = loop.step
+
+    def timed() -> None:
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+
+    loop.step = timed
+    return times
+
+
 def _run(loop: SpecDecodeLoop, factory, prompt: list[int], sampling: SamplingParams, max_new: int):
     request = GenerationRequest(prompt_ids=prompt, max_new_tokens=max_new, method="ngram", sampling=sampling)
     proposer = factory.new_session(prompt, sampling) if factory is not None else None
@@ -84,6 +99,7 @@ def run(args) -> dict:
         for target in args.targets:
             engine, tokenizer = load_target(config.target(target), max_batch_rows=1)
             loop = SpecDecodeLoop(engine, tokenizer, RulePolicy(speculation))
+            step_times = _timed_steps(loop)
             tok_hash = tokenizer_hash(config.target(target).model_dir)
             prompts = humaneval_prompts_that_fit(tokenizer, 2 * args.num_prompts, args.max_new_tokens)
             learn_half, measure = prompts[0::2], prompts[1::2]
@@ -109,13 +125,15 @@ def run(args) -> dict:
                         mem = (_redis_memory(redis_url) - mem0) * 1000 / len(learn_prompts) if store_kind == "redis" else None
                         shared_factory = NgramProposerFactory(config.ngram, reader)
                         fetches0 = _fetch_counts(namespace)
-                        totals = {name: dict(tokens=0, steps=0, rounds=0, accepted=0, spec_rounds=0, time_s=0.0, hits=0)
-                                  for name in ("request-only", "shared")}  # fmt: skip
+                        totals = {name: dict(tokens=0, steps=0, rounds=0, accepted=0, spec_rounds=0, time_s=0.0, hits=0,
+                                             round_s=[]) for name in ("request-only", "shared")}  # fmt: skip
                         for i, prompt in enumerate(measure):
                             sampling = SamplingParams(temperature=args.temperature, seed=i) if mode == "sample" else SamplingParams()
                             for name, factory in (("request-only", plain), ("shared", shared_factory)):
+                                step_times.clear()
                                 result, dt, proposer = _run(loop, factory, prompt, sampling, args.max_new_tokens)
                                 t, st = totals[name], result.stats
+                                t["round_s"] += step_times[1:]  # the rounds after the prefill step
                                 t["tokens"] += result.completion_tokens
                                 t["steps"] += st.num_rounds + 1  # + the prefill step
                                 t["spec_rounds"] += st.num_spec_rounds
@@ -129,6 +147,7 @@ def run(args) -> dict:
                                 "tokens_per_forward": t["tokens"] / t["steps"],
                                 "tau": 1 + t["accepted"] / t["spec_rounds"] if t["spec_rounds"] else 1.0,
                                 "tok_s": t["tokens"] / t["time_s"], "table_hits": t["hits"],
+                                "round_ms_p50_p90_p99": [float(x) * 1e3 for x in np.percentile(t["round_s"], [50, 90, 99])],
                             }  # fmt: skip
                         rows["redis_bytes_per_1k_requests"] = mem
                         now = _fetch_counts(namespace)
@@ -156,8 +175,8 @@ async def _noop() -> None:
 def to_markdown(results: dict, args) -> str:
     out = [f"# Shared n-gram table vs request-only ngram ({args.num_prompts} measured HumanEval prompts, "
            f"max_new_tokens {args.max_new_tokens}, T = {args.temperature} for sample rows)\n",
-           "| target | store | mode | scenario | tokens/forward (shared / request-only) | τ | tok/s (ratio) | table fetches hit/stale/empty/late/guarded/failed | Redis bytes per 1k learned requests |",
-           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "| target | store | mode | scenario | tokens/forward (shared / request-only) | τ | tok/s (ratio) | round ms p50/p90/p99 (shared; request-only) | table fetches hit/stale/empty/late/guarded/failed | Redis bytes per 1k learned requests |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, rows in results.items():
         target, store, mode, scenario = key.split(" ")
         s, r = rows["shared"], rows["request-only"]
@@ -165,6 +184,8 @@ def to_markdown(results: dict, args) -> str:
         out.append(f"| {target} | {store} | {mode} | {scenario} | {s['tokens_per_forward']:.2f} / {r['tokens_per_forward']:.2f} "
                    f"({s['tokens_per_forward'] / r['tokens_per_forward']:.3f}×) | {s['tau']:.2f} / {r['tau']:.2f} | "
                    f"{s['tok_s']:.0f} / {r['tok_s']:.0f} ({s['tok_s'] / r['tok_s']:.3f}×) | "
+                   f"{'/'.join(f'{x:.1f}' for x in s['round_ms_p50_p90_p99'])}; "
+                   f"{'/'.join(f'{x:.1f}' for x in r['round_ms_p50_p90_p99'])} | "
                    f"{'/'.join(str(int(rows['fetches'][x])) for x in FETCH_RESULTS)} | "
                    f"{'' if mem is None else f'{mem / 1e6:.1f} MB'} |")  # fmt: skip
     return "\n".join(out) + "\n"
