@@ -46,6 +46,7 @@ class DrafterFollower:
         self.servicer = servicer
         self.poll_s = poll_s
         self._task: asyncio.Task | None = None
+        self._left: set[str] = set()  # pools we moved away from whose keys are still live
 
     async def start(self) -> None:
         """Look once (so a verifier that reports SERVING drafts at once when a pool is up),
@@ -84,13 +85,17 @@ class DrafterFollower:
             None, reachable, self.servicer.drafter_channel
         ):
             return current
-        # NOTE: the current pool is never picked again here: a killed pool's key lives on
-        # until its TTL runs out, and a random pick spreads verifiers over the pools
-        others = sorted(live - {current})
+        # NOTE: the current pool is never picked again here, and pools left before come
+        # last: a killed pool's key lives on until its TTL runs out. A random pick spreads
+        # verifiers over the pools
+        self._left &= live  # a key that went away: the address may come back as a new pool
+        others = live - {current}
         if not others:
             return current  # nothing better: its streams fail over to k = 0 meanwhile
-        address = random.choice(others)
+        address = random.choice(sorted(others - self._left or others))
         logger.info("registry: drafting through pool %s (was %s)", address, current or "none")
+        if current is not None:
+            self._left.add(current)
         self.servicer.connect_drafter(address)
         return address
 
