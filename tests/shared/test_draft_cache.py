@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from shared import metrics
 from shared.config import DraftCacheConfig, NgramConfig
 from shared.draft_cache import (
@@ -25,27 +23,11 @@ from shared.draft_cache import (
 )
 from shared.ngram import NgramProposerFactory
 from shared.proposer import Draft
-from shared.store import MemoryStore, RedisStore, StoreRunner
+from shared.store import RedisStore, StoreRunner
 from shared.types import SamplingParams
-from tests.redis_server import RedisServer
 
 CONFIG = DraftCacheConfig(enabled=True, max_tokens=8, min_tokens=2)
 PROMPT = [5, 6, 7]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["memory", "redis"])
-def runner(request, redis_server):
-    store = MemoryStore() if request.param == "memory" else RedisStore(redis_server.url)
-    running = StoreRunner(store)
-    yield running
-    running.close()
 
 
 def _cache(runner, config=CONFIG) -> DraftCache:

@@ -13,28 +13,12 @@ from shared import metrics
 from shared.config import SharedNgramConfig
 from shared.ngram_table import SharedDrafts, SharedNgramTable, ngram_key, pack
 from shared.store import (
-    MemoryStore,
     RedisStore,
     StoreAuthError,
     StoreRunner,
     StoreUnavailable,
 )
 from tests.redis_server import RedisServer
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["memory", "redis"])
-def runner(request, redis_server):
-    store = MemoryStore() if request.param == "memory" else RedisStore(redis_server.url)
-    running = StoreRunner(store)
-    yield running
-    running.close()
 
 
 def _run(runner, fn, *args):
