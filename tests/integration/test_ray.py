@@ -214,6 +214,7 @@ def test_shutdown_drains_streams_in_flight(app):
     exact."""
     from router.client import SpecdecClient
     from router.ray_app import drain_and_shutdown
+    from tests.sse import streamed_token_ids
 
     _, tokenizer = load_reference_model(M)
     prompt = tokenizer(humaneval_prompts(1, offset=2)[0]).input_ids
@@ -221,26 +222,15 @@ def test_shutdown_drains_streams_in_flight(app):
     started = concurrent.futures.ThreadPoolExecutor(2)
     http_started, grpc_started = concurrent.futures.Future(), concurrent.futures.Future()
 
-    def over_http() -> list[int]:
-        body = {"model": M, "prompt": prompt, "max_tokens": n, "temperature": 0, "method": "none", "stream": True}
-        tokens: list[int] = []
-        with httpx.stream("POST", f"{app['http']}/v1/completions", json=body, timeout=300) as response:
-            assert response.status_code == 200
-            for line in response.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    event = json.loads(line[len("data: ") :])
-                    assert "error" not in event, event
-                    tokens += event.get("specdec", {}).get("token_ids", [])
-                    http_started.set_result(True) if not http_started.done() else None
-        return tokens
-
     def over_grpc() -> list[int]:
         with SpecdecClient(app["grpc"]) as client:
             for item in client.stream(S, prompt, max_new_tokens=n, method="none"):
                 grpc_started.set_result(True) if not grpc_started.done() else None
         return item.token_ids
 
-    http_tokens, grpc_tokens = started.submit(over_http), started.submit(over_grpc)
+    body = {"model": M, "prompt": prompt, "max_tokens": n, "temperature": 0, "method": "none", "stream": True}
+    http_tokens = started.submit(streamed_token_ids, f"{app['http']}/v1/completions", body, http_started)
+    grpc_tokens = started.submit(over_grpc)
     assert http_started.result(120) and grpc_started.result(120)
     drain_and_shutdown(APP)
     assert compare_greedy(M, prompt, http_tokens.result(60), n).ok

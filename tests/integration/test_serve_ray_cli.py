@@ -5,14 +5,13 @@ drains it (the stream completes) before the process exits 0."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 
-import httpx
 import pytest
 
 from router.stack import ServeProcess
 from shared.config import default_config
 from tests.exactness import compare_greedy, humaneval_prompts, load_reference_model
+from tests.sse import streamed_token_ids
 
 pytest.importorskip("ray.serve")
 S = "codelm-target-s"
@@ -34,22 +33,9 @@ def test_specdec_serve_ray_answers_exactly_and_drains_on_sigterm(tmp_path):
         assert compare_greedy(S, prompt, done.token_ids, 24).ok
 
         started = concurrent.futures.Future()
-
-        def stream() -> list[int]:
-            body = {"model": S, "prompt": prompt, "max_tokens": 400, "temperature": 0, "stream": True}
-            tokens: list[int] = []
-            with httpx.stream("POST", f"{stack.http_url}/v1/completions", json=body, timeout=300) as response:
-                assert response.status_code == 200
-                for line in response.iter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        event = json.loads(line[len("data: ") :])
-                        assert "error" not in event, event
-                        tokens += event.get("specdec", {}).get("token_ids", [])
-                        started.set_result(True) if not started.done() else None
-            return tokens
-
+        body = {"model": S, "prompt": prompt, "max_tokens": 400, "temperature": 0, "stream": True}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            tokens = pool.submit(stream)
+            tokens = pool.submit(streamed_token_ids, f"{stack.http_url}/v1/completions", body, started)
             assert started.result(120)
             assert stack.stop(timeout=120) == 0, stack.log_tail()
             assert compare_greedy(S, prompt, tokens.result(60), 400).ok

@@ -26,6 +26,7 @@ from shared.paths import PROJECT_ROOT
 from shared.pb.specdec.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.exactness import compare_greedy, humaneval_prompts, load_reference_model
 from tests.integration.conftest import MAX_SESSIONS_PER_REPLICA, metric_samples
+from tests.sse import sse_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -95,15 +96,6 @@ def grpc_generate(stub, request, timeout: float | None = 120.0, on_first=None) -
     return gen
 
 
-def _sse_events(response: httpx.Response):
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            if data == "[DONE]":
-                return
-            yield json.loads(data)
-
-
 def http_generate(client: httpx.Client, body: dict) -> Generation:
     gen = Generation()
     if not body.get("stream"):
@@ -123,7 +115,7 @@ def http_generate(client: httpx.Client, body: dict) -> Generation:
     with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        for event in _sse_events(r):
+        for event in sse_events(r):
             assert "error" not in event, event
             choice = event["choices"][0]
             gen.text += choice["text"]
@@ -370,7 +362,7 @@ def test_over_capacity_then_cancel_frees_sessions(stack):
                 "method": "draft_model", "num_speculative_tokens": 3, "stream": True}  # fmt: skip
         with client.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
-            events = _sse_events(r)  # NOTE: keep it: a collected generator closes the stream
+            events = sse_events(r)  # NOTE: keep it: a collected generator closes the stream
             next(events)
             assert _wait_until(lambda: _sessions(stack, model) == (1, 1, 1), 10), _sessions(stack, model)
     assert _wait_until(lambda: _sessions(stack, model) == (0, 0, 0), 20), _sessions(stack, model)
@@ -388,7 +380,7 @@ def test_http_clients_closing_at_done_keep_no_slot(stack):
         for _ in range(MAX_SESSIONS_PER_REPLICA + 2):
             with client.stream("POST", "/v1/completions", json=body) as r:
                 assert r.status_code == 200, r.read()
-                assert sum(len(e["specdec"]["token_ids"]) for e in _sse_events(r)) == 4
+                assert sum(len(e["specdec"]["token_ids"]) for e in sse_events(r)) == 4
     assert _wait_until(lambda: _sessions(stack, model)[0] == 0, 10)
 
 
