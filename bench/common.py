@@ -6,6 +6,7 @@ import gzip
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,3 +69,31 @@ def write_results(name: str, payload: dict, markdown: str) -> Path:
     base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     base.with_suffix(".md").write_text(markdown)
     return base
+
+
+@dataclass(slots=True)
+class Totals:
+    """One variant's requests summed: tokens per target forward over all rounds (prefill
+    included), τ and tok/s, as the store benchmarks report them."""
+
+    tokens: int = 0
+    steps: int = 0
+    spec_rounds: int = 0
+    accepted: int = 0
+    time_s: float = 0.0
+
+    def add(self, result, seconds: float) -> None:
+        """One request's `GenerationResult`, served in `seconds`."""
+        stats = result.stats
+        self.tokens += result.completion_tokens
+        self.steps += stats.num_rounds + 1  # + the prefill step
+        self.spec_rounds += stats.num_spec_rounds
+        self.accepted += stats.num_accepted_tokens
+        self.time_s += seconds
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "tokens_per_forward": self.tokens / self.steps,
+            "tau": 1 + self.accepted / self.spec_rounds if self.spec_rounds else 1.0,
+            "tok_s": self.tokens / self.time_s,
+        }

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.common import environment, humaneval_prompts_that_fit, write_results
+from bench.common import Totals, environment, humaneval_prompts_that_fit, write_results
 from bench.shared_ngram import _run
 from router.serve import local_redis_server
 from shared import metrics
@@ -68,7 +68,7 @@ def run(args) -> dict:
                 cached = CachedProposerFactory(plain, DraftCache(runner_b, cache_config, namespace, engine.vocab_size))
                 lookups0 = _counts(namespace)
                 differ = 0  # B's outputs (on and off) unlike A's
-                totals = {name: {"tokens": 0, "steps": 0, "accepted": 0, "spec_rounds": 0, "time_s": 0.0} for name in ("off", "on")}
+                totals = {name: Totals() for name in ("off", "on")}
                 for prompt in prompts:
                     first, _, _ = _run(loop, plain, prompt, sampling, args.max_new_tokens)  # replica A
                     written = writer.record(prompt, first.token_ids, greedy=True)
@@ -78,20 +78,10 @@ def run(args) -> dict:
                         result, dt, _ = _run(loop, factory, prompt, sampling, args.max_new_tokens)
                         # only a floating-point tie under another step shape may explain a difference
                         differ += result.token_ids != first.token_ids
-                        t, st = totals[name], result.stats
-                        t["tokens"] += result.completion_tokens
-                        t["steps"] += st.num_rounds + 1  # + the prefill step
-                        t["spec_rounds"] += st.num_spec_rounds
-                        t["accepted"] += st.num_accepted_tokens
-                        t["time_s"] += dt
+                        totals[name].add(result, dt)
                 for runner in {runner_a, runner_b}:
                     runner.close()
-                rows: dict = {
-                    name: {"tokens_per_forward": t["tokens"] / t["steps"],
-                           "tau": 1 + t["accepted"] / t["spec_rounds"] if t["spec_rounds"] else 1.0,
-                           "tok_s": t["tokens"] / t["time_s"]}
-                    for name, t in totals.items()
-                }  # fmt: skip
+                rows: dict = {name: t.summary() for name, t in totals.items()}
                 now = _counts(namespace)
                 rows["cache"] = {r: now[r] - lookups0[r] for r in now}
                 rows["outputs_unlike_replica_a"] = differ

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import environment, humaneval_prompts_that_fit, write_results
+from bench.common import Totals, environment, humaneval_prompts_that_fit, write_results
 from router.serve import local_redis_server
 from shared.config import default_config
 from shared.loading import tokenizer_hash
@@ -125,29 +125,24 @@ def run(args) -> dict:
                         mem = (_redis_memory(redis_url) - mem0) * 1000 / len(learn_prompts) if store_kind == "redis" else None
                         shared_factory = NgramProposerFactory(config.ngram, reader)
                         fetches0 = _fetch_counts(namespace)
-                        totals = {name: dict(tokens=0, steps=0, rounds=0, accepted=0, spec_rounds=0, time_s=0.0, hits=0,
-                                             round_s=[]) for name in ("request-only", "shared")}  # fmt: skip
+                        names = ("request-only", "shared")
+                        totals = {name: Totals() for name in names}
+                        hits = dict.fromkeys(names, 0)
+                        round_s: dict[str, list[float]] = {name: [] for name in names}
                         for i, prompt in enumerate(measure):
                             sampling = SamplingParams(temperature=args.temperature, seed=i) if mode == "sample" else SamplingParams()
                             for name, factory in (("request-only", plain), ("shared", shared_factory)):
                                 step_times.clear()
                                 result, dt, proposer = _run(loop, factory, prompt, sampling, args.max_new_tokens)
-                                t, st = totals[name], result.stats
-                                t["round_s"] += step_times[1:]  # the rounds after the prefill step
-                                t["tokens"] += result.completion_tokens
-                                t["steps"] += st.num_rounds + 1  # + the prefill step
-                                t["spec_rounds"] += st.num_spec_rounds
-                                t["accepted"] += st.num_accepted_tokens
-                                t["time_s"] += dt
-                                t["hits"] += proposer.shared.num_hits if proposer.shared else 0
+                                totals[name].add(result, dt)
+                                round_s[name] += step_times[1:]  # the rounds after the prefill step
+                                hits[name] += proposer.shared.num_hits if proposer.shared else 0
                         runner.close()
                         rows = {}
                         for name, t in totals.items():
                             rows[name] = {
-                                "tokens_per_forward": t["tokens"] / t["steps"],
-                                "tau": 1 + t["accepted"] / t["spec_rounds"] if t["spec_rounds"] else 1.0,
-                                "tok_s": t["tokens"] / t["time_s"], "table_hits": t["hits"],
-                                "round_ms_p50_p90_p99": [float(x) * 1e3 for x in np.percentile(t["round_s"], [50, 90, 99])],
+                                **t.summary(), "table_hits": hits[name],
+                                "round_ms_p50_p90_p99": [float(x) * 1e3 for x in np.percentile(round_s[name], [50, 90, 99])],
                             }  # fmt: skip
                         rows["redis_bytes_per_1k_requests"] = mem
                         now = _fetch_counts(namespace)
