@@ -9,8 +9,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from shared.registry import discover
-from shared.store import StoreAuthError
+from shared.registry import discover, poll
 
 if TYPE_CHECKING:
     from router.server import Router
@@ -31,18 +30,8 @@ class RegistryWatcher:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(poll(self.sync, self.poll_s, "discovery"))
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.sync()
-            except StoreAuthError:
-                logger.error("registry: the store refused our credentials; discovery stopped")
-                return
-            except Exception as e:  # noqa: BLE001 - store down: keep the replicas we have
-                logger.debug("registry poll failed: %s", e)
-            await asyncio.sleep(self.poll_s)
 
     async def sync(self) -> None:
         """One poll: add new live replicas, drop the ones this watcher added that expired."""

@@ -23,8 +23,9 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 
-from shared.store import PREFIX, Store, StoreUnavailable
+from shared.store import PREFIX, Store, StoreAuthError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,24 @@ async def discover(store: Store, service: str) -> dict[str, set[str]]:
         if sep and address:
             found.setdefault(target, set()).add(address)
     return found
+
+
+async def poll(sync: Callable[[], Awaitable[object]], interval_s: float, what: str, *,
+               wait_first: bool = False) -> None:  # fmt: skip
+    """Call `sync` (one look at the registry) every `interval_s` until cancelled. A store
+    that is down keeps what `sync` found last; wrong credentials end the polling."""
+    while True:
+        if wait_first:
+            await asyncio.sleep(interval_s)
+        try:
+            await sync()
+        except StoreAuthError:
+            logger.error("registry: the store refused our credentials; %s stopped", what)
+            return
+        except Exception as e:  # noqa: BLE001 - store down: keep what we have
+            logger.debug("registry poll failed: %s", e)
+        if not wait_first:
+            await asyncio.sleep(interval_s)
 
 
 class Heartbeat:

@@ -12,7 +12,7 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
-from shared.registry import discover
+from shared.registry import discover, poll
 from shared.store import StoreAuthError
 
 if TYPE_CHECKING:
@@ -57,18 +57,9 @@ class DrafterFollower:
             raise
         except Exception as e:  # noqa: BLE001 - store down or slow: the background loop retries
             logger.debug("registry: first look for a drafter pool failed: %s", e)
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                await self.sync()
-            except StoreAuthError:
-                logger.error("registry: the store refused our credentials; drafter discovery stopped")
-                return
-            except Exception as e:  # noqa: BLE001 - store down: keep the pool we have
-                logger.debug("registry poll failed: %s", e)
+        self._task = asyncio.get_running_loop().create_task(
+            poll(self.sync, self.poll_s, "drafter discovery", wait_first=True)  # it just looked
+        )
 
     async def live_pools(self) -> set[str]:
         """Addresses of the live pools that serve this verifier's tokenizer."""
