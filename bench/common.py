@@ -30,15 +30,19 @@ def humaneval_prompts_that_fit(tokenizer, num_prompts: int, max_new_tokens: int,
 
 
 def train_prompts_that_fit(tokenizer, num_prompts: int, max_new_tokens: int, max_total: int = 256,
-                           stride: int = 7) -> list[list[int]]:  # fmt: skip
+                           stride: int = 7, exclude: set[str] = frozenset()) -> list[list[int]]:  # fmt: skip
     """Every `stride`-th training prompt (drafters and defaults are tuned on these, never on
-    benchmark prompts) of at least 16 tokens whose prompt + generation fit in `max_total`."""
+    benchmark prompts) of at least 16 tokens whose prompt + generation fit in `max_total`,
+    but none of `exclude` (prompts a drafter was trained on)."""
     chosen = []
     with open(data_dir() / "train_prompts" / "code_prompts.jsonl") as f:
         for i, line in enumerate(f):
             if i % stride:
                 continue
-            ids = tokenizer(json.loads(line)["prompt"]).input_ids
+            prompt = json.loads(line)["prompt"]
+            if prompt in exclude:
+                continue
+            ids = tokenizer(prompt).input_ids
             if 16 <= len(ids) and len(ids) + max_new_tokens <= max_total:
                 chosen.append(ids)
             if len(chosen) == num_prompts:

@@ -189,13 +189,30 @@ def init_drafter(cfg: TrainSortedConfig):
 # --------------------------------------------------------------------------- data
 
 
-def load_prompts(path: Path, tokenizer, num: int, max_tokens: int, seed: int) -> list[list[int]]:
+def training_prompt_texts(path: Path, num: int, seed: int) -> list[str]:
+    """The `num` prompts a run with `seed` trains on: a seeded shuffle of the file, cut."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt") as f:
         texts = [json.loads(line)["prompt"] for line in f if line.strip()]
     random.Random(seed).shuffle(texts)
+    return texts[:num]
+
+
+def trained_on(drafter_dir: Path) -> set[str]:
+    """The prompts a drafter written by this tool was trained on (from its sorted.json's
+    training record; empty for a drafter without one), so that defaults are never chosen on
+    them: a drafter drafts its own training data better than users' prompts."""
+    meta = json.loads((drafter_dir / "sorted.json").read_text()).get("training", {})
+    data = meta.get("data")
+    if not data:
+        return set()
+    path = data_dir() / "train_prompts" / data["prompts"]
+    return set(training_prompt_texts(path, data["num_prompts"], data.get("seed", 0)))
+
+
+def load_prompts(path: Path, tokenizer, num: int, max_tokens: int, seed: int) -> list[list[int]]:
     out = []
-    for text in texts[:num]:
+    for text in training_prompt_texts(path, num, seed):
         ids = tokenizer(text)["input_ids"][-max_tokens:]
         if ids:
             out.append(ids)
@@ -569,7 +586,7 @@ def train(cfg: TrainSortedConfig) -> dict:
         "init": cfg.init if cfg.init == "scratch" else f"{Path(cfg.init_from).name} layers "
         f"{cfg.init_layers or list(range(cfg.exits[-1]))}",
         "targets": [Path(t).name for t in cfg.targets],
-        "data": {"prompts": str(Path(cfg.prompts).name), "num_prompts": cfg.num_prompts,
+        "data": {"prompts": str(Path(cfg.prompts).name), "num_prompts": cfg.num_prompts, "seed": cfg.seed,
                  "gen_modes": cfg.gen_modes, "temperature": cfg.temperature,
                  "max_prompt_tokens": cfg.max_prompt_tokens, "max_new_tokens": cfg.max_new_tokens,
                  "num_sequences": len(data), "num_tokens": sum(map(len, data)),
