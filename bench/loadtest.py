@@ -17,7 +17,10 @@ Without `--http-url` / `--grpc-address` the tool starts `specdec serve` (the def
 `--config` YAML merged over it, only the `--targets`) and stops it at the end.
 
 Closed loop: at each `--concurrency` level that many workers send requests back to back,
-`--requests-per-level` in all (default max(2 x level, 16)). Open loop: requests arrive as a
+`--requests-per-level` in all (default max(2 x level, 16)). `--repeats N` runs each level's
+methods N times, in alternating order, and sums each method's passes: on a shared machine
+one pass of a method against one of another differs by several per cent with nothing
+changed, which the `none` row's A/A ratio (its even passes over its odd ones) shows. Open loop: requests arrive as a
 Poisson process at each of `--rates` (req/s) for `--duration-s`, whatever the server's pace
 (seeded by `--seed`; the same schedule for every target and method).
 
@@ -388,10 +391,12 @@ class BatchRowsProbe:
         return (total, steps) if seen else None
 
 
-def mean_batch_rows(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
-    if before is None or after is None or after[1] == before[1]:
+def mean_batch_rows(spans: list[tuple[tuple[float, float] | None, tuple[float, float] | None]]) -> float | None:
+    """Mean rows per step over (before, after) readings of the histogram's (sum, count)."""
+    if any(before is None or after is None for before, after in spans):
         return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    steps = sum(after[1] - before[1] for before, after in spans)
+    return sum(after[0] - before[0] for before, after in spans) / steps if steps else None
 
 
 @dataclass(slots=True)
@@ -486,6 +491,12 @@ async def run_level(client: HttpLoadClient | GrpcLoadClient, target: str, method
         return records, time.perf_counter() - t0, cpu_seconds() - cpu0
 
 
+def pass_order(methods: list[str], repeat: int) -> list[str]:
+    """The methods' order in pass `repeat` of a level: forward, then backward, and so on, so
+    that no method always runs first after a level change (or right after another one)."""
+    return list(methods) if repeat % 2 == 0 else list(reversed(methods))
+
+
 async def run_all(args: argparse.Namespace, ends: Endpoints, prompts: dict[str, list[str]]) -> list[dict]:
     from tqdm import tqdm
 
@@ -499,12 +510,15 @@ async def run_all(args: argparse.Namespace, ends: Endpoints, prompts: dict[str, 
                 # NOTE: every method at one level before the next level, so that a slow spell
                 # of a shared machine hits all methods of a level alike, not one method's sweep
                 for level in plan:
+                    passes: dict[str, list[Pass]] = {method: [] for method in args.methods}
+                    for repeat in range(args.repeats):
+                        for method in pass_order(args.methods, repeat):
+                            before = probe.read()
+                            records, wall_s, cpu_s = await run_level(client, target, method, level, cycles[method])
+                            passes[method].append(Pass(records, wall_s, cpu_s, before, probe.read()))
                     for method in args.methods:
-                        before = probe.read()
-                        records, wall_s, cpu_s = await run_level(client, target, method, level, cycles[method])
                         row = {"target": target, "method": method, "protocol": protocol, "load": level.load,
-                               "level": level.value, **summarize(records, wall_s, cpu_s, slo),
-                               "mean_batch_rows": mean_batch_rows(before, probe.read())}  # fmt: skip
+                               "level": level.value, **merged_row(passes[method], slo)}  # fmt: skip
                         rows.append(row)
                         tqdm.write(one_line(row))
         finally:
@@ -512,6 +526,30 @@ async def run_all(args: argparse.Namespace, ends: Endpoints, prompts: dict[str, 
     order = {m: i for i, m in enumerate(args.methods)}
     rows.sort(key=lambda r: (args.protocols.index(r["protocol"]), args.targets.index(r["target"]), order[r["method"]]))
     return rows
+
+
+@dataclass(slots=True)
+class Pass:
+    """One method's run of one level (one of `--repeats`)."""
+
+    records: list[RequestRecord]
+    wall_s: float
+    cpu_s: float
+    rows_before: tuple[float, float] | None  # the batch-rows histogram around it
+    rows_after: tuple[float, float] | None
+
+
+def merged_row(passes: list[Pass], slo: Slo) -> dict:
+    """A method's row of one level over all its passes (rates over their summed wall time),
+    with each pass's tok/s; two or more passes also give an A/A ratio: the even passes'
+    tok/s over the odd ones', the noise floor of comparing one method with another."""
+    records = [r for p in passes for r in p.records]
+    row = summarize(records, sum(p.wall_s for p in passes), sum(p.cpu_s for p in passes), slo)
+    per_pass = [summarize(p.records, p.wall_s, p.cpu_s, slo)["output_tokens_per_s"] for p in passes]
+    row["pass_tokens_per_s"] = per_pass
+    row["aa_ratio"] = float(np.mean(per_pass[1::2]) / np.mean(per_pass[0::2])) if len(per_pass) > 1 else None
+    row["mean_batch_rows"] = mean_batch_rows([(p.rows_before, p.rows_after) for p in passes])
+    return row
 
 
 # ---------------------------------------------------------------- report
@@ -558,6 +596,7 @@ def to_markdown(rows: list[dict], args: argparse.Namespace, env: dict) -> str:
             f"| {r['goodput_requests_per_s']:.2f} | {_dist(r['ttft_s'])} | {_dist(r['tpot_s'])} "
             f"| {_dist(r['itl_s'])} | {_dist(r['e2e_s'])} | {tau} | {batch} | {r['client_cpu_share']:.0%} |"
         )  # fmt: skip
+    lines += ratio_table(rows)
     if any("chunks" in r["token_sources"] for r in rows):
         lines.append("\nSome servers reported neither usage nor token ids: their tokens are counted one per "
                      "chunk, a lower bound (tok/s and TPOT too low).")  # fmt: skip
@@ -565,6 +604,32 @@ def to_markdown(rows: list[dict], args: argparse.Namespace, env: dict) -> str:
     if errors:
         lines += ["\nFirst errors per level:\n", *errors]
     return "\n".join(lines) + "\n"
+
+
+def ratio_table(rows: list[dict], base: str = "none") -> list[str]:
+    """Each method's output tok/s over `base`'s at the same target, protocol and level (the
+    issue's goal: speculation >= 0.97 x none at every load), with `base`'s A/A ratio when the
+    levels ran more than once; nothing without a `base` row."""
+    bases = {(r["target"], r["protocol"], r["load"], r["level"]): r for r in rows if r["method"] == base}
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != base))
+    if not bases or not methods:
+        return []
+    has_aa = any(b["aa_ratio"] is not None for b in bases.values())
+    head = ["target", "protocol", "load", f"{base} tok/s", *(f"{m} / {base}" for m in methods)]
+    head += [f"{base} A/A"] if has_aa else []
+    out = [f"\nOutput tok/s over `{base}`'s at the same level:\n", "| " + " | ".join(head) + " |",
+           "|---" * len(head) + "|"]  # fmt: skip
+    by = {(r["target"], r["protocol"], r["load"], r["level"], r["method"]): r for r in rows}
+    for key, b in bases.items():
+        cells = [key[0], key[1], _load(b), f"{b['output_tokens_per_s']:.0f}"]
+        for m in methods:
+            r = by.get((*key, m))
+            cells.append("n/a" if r is None or not b["output_tokens_per_s"]
+                         else f"{r['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}")  # fmt: skip
+        if has_aa:
+            cells.append("n/a" if b["aa_ratio"] is None else f"{b['aa_ratio']:.2f}")
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -628,6 +693,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"specdec methods; '{DEFAULT_METHOD}' sends no method field (any OpenAI server)")
     p.add_argument("--concurrency", nargs="*", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--requests-per-level", type=int, help="closed loop; default max(2 x concurrency, 16)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="passes over each level's methods (order alternating), summed per method; "
+                        ">= 2 also reports an A/A ratio per row (the noise floor)")
     p.add_argument("--rates", nargs="*", type=float, default=[], help="open-loop Poisson arrival rates (req/s)")
     p.add_argument("--duration-s", type=float, default=30.0, help="of each open-loop rate")
     p.add_argument("--dataset", choices=["humaneval", "mt_bench", "spec_bench"], default="humaneval")

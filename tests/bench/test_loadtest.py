@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bench.loadtest import (
+    Pass,
     PromptCycle,
     RequestRecord,
     Slo,
@@ -17,9 +18,11 @@ from bench.loadtest import (
     fitting_prompts,
     mean_batch_rows,
     merge_config,
+    merged_row,
     observe_event,
     open_loop,
     parse_args,
+    pass_order,
     percentiles,
     poisson_arrivals,
     summarize,
@@ -101,9 +104,28 @@ def test_summary_counts_goodput_and_keeps_rejections_apart_from_failures():
 
 
 def test_mean_batch_rows_from_histogram_deltas():
-    assert mean_batch_rows((10.0, 4.0), (30.0, 8.0)) == 5.0  # 20 rows over 4 steps
-    assert mean_batch_rows((10.0, 4.0), (10.0, 4.0)) is None  # no step in between
-    assert mean_batch_rows(None, (30.0, 8.0)) is None  # the metric is absent
+    assert mean_batch_rows([((10.0, 4.0), (30.0, 8.0))]) == 5.0  # 20 rows over 4 steps
+    assert mean_batch_rows([((10.0, 4.0), (10.0, 4.0))]) is None  # no step in between
+    assert mean_batch_rows([(None, (30.0, 8.0))]) is None  # the metric is absent
+    # two passes: 20 rows over 4 steps, then 4 rows over 4 steps -> 24 / 8, not the mean of 5 and 1
+    assert mean_batch_rows([((10.0, 4.0), (30.0, 8.0)), ((30.0, 8.0), (34.0, 12.0))]) == 3.0
+
+
+def test_passes_alternate_the_method_order():
+    methods = ["none", "ngram", "sorted"]
+    assert [pass_order(methods, r) for r in range(3)] == [methods, methods[::-1], methods]
+
+
+def test_a_merged_row_sums_its_passes_and_gives_the_aa_ratio():
+    def one_pass(tokens: int, wall_s: float) -> Pass:
+        return Pass([RequestRecord(ok=True, ttft_s=0.1, e2e_s=1.0, num_tokens=tokens)], wall_s, 0.1, None, None)
+
+    row = merged_row([one_pass(100, 1.0), one_pass(100, 2.0), one_pass(300, 1.0), one_pass(100, 2.0)], SLO)
+    assert row["output_tokens_per_s"] == 600 / 6.0  # summed tokens over summed wall time
+    assert row["requests"] == 4
+    assert row["pass_tokens_per_s"] == [100.0, 50.0, 300.0, 50.0]
+    assert row["aa_ratio"] == pytest.approx(50.0 / 200.0)  # passes 2 and 4 over passes 1 and 3
+    assert merged_row([one_pass(100, 1.0)], SLO)["aa_ratio"] is None
 
 
 # ---------------------------------------------------------------- Poisson schedule
@@ -202,6 +224,22 @@ def test_markdown_says_na_for_what_the_server_does_not_report():
     assert "| m | default | http | 2 req/s | 1/1 | 0 | 0 |" in text
     assert "| n/a | n/a | 10% |" in text  # tau, batch rows, client CPU
     assert "lower bound" in text
+    assert "over `none`" not in text  # no `none` row: no ratios
+
+
+def test_markdown_gives_each_method_over_none_at_the_same_level():
+    args = parse_args(["--http-url", "http://127.0.0.1:1"])
+
+    def row(method: str, level: int, tokens: int, aa: float | None) -> dict:
+        rec = RequestRecord(ok=True, ttft_s=0.1, e2e_s=1.0, num_tokens=tokens)
+        return {"target": "m", "method": method, "protocol": "http", "load": "concurrency", "level": level,
+                **summarize([rec], 1.0, 0.1, SLO), "mean_batch_rows": None, "aa_ratio": aa}  # fmt: skip
+
+    rows = [row("none", 1, 100, 0.98), row("sorted", 1, 150, 1.0), row("none", 8, 400, 1.03), row("sorted", 8, 380, 1.0)]
+    text = to_markdown(rows, args, {"time": "now"})
+    assert "| target | protocol | load | none tok/s | sorted / none | none A/A |" in text
+    assert "| m | http | c=1 | 100 | 1.50 | 0.98 |" in text
+    assert "| m | http | c=8 | 400 | 0.95 | 1.03 |" in text
 
 
 # ---------------------------------------------------------------- load shapes
