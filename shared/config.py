@@ -264,7 +264,11 @@ class SharedNgramConfig(_Frozen):
     """The n-gram table learned from accepted output of every request (`shared.ngram_table`)."""
 
     enabled: bool = Field(True, description="Learn from outputs and draft from the table when the "
-                          "request's own context has no match.")  # fmt: skip
+                          "request's own context has no strong match (see own_match_min).")  # fmt: skip
+    own_match_min: int = Field(
+        3, ge=1, description="The request's own prompt-lookup draft wins over the table's only where it "
+        "matched at least this many tokens; a shorter own match gives way to an aligned table draft.",
+    )  # fmt: skip
     learn_prompts: bool = Field(False, description="Learn from prompts too (they are users' data).")
     sampled: bool = Field(
         False, description="Sampled requests draft from the table too. Off: measured, their draws follow "

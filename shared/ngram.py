@@ -33,7 +33,19 @@ def find_ngram_draft(
     max_n: int,
     k: int,
 ) -> list[int]:
-    """Up to k tokens that followed the most recent earlier occurrence of the longest suffix.
+    """Up to k tokens that followed the most recent earlier occurrence of the longest suffix
+    (`find_ngram_match` without the match's length)."""
+    return find_ngram_match(context_ids, min_n, max_n, k)[0]
+
+
+def find_ngram_match(
+    context_ids: np.ndarray,  # [num_tokens], int32 or int64
+    min_n: int,
+    max_n: int,
+    k: int,
+) -> tuple[list[int], int]:
+    """(draft, n): up to k tokens that followed the most recent earlier occurrence of the
+    longest suffix, and that suffix's length n (([], 0) without a match).
 
     For n from max_n down to min_n, look for an earlier occurrence of the last n tokens
     (any occurrence except the suffix itself; it may overlap the suffix) and return up to
@@ -57,7 +69,7 @@ def find_ngram_draft(
     assert 0 < min_n <= max_n, (min_n, max_n)
     last = context_ids.shape[0] - 1
     if k <= 0 or last < min_n:
-        return []
+        return [], 0
 
     # ok[i] <-> candidate occurrence ending at e = i + j (e <= last - 1, so a token follows).
     ok = context_ids[:last] == context_ids[last]
@@ -71,13 +83,13 @@ def find_ngram_draft(
             break
         best_ok, best_n = ok, j + 1
     if best_ok is None or best_n < min_n:
-        return []
+        return [], 0
     # Most recent occurrence = the last True; its end position is index + (best_n - 1).
     end = best_ok.shape[0] - 1 - int(best_ok[::-1].argmax()) + best_n - 1
     continuation = context_ids[end + 1 : end + 1 + k]
     if continuation.shape[0] < k:  # reached the end: period = last - end = len(continuation)
         continuation = np.resize(continuation, k)  # tiles it
-    return continuation.tolist()
+    return continuation.tolist(), best_n
 
 
 class NgramProposer:
@@ -103,10 +115,9 @@ class NgramProposer:
 
     def propose(self, context_ids: Sequence[int], k: int) -> Draft:
         context = self._sync(context_ids)
-        draft = find_ngram_draft(context, self.min_n, self.max_n, k)
-        if self.shared is not None:  # the request's own context first
-            shared = self.shared.draft(context_ids, k, use=not draft)
-            draft = draft or shared
+        draft, n = find_ngram_match(context, self.min_n, self.max_n, k)
+        if self.shared is not None:  # the table where the own match is weak (or missing)
+            draft = self.shared.draft(context_ids, k, own_n=n if draft else 0) or draft
         return Draft(token_ids=draft)
 
     def update(self, num_accepted: int) -> None:

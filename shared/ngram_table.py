@@ -1,5 +1,5 @@
 """The shared n-gram table: continuations learned from every request's accepted output,
-read by `ngram` when the request's own context has no match.
+read by `ngram` where the request's own context has no strong match.
 
     specdec:ng:<tokenizer_hash>:<target>:<n>:<context_hash>  ->  sorted set
         member = the continuation (`continuation_len` int32 little-endian tokens)
@@ -9,9 +9,10 @@ Writes (`learn`) happen when an `ngram` session closes: its output (and its prom
 when `learn_prompts`) is queued, and the store's own thread turns it into one pipelined
 batch of count increments (each key trimmed to its `keep_top` best and given a TTL).
 
-Reads never block a round (`SharedDrafts`): each round that finds no match in the
-request's own context uses the last fetch that has arrived *and* still aligns with the
-tokens emitted since it was issued, then issues the next fetch for the current context.
+Reads never block a round (`SharedDrafts`): each round whose own prompt-lookup match is
+shorter than `own_match_min` tokens (none, or a weak one) uses the last fetch that has
+arrived *and* still aligns with the tokens emitted since it was issued (falling back to its
+own draft when there is none), then issues the next fetch for the current context.
 A fetch issued at round r is thus used at round r + 1 if it is there, or later while the
 emitted tokens follow its continuation.
 
@@ -172,34 +173,32 @@ class SharedDrafts:
         self._empty_in_row = 0
         self._skip = 0
 
-    def draft(self, context: Sequence[int], k: int, use: bool = True) -> list[int]:
-        """Up to k tokens from the last arrived fetch that still aligns; issues the next fetch.
-        `use=False` (the request's own context had a draft) only keeps the fetches going, so
-        a round that needs the table finds an answer already there."""
+    def draft(self, context: Sequence[int], k: int, own_n: int = 0) -> list[int]:
+        """Up to k tokens from the last arrived fetch that still aligns, unless the
+        request's own draft matched `own_n` >= `own_match_min` tokens (0: no own draft);
+        issues the next fetch, so a round that needs the table finds an answer there."""
         self.last_draft_len = 0
         out: list[int] = []
         model = self.table.target
-        if not use:
-            if self._fetch is not None and self._fetch[1].done():
-                future = self._fetch[1]
-                if future.exception() is None and not future.result():
-                    self._back_off()  # the table has nothing here either
-                self._fetch = None
-            if self._fetch is None:
-                self._issue(context)
-            return out
+        # NOTE: a 1-2 token match in the request's own text is weak evidence; the table's
+        # continuation of a 2-4 token context from other requests' outputs beat it
+        # (bench.shared_ngram cross-prompt, tokens per forward: target-s 1.12x -> 1.16x,
+        # target-m 1.20x -> 1.24x), and replacing longer own matches lost (1.07x)
+        usable = own_n < self.table.config.own_match_min
         if self._fetch is not None:
             then, future = self._fetch
             if not future.done():
-                metrics.SHARED_NGRAM_FETCHES.labels(model, "late").inc()
+                if usable:
+                    metrics.SHARED_NGRAM_FETCHES.labels(model, "late").inc()
                 return []  # the fetch in flight serves a later round
             self._fetch = None
             if future.exception() is not None:
                 metrics.SHARED_NGRAM_FETCHES.labels(model, "failed").inc()
             elif not (continuations := future.result()):
-                metrics.SHARED_NGRAM_FETCHES.labels(model, "empty").inc()
-                self._back_off()
-            else:
+                if usable:
+                    metrics.SHARED_NGRAM_FETCHES.labels(model, "empty").inc()
+                self._back_off()  # the table has nothing here either
+            elif usable:
                 self._empty_in_row = 0
                 emitted = list(context[len(then) :])
                 if list(context[: len(then)]) == then:
@@ -211,6 +210,8 @@ class SharedDrafts:
                     self.num_hits += 1
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "hit").inc()
                     metrics.SHARED_NGRAM_TOKENS.labels(model, "drafted").inc(len(out))
+            else:
+                self._empty_in_row = 0
         self._issue(context)
         self.last_draft_len = len(out)
         return out

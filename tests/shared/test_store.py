@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from shared import metrics
-from shared.config import SharedNgramConfig
+from shared.config import NgramConfig, SharedNgramConfig
 from shared.ngram_table import SharedDrafts, SharedNgramTable, ngram_key, pack
 from shared.store import (
     RedisStore,
@@ -18,6 +19,7 @@ from shared.store import (
     StoreRunner,
     StoreUnavailable,
 )
+from shared.types import SamplingParams
 from tests.redis_server import RedisServer
 
 
@@ -148,6 +150,31 @@ def test_a_runner_up_continuation_drafts_where_the_best_one_went_stale(runner):
     # the round emitted [3, 7]: the best continuation went stale, the runner-up goes on
     assert drafts.draft([0, 1, 2, 3, 7], 3) == [8, 9]
     assert drafts.num_hits == 1 and drafts.num_stale == 0
+
+
+def test_a_weak_own_match_gives_way_to_the_table_and_a_strong_one_does_not(runner):
+    table = SharedNgramTable(runner, CONFIG, "tokhash", f"t{time.monotonic_ns()}", vocab_size=100)
+    _run(runner, table._write, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert CONFIG.own_match_min == 3
+    for own_n, expected in ((0, [3, 4, 5]), (2, [3, 4, 5]), (3, [])):  # own match of own_n tokens
+        drafts = SharedDrafts(table)
+        assert drafts.draft([0, 1, 2], 3, own_n=own_n) == []  # issues the fetch
+        drafts._fetch[1].result(5)  # (test only) let it arrive
+        assert drafts.draft([0, 1, 2], 3, own_n=own_n) == expected, own_n
+        assert (drafts.num_hits, drafts.num_stale) == (len(expected) > 0, 0)
+
+
+def test_ngram_drafts_from_the_table_where_its_own_match_is_one_token(runner):
+    from shared.ngram import NgramProposerFactory, find_ngram_match
+
+    table = SharedNgramTable(runner, CONFIG, "tokhash", f"t{time.monotonic_ns()}", vocab_size=100)
+    _run(runner, table._write, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    context = [2, 40, 41, 1, 2]  # own match: [2] -> [40, 41, ...]; the table's [1, 2] -> [3, 4, 5]
+    assert find_ngram_match(np.asarray(context), 1, 4, 3) == ([40, 41, 1], 1)
+    proposer = NgramProposerFactory(NgramConfig(), table).new_session(context, SamplingParams())
+    assert proposer.propose(context, 3).token_ids == [40, 41, 1]  # no fetch has arrived yet
+    proposer.shared._fetch[1].result(5)
+    assert proposer.propose(context, 3).token_ids == [3, 4, 5]
 
 
 def test_the_guard_closes_on_low_acceptance_probes_and_reopens():
