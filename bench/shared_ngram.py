@@ -119,7 +119,8 @@ def run(args) -> dict:
                         mem0 = _redis_memory(redis_url) if store_kind == "redis" else 0
                         for i, prompt in enumerate(learn_prompts):
                             sampling = SamplingParams(temperature=args.temperature, seed=10_000 + i) if mode == "sample" else SamplingParams()
-                            _run(loop, NgramProposerFactory(config.ngram, writer), prompt, sampling, args.max_new_tokens)
+                            result, _, _ = _run(loop, plain, prompt, sampling, args.max_new_tokens)
+                            writer.learn(prompt, result.token_ids)  # as the servicer does with every result
                         runner.submit(_noop).result(30)
                         time.sleep(0.2)
                         mem = (_redis_memory(redis_url) - mem0) * 1000 / len(learn_prompts) if store_kind == "redis" else None

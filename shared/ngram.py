@@ -108,10 +108,9 @@ class NgramProposer:
         self._buf = np.empty(max(64, 2 * len(prompt_ids)), dtype=np.int64)
         self._len = 0
         self._sync(prompt_ids)
-        self._prompt_len = len(prompt_ids)
-        self.table = table
         reads = table is not None and (greedy or table.config.sampled)
-        self.shared = SharedDrafts(table, greedy) if reads else None  # every session teaches it
+        # (the verifier teaches the table every request's output, whatever its method)
+        self.shared = SharedDrafts(table, greedy) if reads else None
 
     def propose(self, context_ids: Sequence[int], k: int) -> Draft:
         context = self._sync(context_ids)
@@ -128,11 +127,7 @@ class NgramProposer:
         pass  # prompt lookup has no per-session knobs
 
     def close(self) -> None:
-        """Teach the shared table this request's output (and prompt, where allowed)."""
-        if self.table is not None and self._len:
-            start = 0 if self.table.config.learn_prompts else self._prompt_len
-            self.table.learn(self._buf[start : self._len].tolist())
-            self.table = None
+        pass
 
     def _sync(self, context_ids: Sequence[int]) -> np.ndarray:  # [num_tokens], int64 view
         """Bring the buffer in line with `context_ids`; return a view of it."""

@@ -5,9 +5,10 @@ read by `ngram` where the request's own context has no strong match.
         member = the continuation (`continuation_len` int32 little-endian tokens)
         score  = how often it followed that n-token context
 
-Writes (`learn`) happen when an `ngram` session closes: its output (and its prompt only
-when `learn_prompts`) is queued, and the store's own thread turns it into one pipelined
-batch of count increments (each key trimmed to its `keep_top` best and given a TTL).
+Writes (`learn`) happen when any request finishes, whatever its method (the verifier's
+servicer calls it with the result): its output (and its prompt only when `learn_prompts`)
+is queued, and the store's own thread turns it into one pipelined batch of count
+increments (each key trimmed to its `keep_top` best and given a TTL).
 
 Reads never block a round (`SharedDrafts`): each round whose own prompt-lookup match is
 shorter than `own_match_min` tokens (none, or a weak one) uses the last fetch that has
@@ -102,10 +103,12 @@ class SharedNgramTable:
 
     # ---------------------------------------------------------------- writes
 
-    def learn(self, tokens: Sequence[int]) -> None:
-        """Queue one request's accepted tokens; the store's thread writes them."""
+    def learn(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        """Queue one finished request's output (after its prompt where `learn_prompts`);
+        the store's thread writes it. Never blocks."""
+        tokens = [*prompt_ids, *output_ids] if self.config.learn_prompts else list(output_ids)
         if self.learns and len(tokens) > self.config.min_n:
-            self.runner.submit(self._write, list(tokens)).add_done_callback(_log_failure)
+            self.runner.submit(self._write, tokens).add_done_callback(_log_failure)
 
     def updates(self, tokens: list[int]) -> list[tuple[str, bytes, float]]:
         cfg = self.config

@@ -1,5 +1,6 @@
 """Two verifier replicas of one target share a real Redis: replica B drafts from the n-gram
-table and accepts tokens that only replica A's earlier output holds; Redis killed mid-run
+table and accepts tokens that only replica A's earlier output holds (also when A served
+them with `none`, through the real servicers); Redis killed mid-run
 costs speculation only (every request completes with the target's own output) and the
 table works again when Redis returns."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import pytest
 
 from shared import metrics
@@ -14,13 +16,16 @@ from shared.config import default_config
 from shared.loading import tokenizer_hash
 from shared.ngram import NgramProposerFactory
 from shared.ngram_table import SharedNgramTable
+from shared.pb.specdec.v1 import verifier_pb2, verifier_pb2_grpc
 from shared.store import RedisStore, StoreRunner
 from shared.types import GenerationRequest
 from tests.exactness import compare_greedy, humaneval_prompts
+from tests.grpc_servers import start_verifier_server
 from tests.redis_server import RedisServer
 from verifier_service.engine import load_target
 from verifier_service.loop import SpecDecodeLoop
 from verifier_service.policy import RulePolicy
+from verifier_service.servicer import VerifierServicer
 
 CONFIG = default_config()
 TARGET = "codelm-target-s"
@@ -43,6 +48,7 @@ class Replica:
         request = GenerationRequest(prompt_ids=prompt, max_new_tokens=MAX_NEW, method="ngram")
         proposer = self.factory.new_session(prompt, request.sampling)
         (result,) = self.loop.run_together([(request, proposer)])
+        self.table.learn(prompt, result.token_ids)  # what the servicer does with every result
         return result, proposer
 
     def flush(self) -> None:
@@ -70,7 +76,7 @@ def test_replica_b_accepts_what_replica_a_wrote(tmp_path, target):
             result, _ = a.generate(prompt)
             assert compare_greedy(TARGET, prompt, result.token_ids, MAX_NEW).ok
         a.flush()
-        time.sleep(0.2)  # the writes queued by the sessions' close
+        time.sleep(0.2)  # the writes queued after each result
         accepted = metrics.SHARED_NGRAM_TOKENS.labels(TARGET, "accepted")
         before = accepted._value.get()
         hits = 0
@@ -99,4 +105,49 @@ def test_replica_b_accepts_what_replica_a_wrote(tmp_path, target):
     finally:
         a.runner.close()
         b.runner.close()
+        server.stop()
+
+
+async def _served(stub, prompt: list[int], method: str) -> list[int]:
+    request = verifier_pb2.VerifierGenerateRequest(model=TARGET, prompt_token_ids=prompt, max_new_tokens=MAX_NEW,
+                                                   method=method)  # fmt: skip
+    async for resp in stub.Generate(request):
+        assert resp.WhichOneof("response") != "error", resp.error
+        if resp.WhichOneof("response") == "complete":
+            return list(resp.complete.token_ids)
+    raise AssertionError("no complete message")
+
+
+@pytest.mark.slow
+async def test_requests_of_every_method_teach_the_table(tmp_path, target):
+    """Replica A serves `none` (no drafting at all); replica B's `ngram` then drafts and
+    accepts what A's outputs hold: the servicer teaches the table every result."""
+    engine, tokenizer = target
+    server = RedisServer(tmp_path)
+    config = CONFIG.model_copy(update={"store": CONFIG.store.model_copy(update={"redis_url": server.url}),
+                                       "speculation": SPECULATION})  # fmt: skip
+    tok_hash = tokenizer_hash(config.target(TARGET).model_dir)
+    replicas, servers = [], []
+    try:
+        for _ in range(2):
+            servicer = VerifierServicer(config, TARGET)
+            servicer.attach(SpecDecodeLoop(engine.resized(2), tokenizer, RulePolicy(SPECULATION)), tok_hash)
+            replicas.append(servicer)
+            servers.append(await start_verifier_server(servicer))
+        prompts = [tokenizer(p).input_ids for p in humaneval_prompts(3, offset=13)]
+        accepted = metrics.SHARED_NGRAM_TOKENS.labels(TARGET, "accepted")
+        async with grpc.aio.insecure_channel(servers[0].address) as ca, grpc.aio.insecure_channel(servers[1].address) as cb:
+            stub_a, stub_b = verifier_pb2_grpc.VerifierServiceStub(ca), verifier_pb2_grpc.VerifierServiceStub(cb)
+            for prompt in prompts:
+                assert compare_greedy(TARGET, prompt, await _served(stub_a, prompt, "none"), MAX_NEW).ok
+            replicas[0].store.submit(_noop).result(5)  # A's queued writes have run
+            before = accepted._value.get()
+            for prompt in prompts:
+                assert compare_greedy(TARGET, prompt, await _served(stub_b, prompt, "ngram"), MAX_NEW).ok
+        assert accepted._value.get() > before, "replica B accepted nothing from what `none` taught"
+    finally:
+        for s in servers:
+            await s.stop(None)
+        for servicer in replicas:
+            servicer.close()
         server.stop()
