@@ -13,7 +13,8 @@ increments (each key trimmed to its `keep_top` best and given a TTL).
 Reads never block a round (`SharedDrafts`): each round whose own prompt-lookup match is
 shorter than `own_match_min` tokens (none, or a weak one) uses the last fetch that has
 arrived *and* still aligns with the tokens emitted since it was issued (falling back to its
-own draft when there is none), then issues the next fetch for the current context.
+own draft when there is none), then issues the next fetch for the current context;
+rounds with a strong own match issue none.
 A fetch issued at round r is thus used at round r + 1 if it is there, or later while the
 emitted tokens follow its continuation.
 
@@ -179,7 +180,7 @@ class SharedDrafts:
     def draft(self, context: Sequence[int], k: int, own_n: int = 0) -> list[int]:
         """Up to k tokens from the last arrived fetch that still aligns, unless the
         request's own draft matched `own_n` >= `own_match_min` tokens (0: no own draft);
-        issues the next fetch, so a round that needs the table finds an answer there."""
+        then, on such a round, issues the next fetch for the round after it."""
         self.last_draft_len = 0
         out: list[int] = []
         model = self.table.target
@@ -215,7 +216,10 @@ class SharedDrafts:
                     metrics.SHARED_NGRAM_TOKENS.labels(model, "drafted").inc(len(out))
             else:
                 self._empty_in_row = 0
-        self._issue(context)
+        if usable:  # NOTE: a strong own match (a loop) tends to hold next round too; fetching
+            # only after weak rounds kept the tokens per forward and cut round time (target-s
+            # on Redis, cross-prompt: tok/s 1.00x -> 1.07x request-only)
+            self._issue(context)
         self.last_draft_len = len(out)
         return out
 

@@ -158,10 +158,11 @@ def test_a_weak_own_match_gives_way_to_the_table_and_a_strong_one_does_not(runne
     assert CONFIG.own_match_min == 3
     for own_n, expected in ((0, [3, 4, 5]), (2, [3, 4, 5]), (3, [])):  # own match of own_n tokens
         drafts = SharedDrafts(table)
-        assert drafts.draft([0, 1, 2], 3, own_n=own_n) == []  # issues the fetch
+        assert drafts.draft([0, 1, 2], 3) == []  # a round without an own draft issues a fetch
         drafts._fetch[1].result(5)  # (test only) let it arrive
         assert drafts.draft([0, 1, 2], 3, own_n=own_n) == expected, own_n
         assert (drafts.num_hits, drafts.num_stale) == (len(expected) > 0, 0)
+        assert (drafts._fetch is None) == (not expected)  # a strong own match fetches nothing further
 
 
 def test_ngram_drafts_from_the_table_where_its_own_match_is_one_token(runner):
