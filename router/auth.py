@@ -88,6 +88,12 @@ class Gatekeeper:
             raise UnauthenticatedError("invalid API key")
         return key_id(token)
 
+    def caller(self, authorization: str | None) -> str:
+        """The key id of a call `admit` has let in ("" when keys are off): the tenant its
+        shared draft state belongs to. No comparison: only admitted calls get here."""
+        token = bearer_token(authorization) if self._keys else None
+        return key_id(token) if token else ""
+
     def admit(self, authorization: str | None, client: str) -> str | None:
         """Authenticate, then count one request against the caller's rate limit."""
         caller = self.authenticate(authorization)

@@ -298,10 +298,11 @@ def create_app(router: Router) -> FastAPI:
         ok = not router.draining and any(r.healthy for r in router.registry.all())
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
-    def admit(request: Request) -> None:
-        """Key and rate limit (raises the domain error the handler above turns into 401/429)."""
+    def admit(request: Request) -> str:
+        """Key and rate limit (raises the domain error the handler above turns into 401/429);
+        the caller's key id ("" when keys are off)."""
         client = request.client.host if request.client else "-"
-        router.gatekeeper.admit(request.headers.get("authorization"), client)
+        return router.gatekeeper.admit(request.headers.get("authorization"), client) or ""
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
@@ -331,11 +332,11 @@ def create_app(router: Router) -> FastAPI:
             )
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions", dependencies=[Depends(admit)])
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(admit)) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         req = to_generate_request(body, request_id)
-        stream = router.generate(req)
+        stream = router.generate(req, tenant=tenant)
         # The first message forces validation and admission: errors still get a status.
         try:
             first = await stream.__anext__()

@@ -386,13 +386,15 @@ class Router:
         return validate_request(request, self.models, self._tokenize, self.limits)
 
     async def generate(
-        self, request: router_pb2.GenerateRequest, *, timeout: float | None = None
+        self, request: router_pb2.GenerateRequest, *, timeout: float | None = None, tenant: str = ""
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        """Validate, admit, relay. Raises `SpecdecError` before the first message only."""
+        """Validate, admit, relay (`tenant`: the caller's key id, `Gatekeeper.caller`).
+        Raises `SpecdecError` before the first message only."""
         if self.draining:
             raise UnavailableError("the router is shutting down")
         # NOTE: tokenizing a long prompt takes milliseconds: off the event loop
         validated = await asyncio.get_running_loop().run_in_executor(None, self.validate, request)
+        validated.tenant = tenant
         held = [self.registry.acquire(validated.model)]  # the replica this request counts on
         replica = held[0]
         self._enter()
@@ -582,7 +584,8 @@ class GenerationServicer(router_pb2_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        stream = self._router.generate(request, timeout=context.time_remaining())
+        tenant = self._router.gatekeeper.caller(dict(context.invocation_metadata() or ()).get("authorization"))
+        stream = self._router.generate(request, timeout=context.time_remaining(), tenant=tenant)
         try:
             async for response in stream:
                 yield response

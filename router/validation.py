@@ -84,10 +84,12 @@ class ValidatedRequest:
     stop: list[str] = field(default_factory=list)
     num_speculative_tokens: int | None = None
     request_id: str = ""
+    tenant: str = ""  # the caller's key id (`router.auth`); "" when keys are off
 
     def to_verifier(self) -> verifier_pb2.VerifierGenerateRequest:
         msg = verifier_pb2.VerifierGenerateRequest(
             request_id=self.request_id,
+            tenant=self.tenant,
             model=self.model,
             prompt_token_ids=self.prompt_ids,
             sampling=sampling_to_proto(self.sampling),

@@ -318,6 +318,11 @@ class StoreConfig(_Frozen):
     memory_max_keys: int = Field(200_000, gt=0, description="In-memory store: keys kept (oldest write out).")
     shared_ngram: SharedNgramConfig = Field(default_factory=SharedNgramConfig, description="Shared n-gram table.")
     draft_cache: DraftCacheConfig = Field(default_factory=DraftCacheConfig, description="Repeated-prompt draft cache.")
+    isolate_tenants: bool = Field(
+        True, description="With API keys configured, each key's requests learn from and draft with only "
+        "their own n-gram table and draft cache (the key's id is a key segment): one user's outputs never "
+        "shape another's drafts or timing. False: one table and cache for all keys.",
+    )  # fmt: skip
 
 
 class AutoscalingConfig(_Frozen):

@@ -27,6 +27,7 @@ pipelined/remote alike): the cache drafts first, the method's proposer otherwise
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import numpy as np
 
 from shared import metrics
 from shared.loading import context_hash
+from shared.ngram_table import tenant_segment
 from shared.proposer import Draft, PipelinedProposer
 
 if TYPE_CHECKING:
@@ -47,8 +49,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def draft_key(target: str, prompt: Sequence[int]) -> str:
-    return f"specdec:draft:{target}:{context_hash(list(prompt))}"
+def draft_key(target: str, prompt: Sequence[int], tenant: str = "") -> str:
+    """DESIGN.md's key, with the tenant segment after `draft:` for a tenant's own entries."""
+    return f"specdec:draft:{tenant_segment(tenant)}{target}:{context_hash(list(prompt))}"
 
 
 def pack(tokens: Sequence[int]) -> bytes:
@@ -81,7 +84,16 @@ class DraftCache:
         self.runner = runner
         self.config = config
         self.target = target
+        self.tenant = ""  # whose entries this view reads and writes (`for_tenant`); "": shared
         self.vocab_size = vocab_size
+
+    def for_tenant(self, tenant: str) -> DraftCache:
+        """The cache one tenant's requests read and fill ("" = this one)."""
+        if not tenant:
+            return self
+        view = copy.copy(self)
+        view.tenant = tenant
+        return view
 
     # ---------------------------------------------------------------- writes
 
@@ -92,7 +104,7 @@ class DraftCache:
         if not greedy or len(output) < self.config.min_tokens:
             return None
         tokens = list(output[: self.config.max_tokens])
-        future = self.runner.submit(self._write, draft_key(self.target, prompt), tokens)
+        future = self.runner.submit(self._write, draft_key(self.target, prompt, self.tenant), tokens)
         future.add_done_callback(self._written)
         return future
 
@@ -115,7 +127,7 @@ class DraftCache:
     # ---------------------------------------------------------------- reads
 
     def fetch(self, prompt: Sequence[int]) -> concurrent.futures.Future[Lookup]:
-        return self.runner.submit(self._read, draft_key(self.target, prompt))
+        return self.runner.submit(self._read, draft_key(self.target, prompt, self.tenant))
 
     async def _read(self, key: str) -> Lookup:
         value = await self.runner.store.get(key)

@@ -10,6 +10,7 @@ The drafts are chosen deterministically, so `Draft.draft_probs` is None (one-hot
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -164,8 +165,8 @@ class NgramProposer:
 
 
 class NgramProposerFactory:
-    """Makes `NgramProposer` sessions; with a `SharedNgramTable` they draft from it where
-    their own context has no match, and teach it their output when they close."""
+    """Makes `NgramProposer` sessions; with a `SharedNgramTable` they also draft from it
+    (the verifier teaches it every finished request's output)."""
 
     method = "ngram"
 
@@ -174,6 +175,14 @@ class NgramProposerFactory:
         self.table = table
         # Warm up numpy's code paths so the first round pays no first-call cost.
         find_ngram_draft(np.arange(16, dtype=np.int64) % 4, config.min_n, config.max_n, 4)
+
+    def for_tenant(self, tenant: str) -> NgramProposerFactory:
+        """Sessions that read one tenant's table (`SharedNgramTable.for_tenant`)."""
+        if self.table is None or not tenant:
+            return self
+        view = copy.copy(self)
+        view.table = self.table.for_tenant(tenant)
+        return view
 
     def new_session(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> NgramProposer:
         # NOTE: sampling does not matter: drafts are deterministic, so q is one-hot for any p.

@@ -30,6 +30,7 @@ first), and a closed guard costs no fetches.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -50,8 +51,15 @@ MAX_SKIP = 8  # after empty answers, at most one fetch per this many lookups
 FETCH_PER_KEY = 2  # continuations read per context suffix
 
 
-def ngram_key(tokenizer_hash: str, target: str, context: Sequence[int]) -> str:
-    return f"specdec:ng:{tokenizer_hash}:{target}:{len(context)}:{context_hash(list(context))}"
+def ngram_key(tokenizer_hash: str, target: str, context: Sequence[int], tenant: str = "") -> str:
+    """DESIGN.md's key, with the tenant segment after `ng:` for a tenant's own table."""
+    return f"specdec:ng:{tenant_segment(tenant)}{tokenizer_hash}:{target}:{len(context)}:{context_hash(list(context))}"
+
+
+def tenant_segment(tenant: str) -> str:
+    """A tenant's key segment (the router's key ids start with `key-`, so they never read
+    as a tokenizer hash or target); "" for the state every tenant shares."""
+    return f"{tenant}:" if tenant else ""
 
 
 def pack(tokens: Sequence[int]) -> bytes:
@@ -98,9 +106,19 @@ class SharedNgramTable:
         self.config = config
         self.tokenizer_hash = tokenizer_hash
         self.target = target
+        self.tenant = ""  # whose table this view is (`for_tenant`); "": the shared one
         self.vocab_size = vocab_size
         # per sampling mode: greedy outputs repeat each other far more than sampled ones
         self.guards = {True: AcceptanceGuard(config.min_acceptance), False: AcceptanceGuard(config.min_acceptance)}
+
+    def for_tenant(self, tenant: str) -> SharedNgramTable:
+        """The table one tenant's requests read and teach: keys of their own (the guards,
+        which hold acceptance rates, not data, stay shared); "" = this table."""
+        if not tenant:
+            return self
+        view = copy.copy(self)
+        view.tenant = tenant
+        return view
 
     # ---------------------------------------------------------------- writes
 
@@ -117,7 +135,7 @@ class SharedNgramTable:
         for i in range(cfg.min_n, len(tokens) - cfg.continuation_len + 1):
             member = pack(tokens[i : i + cfg.continuation_len])
             for n in range(cfg.min_n, min(cfg.max_n, i) + 1):
-                out.append((ngram_key(self.tokenizer_hash, self.target, tokens[i - n : i]), member, 1.0))
+                out.append((ngram_key(self.tokenizer_hash, self.target, tokens[i - n : i], self.tenant), member, 1.0))
         return out
 
     async def _write(self, tokens: list[int]) -> None:
@@ -133,7 +151,7 @@ class SharedNgramTable:
         tokens since: the best one may no longer align where a runner-up still does."""
         cfg = self.config
         ns = [n for n in range(min(cfg.max_n, len(context)), cfg.min_n - 1, -1)]
-        keys = [ngram_key(self.tokenizer_hash, self.target, context[len(context) - n :]) for n in ns]
+        keys = [ngram_key(self.tokenizer_hash, self.target, context[len(context) - n :], self.tenant) for n in ns]
         return self.runner.submit(self._read, keys)
 
     async def _read(self, keys: list[str]) -> list[list[int]]:

@@ -55,6 +55,7 @@ class GenerationRequest:
     # `threshold.<exit>`; see `shared.proposer.Proposer.set_params`), over the method's
     # configured ones. Empty: the configured ones.
     drafter_params: dict[str, float] = field(default_factory=dict)
+    tenant: str = ""  # whose shared draft state it reads and teaches ("": everyone's)
 
 
 @dataclass(slots=True)

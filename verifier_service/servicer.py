@@ -263,13 +263,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             method=options.method,
             num_speculative_tokens=options.num_speculative_tokens,
             request_id=msg.request_id,
+            tenant=msg.tenant if self.config.store.isolate_tenants else "",
         )
 
-    def proposer_factory(self, method: str) -> ProposerFactory | None:
+    def proposer_factory(self, method: str, tenant: str = "") -> ProposerFactory | None:
         if method == "none":
             return None
         if method == "ngram":
-            return self.ngram
+            return self.ngram.for_tenant(tenant)
         factory = self.remote.get(method)
         if factory is None:
             logger.warning(
@@ -300,9 +301,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
         try:
             gen_request = self.build_request(request)
-            factory = self.proposer_factory(gen_request.method)
+            factory = self.proposer_factory(gen_request.method, gen_request.tenant)
             if factory is not None and self.draft_cache is not None:
-                factory = CachedProposerFactory(factory, self.draft_cache)
+                factory = CachedProposerFactory(factory, self.draft_cache.for_tenant(gen_request.tenant))
             ticket = self.scheduler.submit(gen_request, factory, sink)
         except SpecdecError as e:
             await _abort(context, e)
@@ -336,9 +337,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     metrics.observe_request(self.target.name, request.method, item.stats)
                     # both queued, never awaited; the table learns from every method's output
                     if self.ngram_table is not None:
-                        self.ngram_table.learn(request.prompt_ids, item.token_ids)
+                        self.ngram_table.for_tenant(request.tenant).learn(request.prompt_ids, item.token_ids)
                     if self.draft_cache is not None:
-                        self.draft_cache.record(request.prompt_ids, item.token_ids, request.sampling.greedy)
+                        self.draft_cache.for_tenant(request.tenant).record(request.prompt_ids, item.token_ids,
+                                                                           request.sampling.greedy)  # fmt: skip
                     return
         except asyncio.CancelledError:
             logger.info("request %s cancelled", request.request_id or "-")

@@ -108,9 +108,9 @@ def test_replica_b_accepts_what_replica_a_wrote(tmp_path, target):
         server.stop()
 
 
-async def _served(stub, prompt: list[int], method: str) -> list[int]:
+async def _served(stub, prompt: list[int], method: str, tenant: str) -> list[int]:
     request = verifier_pb2.VerifierGenerateRequest(model=TARGET, prompt_token_ids=prompt, max_new_tokens=MAX_NEW,
-                                                   method=method)  # fmt: skip
+                                                   method=method, tenant=tenant)  # fmt: skip
     async for resp in stub.Generate(request):
         assert resp.WhichOneof("response") != "error", resp.error
         if resp.WhichOneof("response") == "complete":
@@ -119,9 +119,10 @@ async def _served(stub, prompt: list[int], method: str) -> list[int]:
 
 
 @pytest.mark.slow
-async def test_requests_of_every_method_teach_the_table(tmp_path, target):
-    """Replica A serves `none` (no drafting at all); replica B's `ngram` then drafts and
-    accepts what A's outputs hold: the servicer teaches the table every result."""
+async def test_requests_of_every_method_teach_the_table_of_their_tenant(tmp_path, target):
+    """Replica A serves tenant t1 with `none` (no drafting at all); replica B's `ngram` then
+    drafts and accepts what A's outputs hold for t1 (the servicer teaches the table every
+    result), and nothing of it for other tenants (each tenant has its own table)."""
     engine, tokenizer = target
     server = RedisServer(tmp_path)
     config = CONFIG.model_copy(update={"store": CONFIG.store.model_copy(update={"redis_url": server.url}),
@@ -139,12 +140,17 @@ async def test_requests_of_every_method_teach_the_table(tmp_path, target):
         async with grpc.aio.insecure_channel(servers[0].address) as ca, grpc.aio.insecure_channel(servers[1].address) as cb:
             stub_a, stub_b = verifier_pb2_grpc.VerifierServiceStub(ca), verifier_pb2_grpc.VerifierServiceStub(cb)
             for prompt in prompts:
-                assert compare_greedy(TARGET, prompt, await _served(stub_a, prompt, "none"), MAX_NEW).ok
+                assert compare_greedy(TARGET, prompt, await _served(stub_a, prompt, "none", "t1"), MAX_NEW).ok
             replicas[0].store.submit(_noop).result(5)  # A's queued writes have run
+            drafted = metrics.SHARED_NGRAM_TOKENS.labels(TARGET, "drafted")
+            before = drafted._value.get()
+            for i, prompt in enumerate(prompts):  # (a tenant each: none learns from another prompt first)
+                assert compare_greedy(TARGET, prompt, await _served(stub_b, prompt, "ngram", f"t2-{i}"), MAX_NEW).ok
+            assert drafted._value.get() == before, "another tenant drafted from tenant t1's table"
             before = accepted._value.get()
             for prompt in prompts:
-                assert compare_greedy(TARGET, prompt, await _served(stub_b, prompt, "ngram"), MAX_NEW).ok
-        assert accepted._value.get() > before, "replica B accepted nothing from what `none` taught"
+                assert compare_greedy(TARGET, prompt, await _served(stub_b, prompt, "ngram", "t1"), MAX_NEW).ok
+        assert accepted._value.get() > before, "replica B accepted nothing from what `none` taught t1"
     finally:
         for s in servers:
             await s.stop(None)

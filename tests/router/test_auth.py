@@ -129,3 +129,29 @@ async def test_cli_sends_the_key_from_the_environment(monkeypatch):
     assert SpecdecClient("127.0.0.1:1").metadata == ()
     monkeypatch.setenv(API_KEY_ENV, f" {KEY} ,other-key")
     assert SpecdecClient("127.0.0.1:1").metadata == (("authorization", f"Bearer {KEY}"),)
+
+
+async def test_both_transports_tell_the_verifier_whose_request_it_is(monkeypatch):
+    """The caller's key id travels as the verifier request's tenant (its shared draft state)."""
+    router = make_router(monkeypatch)  # no verifier replica: each request ends 503 / UNAVAILABLE
+    validated = []
+    validate = router.validate
+    monkeypatch.setattr(router, "validate", lambda request: validated.append(validate(request)) or validated[-1])
+    transport = httpx.ASGITransport(app=create_app(router))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2},
+                              headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 503
+    server = await start_grpc_server(router, "127.0.0.1", 0)
+    await server.set_serving(True)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = router_pb2_grpc.GenerationServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in stub.Generate(router_pb2.GenerateRequest(model="m", text="x", max_new_tokens=2),
+                                             metadata=(("authorization", "Bearer other-key"),)):  # fmt: skip
+                    pass
+    finally:
+        await server.server.stop(None)
+    assert [v.to_verifier().tenant for v in validated] == [key_id(KEY), key_id("other-key")]
+    assert Gatekeeper([]).caller(f"Bearer {KEY}") == ""  # keys off: everyone's

@@ -199,3 +199,11 @@ def test_pipelined_proposers_ask_the_drafter_for_nothing_while_the_cache_drafts(
     assert proposer.collect(0.0).token_ids == [20, 21] and remote.asked == [0]
     proposer.request(PROMPT + [20, 21], 4)  # used up: the drafter drafts
     assert proposer.collect(0.0).token_ids == [0, 0, 0, 0] and remote.asked == [0, 4]
+
+
+def test_each_tenant_has_its_own_entries(runner):
+    cache = _cache(runner)
+    cache.for_tenant("key-a").record(PROMPT, list(range(8)), greedy=True).result(5)
+    assert cache.for_tenant("key-a").fetch(PROMPT).result(5).tokens == list(range(8))
+    assert cache.for_tenant("key-b").fetch(PROMPT).result(5).result == "miss"
+    assert cache.fetch(PROMPT).result(5).result == "miss"

@@ -189,3 +189,13 @@ def test_the_guard_closes_on_low_acceptance_probes_and_reopens():
     assert sum(allowed) == 4  # one probe in PROBE_EVERY lookups
     guard.observe(200, 200)  # the traffic changed: everything accepted
     assert guard.allows()
+
+
+def test_each_tenant_reads_only_what_its_own_requests_taught(runner):
+    table = SharedNgramTable(runner, CONFIG, "tokhash", f"t{time.monotonic_ns()}", vocab_size=100)
+    _run(runner, table.for_tenant("key-a")._write, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert table.for_tenant("key-a").fetch([0, 1, 2]).result(5) == [[3, 4, 5, 6]]
+    assert table.for_tenant("key-b").fetch([0, 1, 2]).result(5) == []
+    assert table.fetch([0, 1, 2]).result(5) == []  # the untenanted table is another one too
+    assert table.for_tenant("") is table
+    assert table.for_tenant("key-a").guards is table.guards  # acceptance rates stay shared

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specdec/v1/verifier.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xfa\x01\n\x17VerifierGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\x12#\n\x16num_speculative_tokens\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x19\n\x17_num_speculative_tokens\"\x10\n\x0eGetLoadRequest\"`\n\x0fGetLoadResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\x05\x12\x0f\n\x07methods\x18\x04 \x03(\t2\xa6\x01\n\x0fVerifierService\x12O\n\x08Generate\x12#.specdec.v1.VerifierGenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x12\x42\n\x07GetLoad\x12\x1a.specdec.v1.GetLoadRequest\x1a\x1b.specdec.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specdec/v1/verifier.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\x8a\x02\n\x17VerifierGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\x12#\n\x16num_speculative_tokens\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06tenant\x18\t \x01(\tB\x19\n\x17_num_speculative_tokens\"\x10\n\x0eGetLoadRequest\"`\n\x0fGetLoadResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\x05\x12\x0f\n\x07methods\x18\x04 \x03(\t2\xa6\x01\n\x0fVerifierService\x12O\n\x08Generate\x12#.specdec.v1.VerifierGenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x12\x42\n\x07GetLoad\x12\x1a.specdec.v1.GetLoadRequest\x1a\x1b.specdec.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.verifier_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFIERGENERATEREQUEST']._serialized_start=67
-  _globals['_VERIFIERGENERATEREQUEST']._serialized_end=317
-  _globals['_GETLOADREQUEST']._serialized_start=319
-  _globals['_GETLOADREQUEST']._serialized_end=335
-  _globals['_GETLOADRESPONSE']._serialized_start=337
-  _globals['_GETLOADRESPONSE']._serialized_end=433
-  _globals['_VERIFIERSERVICE']._serialized_start=436
-  _globals['_VERIFIERSERVICE']._serialized_end=602
+  _globals['_VERIFIERGENERATEREQUEST']._serialized_end=333
+  _globals['_GETLOADREQUEST']._serialized_start=335
+  _globals['_GETLOADREQUEST']._serialized_end=351
+  _globals['_GETLOADRESPONSE']._serialized_start=353
+  _globals['_GETLOADRESPONSE']._serialized_end=449
+  _globals['_VERIFIERSERVICE']._serialized_start=452
+  _globals['_VERIFIERSERVICE']._serialized_end=618
 # @@protoc_insertion_point(module_scope)
