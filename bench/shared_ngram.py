@@ -155,7 +155,7 @@ def run(args) -> dict:
     return results
 
 
-FETCH_RESULTS = ("hit", "stale", "empty", "late", "guarded", "failed")
+FETCH_RESULTS = ("hit", "stale", "empty", "late", "guarded", "failed", "local")
 
 
 def _fetch_counts(model: str) -> dict[str, float]:
@@ -171,7 +171,7 @@ async def _noop() -> None:
 def to_markdown(results: dict, args) -> str:
     out = [f"# Shared n-gram table vs request-only ngram ({args.num_prompts} measured HumanEval prompts, "
            f"max_new_tokens {args.max_new_tokens}, T = {args.temperature} for sample rows)\n",
-           "| target | store | mode | scenario | tokens/forward (shared / request-only) | τ | tok/s (ratio) | round ms p50/p90/p99 (shared; request-only) | table fetches hit/stale/empty/late/guarded/failed | Redis bytes per 1k learned requests |",
+           "| target | store | mode | scenario | tokens/forward (shared / request-only) | τ | tok/s (ratio) | round ms p50/p90/p99 (shared; request-only) | table fetches hit/stale/empty/late/guarded/failed/local | Redis bytes per 1k learned requests |",
            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, rows in results.items():
         target, store, mode, scenario = key.split(" ")

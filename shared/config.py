@@ -278,6 +278,11 @@ class SharedNgramConfig(_Frozen):
     max_n: int = Field(4, gt=0, description="Longest context (tried first).")
     continuation_len: int = Field(8, gt=0, le=64, description="Tokens stored per continuation.")
     keep_top: int = Field(4, gt=0, description="Continuations kept per context (highest counts).")
+    local_cache_entries: int = Field(8192, ge=1, description="Recent answers a verifier keeps (per target).")
+    local_cache_ttl_s: float = Field(
+        5.0, gt=0, description="How long a recent answer is reused without asking the store (what other "
+        "replicas learned since shows up after at most this long).",
+    )  # fmt: skip
     ttl_s: int = Field(7 * 24 * 3600, gt=0, description="A context's entry expires this long after its last write.")
     min_acceptance: float = Field(
         0.2, ge=0.0, le=1.0, description="Contamination guard: the table's drafts are used only while "

@@ -200,7 +200,8 @@ SHARED_NGRAM_FETCHES = Counter(
     "specdec:shared_ngram_fetches",
     "Shared n-gram table lookups by result: hit (a continuation used), stale (arrived but no longer "
     "aligned with the emitted tokens), guarded (the contamination guard held it back), empty (no entry), "
-    "late (not yet arrived), failed (store down).",
+    "late (not yet arrived), failed (store down); and local: answered from the verifier's recent "
+    "answers without asking the store (then also counted by how it was used).",
     ["model", "result"],
 )
 SHARED_NGRAM_TOKENS = Counter(

@@ -119,7 +119,8 @@ def test_learned_continuations_are_read_back_and_garbage_is_skipped(runner):
     _run(runner, runner.store.incr_counts, [(key, b"junk", 9.0), (key, pack([1, 2, 3, 500]), 8.0)], 4, 60)
     bad = metrics.STORE_BAD_VALUES.labels(runner.store.name)
     before = bad._value.get()
-    assert table.fetch([1, 2, 3]).result(5) == [[4, 5, 6, 7]]
+    fresh = SharedNgramTable(runner, CONFIG, "tokhash", table.target, vocab_size=100)  # nothing recent
+    assert fresh.fetch([1, 2, 3]).result(5) == [[4, 5, 6, 7]]
     assert bad._value.get() == before + 2
 
 
@@ -199,3 +200,25 @@ def test_each_tenant_reads_only_what_its_own_requests_taught(runner):
     assert table.fetch([0, 1, 2]).result(5) == []  # the untenanted table is another one too
     assert table.for_tenant("") is table
     assert table.for_tenant("key-a").guards is table.guards  # acceptance rates stay shared
+
+
+def test_a_recent_answer_is_reused_without_asking_the_store(runner):
+    table = SharedNgramTable(runner, CONFIG, "tokhash", f"t{time.monotonic_ns()}", vocab_size=100)
+    _run(runner, table._write, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    local = metrics.SHARED_NGRAM_FETCHES.labels(table.target, "local")
+    assert table.fetch([0, 1, 2]).result(5) == [[3, 4, 5, 6]] and local._value.get() == 0
+    _run(runner, _noop)  # (test only) the answer's done-callback ran on the store's thread
+    again = table.fetch([0, 1, 2])  # the same suffixes again: answered here, already done
+    assert again.done() and again.result() == [[3, 4, 5, 6]] and local._value.get() == 1
+    assert table.for_tenant("key-a").fetch([0, 1, 2]).result(5) == []  # another tenant's keys
+    short = SharedNgramTable(runner, CONFIG.model_copy(update={"local_cache_ttl_s": 0.05}), "tokhash",
+                             table.target, vocab_size=100)  # fmt: skip
+    short.fetch([0, 1, 2]).result(5)
+    _run(runner, _noop)
+    time.sleep(0.1)
+    _run(runner, table._write, [1, 2, 3, 9, 9, 9, 9])  # learned elsewhere meanwhile
+    assert [3, 9, 9, 9] in short.fetch([0, 1, 2]).result(5)  # expired: asked the store again
+
+
+async def _noop() -> None:
+    return None
