@@ -210,7 +210,8 @@ class SpecDecodeLoop:
         # is part of what a draft token costs where drafters share the machine (or are slow),
         # and a plain step pays the per-step bookkeeping and streaming (which contend with
         # the loop in this process) for fewer tokens
-        self.policy.observe(rows, outcomes, StepCost(num_rows, num_tokens, now - t0, drafter_s))
+        self.policy.observe(rows, outcomes, StepCost(num_rows, num_tokens, now - t0, drafter_s,
+                                                     num_prefill_rows=num_rows - len(rows)))
 
     def _draft(self, rows: Sequence[Row]) -> None:
         """Each decoding row's draft for this step: in-process proposers run here, remote

@@ -155,6 +155,33 @@ def test_a_new_batch_size_starts_plain_where_drafting_lost_at_a_smaller_one():
     assert arms.choose(larger) == (True, False)  # so 32 rows measure from scratch
 
 
+def test_no_probe_of_drafting_while_it_loses_at_a_smaller_batch():
+    arms = LoadArms(min_probe_gap=2, warmup_steps=0)
+    small, large = (4, "sorted", True), (32, "sorted", True)
+    for key in (small, large):  # drafting loses at both sizes: 10 tok/s against 20
+        arms.choose(key)
+        arms.observe(key, True, False, tokens=10, seconds=1.0)
+        arms.choose(key)
+        arms.observe(key, False, False, tokens=20, seconds=1.0)
+    assert _run(arms, large, 50, on=10, off=20) == 0  # 32 rows: never probed
+    assert _run(arms, small, 50, on=10, off=20) > 0  # 4 rows: probed, so a change shows there
+    _run(arms, small, 100, on=40, off=20)  # drafting now wins at 4 rows ...
+    assert arms.choose(small)[0] is True
+    assert _run(arms, large, 50, on=10, off=20) > 0  # ... so 32 rows are probed again
+
+
+def test_a_step_that_prefilled_a_prompt_measures_nothing():
+    policy = RulePolicy(LOAD_AWARE)
+    policy.arms = LoadArms(warmup_steps=0)
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
+    plans = policy.plan(rows)
+    assert plans[0].k == 5  # drafting is measured first
+    # the step also fed two rows' prompt chunks: its time is mostly theirs
+    policy.observe(rows, [RowOutcome(5, 0)] * 8, StepCost(10, 48 + 200, 0.5, num_prefill_rows=2))
+    assert policy.arms.arms[(8, "ngram", True)].goodput == {}
+    assert policy.plan(rows)[0].k == 5  # so drafting is still to be measured
+
+
 def test_drafting_after_plain_steps_warms_up_unmeasured_and_its_probes_run_long_enough():
     arms = LoadArms(min_probe_gap=2, warmup_steps=2)
     key = (1, "card", True)
