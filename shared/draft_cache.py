@@ -1,7 +1,7 @@
 """The repeated-prompt draft cache: a greedy request's output, stored under its prompt's
 hash, drafts the next request with the same prompt (on any replica, with Redis).
 
-    specdec:draft:<target>:<prefix_hash>  ->  the output's first `max_tokens` tokens,
+    specdec:draft:[<tenant>:]<target>:<prefix_hash>  ->  the output's first `max_tokens` tokens,
                                               int32 little-endian; TTL `ttl_s`
 
 (`prefix_hash`: DESIGN.md "Identifiers", blake2b of the prompt's int32 ids.) Greedy

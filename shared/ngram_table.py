@@ -1,7 +1,7 @@
 """The shared n-gram table: continuations learned from every request's accepted output,
 read by `ngram` where the request's own context has no strong match.
 
-    specdec:ng:<tokenizer_hash>:<target>:<n>:<context_hash>  ->  sorted set
+    specdec:ng:[<tenant>:]<tokenizer_hash>:<target>:<n>:<context_hash>  ->  sorted set
         member = the continuation (`continuation_len` int32 little-endian tokens)
         score  = how often it followed that n-token context
 
