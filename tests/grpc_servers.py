@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,6 +49,39 @@ async def start_verifier_server(servicer, port: int = 0) -> RunningServer:
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return RunningServer(server, bound, servicer)
+
+
+@contextlib.asynccontextmanager
+async def verifier_replicas(config, target: str, engine, tokenizer, speculation, num: int = 2):
+    """`num` verifier replicas of `target` on loopback, each its own servicer (its own store
+    connection) over a 2-row copy of `engine`; stopped and closed on exit."""
+    from shared.loading import tokenizer_hash
+    from verifier_service.loop import SpecDecodeLoop
+    from verifier_service.policy import RulePolicy
+    from verifier_service.servicer import VerifierServicer
+
+    tok_hash = tokenizer_hash(config.target(target).model_dir)
+    servicers, running = [], []
+    try:
+        for _ in range(num):
+            servicers.append(VerifierServicer(config, target))
+            servicers[-1].attach(SpecDecodeLoop(engine.resized(2), tokenizer, RulePolicy(speculation)), tok_hash)
+            running.append(await start_verifier_server(servicers[-1]))
+        yield running
+    finally:
+        for server in running:
+            await server.stop(None)
+        for servicer in servicers:
+            servicer.close()
+
+
+async def generate_complete(stub, request):
+    """The `complete` message of a verifier Generate stream (an in-band error fails)."""
+    async for resp in stub.Generate(request):
+        assert resp.WhichOneof("response") != "error", resp.error
+        if resp.WhichOneof("response") == "complete":
+            return resp.complete
+    raise AssertionError("the stream ended without a complete message")
 
 
 async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:

@@ -20,12 +20,11 @@ from shared.pb.specdec.v1 import verifier_pb2, verifier_pb2_grpc
 from shared.store import RedisStore, StoreRunner
 from shared.types import GenerationRequest
 from tests.exactness import compare_greedy, humaneval_prompts
-from tests.grpc_servers import start_verifier_server
+from tests.grpc_servers import generate_complete, verifier_replicas
 from tests.redis_server import RedisServer
 from verifier_service.engine import load_target
 from verifier_service.loop import SpecDecodeLoop
 from verifier_service.policy import RulePolicy
-from verifier_service.servicer import VerifierServicer
 
 CONFIG = default_config()
 TARGET = "codelm-target-s"
@@ -112,11 +111,7 @@ def test_replica_b_accepts_what_replica_a_wrote(tmp_path, target):
 async def _served(stub, prompt: list[int], method: str, tenant: str) -> list[int]:
     request = verifier_pb2.VerifierGenerateRequest(model=TARGET, prompt_token_ids=prompt, max_new_tokens=MAX_NEW,
                                                    method=method, tenant=tenant)  # fmt: skip
-    async for resp in stub.Generate(request):
-        assert resp.WhichOneof("response") != "error", resp.error
-        if resp.WhichOneof("response") == "complete":
-            return list(resp.complete.token_ids)
-    raise AssertionError("no complete message")
+    return list((await generate_complete(stub, request)).token_ids)
 
 
 @pytest.mark.slow
@@ -128,33 +123,23 @@ async def test_requests_of_every_method_teach_the_table_of_their_tenant(tmp_path
     server = RedisServer(tmp_path)
     config = CONFIG.model_copy(update={"store": CONFIG.store.model_copy(update={"redis_url": server.url}),
                                        "speculation": SPECULATION})  # fmt: skip
-    tok_hash = tokenizer_hash(config.target(TARGET).model_dir)
-    replicas, servers = [], []
     try:
-        for _ in range(2):
-            servicer = VerifierServicer(config, TARGET)
-            servicer.attach(SpecDecodeLoop(engine.resized(2), tokenizer, RulePolicy(SPECULATION)), tok_hash)
-            replicas.append(servicer)
-            servers.append(await start_verifier_server(servicer))
-        prompts = [tokenizer(p).input_ids for p in humaneval_prompts(3, offset=13)]
-        accepted = metrics.SHARED_NGRAM_TOKENS.labels(TARGET, "accepted")
-        async with grpc.aio.insecure_channel(servers[0].address) as ca, grpc.aio.insecure_channel(servers[1].address) as cb:
-            stub_a, stub_b = verifier_pb2_grpc.VerifierServiceStub(ca), verifier_pb2_grpc.VerifierServiceStub(cb)
-            for prompt in prompts:
-                assert compare_greedy(TARGET, prompt, await _served(stub_a, prompt, "none", "t1"), MAX_NEW).ok
-            replicas[0].store.submit(_noop).result(5)  # A's queued writes have run
-            drafted = metrics.SHARED_NGRAM_TOKENS.labels(TARGET, "drafted")
-            before = drafted._value.get()
-            for i, prompt in enumerate(prompts):  # (a tenant each: none learns from another prompt first)
-                assert compare_greedy(TARGET, prompt, await _served(stub_b, prompt, "ngram", f"t2-{i}"), MAX_NEW).ok
-            assert drafted._value.get() == before, "another tenant drafted from tenant t1's table"
-            before = accepted._value.get()
-            for prompt in prompts:
-                assert compare_greedy(TARGET, prompt, await _served(stub_b, prompt, "ngram", "t1"), MAX_NEW).ok
+        async with verifier_replicas(config, TARGET, engine, tokenizer, SPECULATION) as servers:
+            prompts = [tokenizer(p).input_ids for p in humaneval_prompts(3, offset=13)]
+            accepted = metrics.SHARED_NGRAM_TOKENS.labels(TARGET, "accepted")
+            async with grpc.aio.insecure_channel(servers[0].address) as ca, grpc.aio.insecure_channel(servers[1].address) as cb:
+                stub_a, stub_b = verifier_pb2_grpc.VerifierServiceStub(ca), verifier_pb2_grpc.VerifierServiceStub(cb)
+                for prompt in prompts:
+                    assert compare_greedy(TARGET, prompt, await _served(stub_a, prompt, "none", "t1"), MAX_NEW).ok
+                servers[0].servicer.store.submit(_noop).result(5)  # A's queued writes have run
+                drafted = metrics.SHARED_NGRAM_TOKENS.labels(TARGET, "drafted")
+                before = drafted._value.get()
+                for i, prompt in enumerate(prompts):  # (a tenant each: none learns from another prompt first)
+                    assert compare_greedy(TARGET, prompt, await _served(stub_b, prompt, "ngram", f"t2-{i}"), MAX_NEW).ok
+                assert drafted._value.get() == before, "another tenant drafted from tenant t1's table"
+                before = accepted._value.get()
+                for prompt in prompts:
+                    assert compare_greedy(TARGET, prompt, await _served(stub_b, prompt, "ngram", "t1"), MAX_NEW).ok
         assert accepted._value.get() > before, "replica B accepted nothing from what `none` taught t1"
     finally:
-        for s in servers:
-            await s.stop(None)
-        for servicer in replicas:
-            servicer.close()
         server.stop()
