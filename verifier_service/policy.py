@@ -193,8 +193,12 @@ class LoadArms:
                 return dict(below.goodput) if below.goodput[True] < below.goodput[False] else {}
         return {}
 
-    def observe(self, key: ArmKey, drafting: bool, probe: bool, tokens: int, seconds: float) -> None:
+    def count(self, drafting: bool) -> None:
+        """A step taken, measured or not (the warm-up counts drafting steps in a row)."""
         self.drafting_run = self.drafting_run + 1 if drafting else 0
+
+    def observe(self, key: ArmKey, drafting: bool, probe: bool, tokens: int, seconds: float) -> None:
+        self.count(drafting)
         arms = self.arms.get(key)
         if arms is None or seconds <= 0:
             return
@@ -298,7 +302,7 @@ class RulePolicy:
             # NOTE: a step that also prefilled a prompt chunk spent most of its time on it
             # (a plain step of 4 rows measured 42 tok/s so, a tenth of its pace): it says
             # nothing about drafting or not; it still counts as a plain or drafting step
-            self.arms.drafting_run = self.arms.drafting_run + 1 if self._step and self._step[1] else 0
+            self.arms.count(bool(self._step and self._step[1]))
             self._step = None
         if self._step is not None:
             tokens = sum(o.num_accepted_tokens + 1 for o in outcomes)

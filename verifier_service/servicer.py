@@ -129,7 +129,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.ngram = NgramProposerFactory(config.ngram)
         self.store = StoreRunner(make_store(config.store))  # shared draft state (`shared.store`)
         self.draft_cache: DraftCache | None = None  # repeated prompts (`shared.draft_cache`), if enabled
-        self.ngram_table: SharedNgramTable | None = None  # shared n-gram table, if enabled
         self._heartbeat: Heartbeat | None = None
         self.policy_stats: PolicyStats | None = None  # the policy's arms in the store
         self.remote: dict[str, RemoteProposerFactory] = {}
@@ -159,7 +158,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             table = SharedNgramTable(self.store, shared_ngram, tokenizer_hash, self.target.name,
                                      spec_loop.engine.vocab_size)  # fmt: skip
             self.ngram = NgramProposerFactory(self.config.ngram, table)
-            self.ngram_table = table
         if self.config.store.draft_cache.enabled:
             self.draft_cache = DraftCache(self.store, self.config.store.draft_cache, self.target.name,
                                           spec_loop.engine.vocab_size)  # fmt: skip
@@ -336,8 +334,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     finish = item.finish_reason.value
                     metrics.observe_request(self.target.name, request.method, item.stats)
                     # both queued, never awaited; the table learns from every method's output
-                    if self.ngram_table is not None:
-                        self.ngram_table.for_tenant(request.tenant).learn(request.prompt_ids, item.token_ids)
+                    if self.ngram.table is not None:
+                        self.ngram.table.for_tenant(request.tenant).learn(request.prompt_ids, item.token_ids)
                     if self.draft_cache is not None:
                         self.draft_cache.for_tenant(request.tenant).record(request.prompt_ids, item.token_ids,
                                                                            request.sampling.greedy)  # fmt: skip
