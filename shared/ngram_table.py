@@ -242,20 +242,18 @@ class SharedDrafts:
                 if usable:
                     metrics.SHARED_NGRAM_FETCHES.labels(model, "empty").inc()
                 self._back_off()  # the table has nothing here either
-            elif usable:
-                self._empty_in_row = 0
-                emitted = list(context[len(then) :])
-                if list(context[: len(then)]) == then:
-                    out = _aligned(continuations, emitted, k)
-                if not out:
-                    self.num_stale += 1
-                    metrics.SHARED_NGRAM_FETCHES.labels(model, "stale").inc()
-                else:
-                    self.num_hits += 1
-                    metrics.SHARED_NGRAM_FETCHES.labels(model, "hit").inc()
-                    metrics.SHARED_NGRAM_TOKENS.labels(model, "drafted").inc(len(out))
             else:
                 self._empty_in_row = 0
+                if usable:
+                    if list(context[: len(then)]) == then:
+                        out = _aligned(continuations, list(context[len(then) :]), k)
+                    if not out:
+                        self.num_stale += 1
+                        metrics.SHARED_NGRAM_FETCHES.labels(model, "stale").inc()
+                    else:
+                        self.num_hits += 1
+                        metrics.SHARED_NGRAM_FETCHES.labels(model, "hit").inc()
+                        metrics.SHARED_NGRAM_TOKENS.labels(model, "drafted").inc(len(out))
         if usable:  # NOTE: a strong own match (a loop) tends to hold next round too; fetching
             # only after weak rounds kept the tokens per forward and cut round time (target-s
             # on Redis, cross-prompt: tok/s 1.00x -> 1.07x request-only)
