@@ -9,10 +9,19 @@ forwards, drafting (for model drafts this includes the verifier<->drafter round 
 and the rest of the wall time (router relay + verifier stream, per round). "identical"
 compares greedy output with HF greedy and seeded sampled output with `none`'s for the
 same seed (a seeded request's tokens do not depend on the method).
+
+For `card`, the run-ahead's own counters (`SpecStats.drafter`): commits whose bonus or
+correction token the drafter's tree held (the line's next token, or an alternative) and
+those that found a branch drafted under it; the verifier's wait per round. For every
+method, each process's CPU seconds over the method's wall time (`cpu`: router, drafter
+pool, the target's verifier; from /proc, so Linux only): on a machine with few cores,
+drafting that runs ahead competes with the target's forwards.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -75,13 +84,40 @@ def run_e2e(args) -> dict:
             prompts = humaneval_prompts_that_fit(tokenizer, args.num_prompts, args.max_new_tokens)
             for mode in args.modes:
                 temperature = 0.0 if mode == "greedy" else args.temperature
-                results[f"{target} {mode}"] = _run_mode(stub, hf, target, prompts, methods, temperature, args)
+                results[f"{target} {mode}"] = _run_mode(stub, hf, target, prompts, methods, temperature, args,
+                                                        _stack_processes(stack, target))  # fmt: skip
     finally:
         stack.stop()
     return results
 
 
-def _run_mode(stub, hf, target: str, prompts: list[list[int]], methods: list[str], temperature: float, args):
+def _cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds (/proc; 0 where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stack_processes(stack, target: str) -> dict[str, int]:
+    """The serve stack's processes by role (router, drafter pool, this target's verifier)."""
+    out = {"router": stack.proc.pid}
+    for pid in map(int, subprocess.run(["ps", "--ppid", str(stack.proc.pid), "-o", "pid="],
+                                       capture_output=True, text=True).stdout.split()):  # fmt: skip
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        except OSError:
+            continue
+        if "drafter_service" in cmd:
+            out["drafter"] = pid
+        elif "verifier_service" in cmd and target in cmd:
+            out["verifier"] = pid
+    return out
+
+
+def _run_mode(stub, hf, target: str, prompts: list[list[int]], methods: list[str], temperature: float, args,
+              processes: dict[str, int]):  # fmt: skip
     totals: dict[str, dict] = defaultdict(lambda: defaultdict(float))
     for m in methods:  # warm-up: model caches, the policy's first estimates
         _generate(stub, target, prompts[0], m, args.max_new_tokens, temperature)
@@ -95,6 +131,7 @@ def _run_mode(stub, hf, target: str, prompts: list[list[int]], methods: list[str
         t["tokens"] += len(ref)
         t["time_s"] += dt
         for m in methods:  # `none` first: the sampled rows' reference
+            cpu_before = {role: _cpu_s(pid) for role, pid in processes.items()}
             tokens, wall, ttft, stats = _generate(stub, target, prompt, m, args.max_new_tokens, temperature, seed=i)
             if temperature > 0 and m == "none":
                 ref = tokens
@@ -109,6 +146,10 @@ def _run_mode(stub, hf, target: str, prompts: list[list[int]], methods: list[str
             t["accepted"] += stats.num_accepted_tokens
             t["target_time_s"] += stats.target_time_s
             t["draft_time_s"] += stats.draft_time_s
+            for role, pid in processes.items():
+                t[f"cpu_{role}"] += _cpu_s(pid) - cpu_before[role]
+            for key, value in stats.drafter.items():
+                t[f"drafter_{key}"] += value
         print(f"[e2e {target} T={temperature}] prompt {i + 1}/{len(prompts)}", flush=True)
     return _summarize(totals)
 
@@ -134,7 +175,16 @@ def _summarize(totals: dict) -> list[dict]:
             "round_ms": round_ms, "target_share": target_ms / round_ms, "draft_share": draft_ms / round_ms,
             "relay_share": 1 - (target_ms + draft_ms) / round_ms,
             "identical": f"{int(t['identical'])}/{int(t['runs'])}",
+            "cpu": {key[4:]: t[key] / t["time_s"] for key in t if key.startswith("cpu_")},
         })  # fmt: skip
+        if t["drafter_commits"]:  # card's run-ahead counters
+            commits = t["drafter_commits"]
+            rows[-1].update({
+                "in_tree_share": (t["drafter_line_kept"] + t["drafter_alternative_commits"]) / commits,
+                "branch_share": t["drafter_branch_commits"] / commits,
+                "wait_share": 1e3 * t["drafter_wait_s"] / t["drafter_rounds"] / round_ms,
+                "max_wait_ms": 1e3 * t["drafter_max_wait_s"],
+            })  # fmt: skip
     return rows
 
 
@@ -151,6 +201,15 @@ def to_markdown(results: dict) -> str:
             out.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {g('ttft_ms', '{:.1f}')} | "
                        f"{g('tau')} | {g('spec_share')} | {g('round_ms')} | {g('target_share')} | {g('draft_share')} | {g('relay_share')} | "
                        f"{r.get('identical', '')} |")
+        out.append("\nCPU seconds per wall second, by process (router / drafter pool / verifier):\n")
+        for r in rows:
+            if "cpu" in r:
+                out.append(f"- {r['method']}: " + " / ".join(f"{r['cpu'].get(k, 0):.2f}" for k in ("router", "drafter", "verifier")))
+        for r in rows:
+            if "in_tree_share" in r:
+                out.append(f"\n`{r['method']}` run-ahead: bonus or correction token in the drafter's tree "
+                           f"{r['in_tree_share']:.2f} of commits, a branch drafted under it {r['branch_share']:.2f}; "
+                           f"wait {r['wait_share']:.3f} of a round (max {r['max_wait_ms']:.1f} ms)")
     m = results.get("codelm-target-m greedy")
     if m:
         by = {r["method"]: r for r in m}

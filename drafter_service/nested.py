@@ -32,6 +32,7 @@ import torch
 from drafter_service.nested_model import (
     DraftLane,
     NestedDrafter,
+    NestedState,
     fixed_exit_thresholds,
     thresholds_list,
 )
@@ -54,11 +55,13 @@ def check_tokenizer(drafter_hash: str, target_hash: str, drafter: str, target: s
 class NestedProposer:
     """One session of a nested drafter."""
 
-    def __init__(self, factory: NestedProposerFactory, sampling: SamplingParams) -> None:
+    def __init__(
+        self, factory: NestedProposerFactory, sampling: SamplingParams, state: NestedState | None = None
+    ) -> None:
         self.factory = factory
         self.drafter = factory.drafter
         self.sampling = sampling
-        self.state = self.drafter.new_state()
+        self.state = state if state is not None else self.drafter.new_state()
         self.thresholds = list(factory.default_thresholds)  # [num_exits], deepest = 0
         self.params: dict[str, float] = {}  # sticky set_params keys applied so far
         self.last_exit_layers: list[int] = []  # exit depth of each token of the last draft
@@ -122,6 +125,19 @@ class NestedProposer:
     def close(self) -> None:
         self.state = None
         self.last_exit_layers = []
+
+    def fork(self) -> NestedProposer:
+        """A session on a copy of this one's cache, thresholds and sampling (`card` drafts a
+        branch on it while this session keeps the line); `adopt` takes it back."""
+        assert self.state is not None, "fork after close"
+        other = NestedProposer(self.factory, self.sampling, self.drafter.copy_state(self.state))
+        other.thresholds, other.params = list(self.thresholds), dict(self.params)
+        other.num_alternatives = self.num_alternatives
+        return other
+
+    def adopt(self, fork: NestedProposer) -> None:
+        """Continue from a fork's cache (the target took the branch drafted on it)."""
+        self.state = fork.state
 
     def _lane(self, context_ids: Sequence[int], k: int) -> DraftLane | None:
         assert self.state is not None, "propose after close"

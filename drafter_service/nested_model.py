@@ -183,6 +183,17 @@ class NestedDrafter:
         hidden = torch.zeros(capacity, self.weights.hidden_size, dtype=self.dtype, device=self.device)
         return NestedState(k=k, v=v, hidden=hidden, filled=[0] * self.num_layers)
 
+    def copy_state(self, state: NestedState) -> NestedState:
+        """An independent copy of a state (`card` drafts a branch on it while the original
+        keeps the line)."""
+        n = len(state.token_ids)
+        new = self.new_state(state.capacity)
+        new.k[:, :, :n] = state.k[:, :, :n]
+        new.v[:, :, :n] = state.v[:, :, :n]
+        new.hidden[:n] = state.hidden[:n]
+        new.filled, new.token_ids = list(state.filled), list(state.token_ids)
+        return new
+
     def _reserve(self, state: NestedState, length: int) -> None:
         """Grow the buffers (doubling, capped at max positions) to hold `length` positions."""
         if length <= state.capacity:

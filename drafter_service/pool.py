@@ -3,9 +3,9 @@
 One pool per drafter process. It checks an Open against what it serves (protocol version,
 tokenizer hash, method, drafter name), makes per-session proposers, counts open sessions
 (`specdec:num_active_sessions{service="drafter"}`) and runs every model forward off the
-event loop under `torch.inference_mode()`: in its executor, one session per call, or, for
-every drafter's `propose_batch` (draft_model, sorted) in its batcher thread,
-which drafts the rounds of every session waiting at that moment in one call.
+event loop under `torch.inference_mode()`: session set-up in its executor, drafting in
+each drafter's batcher thread, which drafts the rounds of every session waiting at that
+moment (and `card`'s branches, on forks of their sessions' caches) in one `propose_batch`.
 
 Every drafter serves every configured target, so `load` attaches them all at start-up and
 a drafter whose tokenizer differs from a target's is a configuration error there (a
@@ -31,11 +31,10 @@ from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoun
 from shared.methods import MODEL_METHODS, RUN_AHEAD_METHODS, SPEC_METHODS
 from shared.proposer import EMPTY_DRAFT
 from shared.protocol import PROTOCOL_VERSION
-from shared.run_ahead import RUN_AHEAD_ALTERNATIVES
 
 if TYPE_CHECKING:
-    from shared.config import DrafterConfig, TargetConfig
-    from shared.proposer import Draft, DrafterFactory, Proposer
+    from shared.config import DrafterConfig, RunAheadConfig, TargetConfig
+    from shared.proposer import Draft, DrafterFactory, ForkableProposer, Proposer
     from shared.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -81,6 +80,19 @@ class _Drafter:
     tokenizer_hash: str
 
 
+BranchKey = tuple[int, int]  # (position, alternative token): a branch of card's tree
+
+
+@dataclass(slots=True)
+class Branch:
+    """A run-ahead branch (`card`, `shared.draft_tree`) drafted in its session's call, on a
+    fork of the session's cache kept for as long as the branch is in the tree."""
+
+    key: BranchKey
+    context_ids: list[int]  # the line up to the branch's position, then the alternative
+    k: int
+
+
 @dataclass(slots=True)
 class ProposeCall:
     """One round's work for one session (what a Commit asked for)."""
@@ -90,6 +102,9 @@ class ProposeCall:
     k: int
     num_accepted: int | None = None  # how much of the last draft survived (feedback)
     params: dict[str, float] | None = None  # changed Commit.params, None if unchanged
+    branches: list[Branch] = field(default_factory=list)
+    adopt: BranchKey | None = None  # the branch a commit took: its fork's cache becomes the session's
+    live_branches: set[BranchKey] | None = None  # forks of other branches are freed; None: keep all
 
 
 @dataclass(slots=True)
@@ -97,6 +112,7 @@ class DraftResult:
     draft: Draft
     exit_layers: list[int] = field(default_factory=list)  # per draft token (sorted drafters)
     compute_s: float = 0.0  # drafter CPU seconds: this draft's share of its batch, by tokens
+    branch_drafts: list[Draft] = field(default_factory=list)  # one per ProposeCall.branches
 
 
 class DraftSession:
@@ -104,13 +120,17 @@ class DraftSession:
     propose and close never overlap (a cancelled stream may close while its last propose
     still runs in a worker thread). Every method blocks: call them off the event loop."""
 
-    __slots__ = ("_pool", "closed", "drafter", "lock", "proposer", "target")
+    __slots__ = ("_pool", "closed", "drafter", "forks", "lock", "proposer", "run_ahead", "target")
 
-    def __init__(self, pool: DrafterPool, drafter: str, target: str, proposer: Proposer) -> None:
+    def __init__(
+        self, pool: DrafterPool, drafter: str, target: str, proposer: Proposer, run_ahead: RunAheadConfig
+    ) -> None:
         self._pool = pool
         self.drafter = drafter
         self.target = target
         self.proposer = proposer
+        self.run_ahead = run_ahead  # how a card session grows its tree
+        self.forks: dict[BranchKey, ForkableProposer] = {}  # card's branches (`Branch`)
         self.lock = threading.Lock()
         self.closed = False
 
@@ -130,12 +150,24 @@ class DraftSession:
             if not self.closed:
                 self.apply_params_locked(params)
 
-    def prepare_locked(self, call: ProposeCall) -> None:
-        """Feedback and parameters before a propose (the caller holds `lock`)."""
+    def prepare_locked(self, call: ProposeCall) -> list[tuple[Proposer, Sequence[int], int]]:
+        """Feedback, parameters and branch forks before a propose (the caller holds `lock`);
+        returns the (proposer, context, k) of each branch to draft."""
         if call.num_accepted is not None:
             self.proposer.update(call.num_accepted)
         if call.params is not None:
             self.apply_params_locked(call.params)
+        if call.adopt is not None and call.adopt in self.forks:
+            self.proposer.adopt(self.forks.pop(call.adopt))
+        if call.live_branches is not None:
+            self.forks = {key: f for key, f in self.forks.items() if key in call.live_branches}
+        requests = []
+        for b in call.branches:
+            fork = self.forks.get(b.key)
+            if fork is None:  # a copy of the line's cache: only the branch is drafted anew
+                fork = self.forks[b.key] = self.proposer.fork()
+            requests.append((fork, b.context_ids, b.k))
+        return requests
 
     def apply_params_locked(self, params: dict[str, float]) -> None:
         """Commit.params (the stream's sticky merge) for proposers that take parameters
@@ -152,6 +184,7 @@ class DraftSession:
             if self.closed:
                 return
             self.closed = True
+            self.forks.clear()
             try:
                 self.proposer.close()
             finally:
@@ -160,18 +193,6 @@ class DraftSession:
 
 def _exit_layers(draft: Draft) -> list[int]:
     return [int(e) for e in draft.exit_layers or []]
-
-
-def propose_one(call: ProposeCall) -> DraftResult:
-    """One session's round on its own (blocking; inference mode entered by the caller)."""
-    session = call.session
-    with session.lock:
-        if session.closed:
-            return DraftResult(EMPTY_DRAFT)
-        session.prepare_locked(call)
-        t = time.thread_time()
-        draft = session.proposer.propose(call.context_ids, call.k)
-        return DraftResult(draft, _exit_layers(draft), time.thread_time() - t)
 
 
 class _Batcher:
@@ -236,28 +257,32 @@ class _Batcher:
                         fut.set_result(DraftResult(EMPTY_DRAFT))
                         continue
                     try:
-                        session.prepare_locked(call)
+                        branches = session.prepare_locked(call)
                     except Exception as e:  # noqa: BLE001 - fails this stream only
                         fut.set_exception(e)
                         continue
-                    todo.append((call, fut))
+                    todo.append((call, fut, branches))
                 if not todo:
                     return
+                requests = []  # every session's line, then its branches
+                for call, _, branches in todo:
+                    requests.append((call.session.proposer, call.context_ids, call.k))
+                    requests.extend(branches)
                 t = time.thread_time()  # CPU, not wall: torch runs on this thread (one intra-op thread)
                 try:
-                    drafts = self._propose_batch(
-                        [(c.session.proposer, c.context_ids, c.k) for c, _ in todo]
-                    )
+                    drafts = self._propose_batch(requests)
                 except Exception as e:  # noqa: BLE001
-                    for _, fut in todo:
+                    for _, fut, _ in todo:
                         fut.set_exception(e)
                     return
                 cpu_s = time.thread_time() - t
-                metrics.DRAFTER_BATCH_SIZE.labels(self.name).observe(len(todo))
+                metrics.DRAFTER_BATCH_SIZE.labels(self.name).observe(len(requests))
                 num_tokens = sum(len(d.token_ids) for d in drafts) or 1
-                for (call, fut), draft in zip(todo, drafts):
-                    share = cpu_s * len(draft.token_ids) / num_tokens
-                    fut.set_result(DraftResult(draft, _exit_layers(draft), share))
+                it = iter(drafts)
+                for _, fut, branches in todo:
+                    own = [next(it) for _ in range(1 + len(branches))]
+                    share = cpu_s * sum(len(d.token_ids) for d in own) / num_tokens
+                    fut.set_result(DraftResult(own[0], _exit_layers(own[0]), share, own[1:]))
         finally:
             for session in locked:
                 session.lock.release()
@@ -266,20 +291,14 @@ class _Batcher:
 class DrafterPool:
     """Drafters by name; `open_session` validates an Open and makes a `DraftSession`."""
 
-    def __init__(
-        self, drafters: Sequence[_Drafter], *, max_workers: int = 8, batching: bool = True
-    ) -> None:
+    def __init__(self, drafters: Sequence[_Drafter], *, max_workers: int = 8) -> None:
         if not drafters:
             raise ValueError("a drafter pool needs at least one drafter")
         self._drafters: dict[str, _Drafter] = {d.name: d for d in drafters}
         if len(self._drafters) != len(drafters):
             raise ValueError(f"duplicate drafter names in {[d.name for d in drafters]}")
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="drafter")
-        self._batchers: dict[str, _Batcher] = {
-            d.name: _Batcher(d.name, d.factory.propose_batch)
-            for d in drafters
-            if batching
-        }
+        self._batchers: dict[str, _Batcher] = {d.name: _Batcher(d.name, d.factory.propose_batch) for d in drafters}
         self._lock = threading.Lock()
         self._active = 0
 
@@ -412,9 +431,10 @@ class DrafterPool:
         if target not in chosen.factory.targets:
             chosen.factory.attach_target(target, tokenizer_hash)
         proposer = chosen.factory.new_session(prompt_ids, sampling)
+        run_ahead = chosen.factory.config.run_ahead
         if method in RUN_AHEAD_METHODS:  # drafts are trees: the line and its runner-ups
-            proposer.num_alternatives = RUN_AHEAD_ALTERNATIVES
-        session = DraftSession(self, chosen.name, target, proposer)
+            proposer.num_alternatives = run_ahead.alternatives
+        session = DraftSession(self, chosen.name, target, proposer, run_ahead)
         with self._lock:
             self._active += 1
         metrics.NUM_ACTIVE_SESSIONS.labels("drafter", chosen.name).inc()
@@ -433,12 +453,9 @@ class DrafterPool:
         return await loop.run_in_executor(self.executor, _in_inference_mode, fn, *args)
 
     async def propose(self, call: ProposeCall) -> DraftResult:
-        """One round for one session, off the event loop: batched with other sessions of
-        the same drafter where its factory supports it, else in the executor."""
-        batcher = self._batchers.get(call.session.drafter)
-        if batcher is None:
-            return await self.run(propose_one, call)
-        return await asyncio.wrap_future(batcher.submit(call))
+        """One round for one session, off the event loop, batched with the rounds of the
+        drafter's other sessions waiting at that moment."""
+        return await asyncio.wrap_future(self._batchers[call.session.drafter].submit(call))
 
     def shutdown(self) -> None:
         for batcher in self._batchers.values():

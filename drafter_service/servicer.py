@@ -20,18 +20,19 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
-from drafter_service.pool import ProposeCall
+from drafter_service.pool import Branch, BranchKey, DraftResult, ProposeCall
+from shared.draft_tree import Commit, RunAheadTree
 from shared.errors import InvalidArgumentError, SpecdecError, UnavailableError
 from shared.methods import RUN_AHEAD_METHODS
 from shared.pb.specdec.v1 import drafter_pb2, drafter_pb2_grpc
 from shared.protocol import PROTOCOL_VERSION
-from shared.run_ahead import ahead_limit, reconcile
+from shared.proposer import Draft
+from shared.run_ahead import ahead_limit, branches_to_draft
 from shared.serving import wait_shielded
 from shared.wire import sampling_from_proto
 
 if TYPE_CHECKING:
     from drafter_service.pool import DrafterPool, DraftSession
-    from shared.proposer import Draft
 
 logger = logging.getLogger(__name__)
 
@@ -247,39 +248,73 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     async def _run_ahead_loop(
         self, context: grpc.aio.ServicerContext, session: DraftSession, state: _StreamState
     ) -> None:
-        """Method `card` (`shared.run_ahead`): extend the line in chunks while it is less
-        than `ahead_limit(k)` past the latest commit, streaming each chunk with the
-        runner-up children of its tokens (`shared.draft_tree`); wait for a commit only when
-        the line is that far ahead or the verifier asked for 0 tokens."""
+        """Method `card` (`shared.run_ahead`): keep the same `RunAheadTree` as the verifier's
+        mirror. Each call extends the line by a chunk while it is less than
+        `ahead_limit(k)` past the latest commit and drafts a branch under the likeliest
+        alternatives that the round in flight may end in (`branches_to_draft`), all in one
+        batched propose; every chunk and branch is streamed as it is drafted. Wait for a
+        commit only when there is nothing left to draft or the verifier asked for 0 tokens."""
         pool = self.pool
-        line: list[int] = []
-        epoch, base = -1, 0  # the commit the line was last reconciled with, its context length
+        tree = RunAheadTree()
+        epoch, base = -1, 0  # the commit the tree was last pruned to, its context length
+        adopt: BranchKey | None = None  # a branch the tree took, until the pool hears of it
         applied_params: dict[str, float] = {}
         owed_s = 0.0  # drafter CPU seconds not yet reported (`Candidates.compute_s`)
         while not state.ended:
             if state.epoch != epoch:
                 epoch, committed = state.epoch, list(state.context)
-                line, base = reconcile(line, committed), len(committed)
-            room = ahead_limit(state.k) - (len(line) - base)
-            if room <= 0:
+                taken = tree.branch_taken(committed)
+                if tree.commit(committed) is Commit.BRANCHED:
+                    adopt = taken
+                base = len(committed)
+            room = ahead_limit(state.k) - (len(tree.line) - base)
+            branches = [
+                Branch(key, tree.line[: key[0]] + [key[1]], session.run_ahead.branch_length)
+                for key in branches_to_draft(tree, base, state.k, session.run_ahead.branches)
+            ]
+            if room <= 0 and not branches:
                 await self._wait_commit(state)
                 continue
             params = None
             if state.params != applied_params:
                 params = applied_params = state.params
-            n = min(RUN_AHEAD_CHUNK, room)
-            result = await pool.propose(ProposeCall(session, list(line), n, None, params))
-            draft = result.draft
+            n = min(RUN_AHEAD_CHUNK, max(room, 0))
+            live = set(tree.branches) | {b.key for b in branches}
+            call = ProposeCall(session, list(tree.line), n, None, params, branches, adopt, live)
+            adopt = None
+            result = await pool.propose(call)
             owed_s += result.compute_s
-            if not draft.token_ids:  # nothing to add (the drafter's context is full)
-                if state.epoch == epoch:
-                    await self._wait_commit(state)
+            sent = False
+            for start, draft in self._tree_chunks(tree, result, branches):
+                # the tree is extended as the verifier's mirror will be: chunk by chunk
+                tree.extend(start, draft.token_ids, draft.tree_parents, draft.node_probs or ())
+                await context.write(candidates_message(epoch, start, draft, compute_s=owed_s))
+                owed_s, sent = 0.0, True
+                self.num_candidates_sent += 1
+            if not sent and state.epoch == epoch:  # nothing to add (the drafter's context is full)
+                await self._wait_commit(state)
+
+    @staticmethod
+    def _tree_chunks(
+        tree: RunAheadTree, result: DraftResult, branches: list[Branch]
+    ) -> list[tuple[int, Draft]]:
+        """A call's drafts as tree chunks (start position, nodes): the line's chunk (its
+        tokens and their runner-ups), then each branch as a chain from its alternative."""
+        chunks = []
+        line = result.draft
+        if line.token_ids:
+            n = len(line.token_ids)
+            parents = line.tree_parents or list(range(-1, n - 1))
+            chunks.append((len(tree.line), Draft(line.token_ids, tree_parents=parents, node_probs=line.node_probs)))
+        for b, draft in zip(branches, result.branch_drafts):
+            ids = draft.line_ids()[: b.k]
+            if not ids:
                 continue
-            draft.draft_probs = None  # run-ahead drafts are verified as one-hot (seeded sessions)
-            await context.write(candidates_message(epoch, len(line), draft, result.exit_layers, owed_s))
-            owed_s = 0.0
-            line.extend(draft.line_ids()[:n])
-            self.num_candidates_sent += 1
+            position, alt = b.key
+            q_alt = next(q for t, q in tree.alternatives[position] if t == alt)
+            probs = (draft.node_probs or [1.0] * len(ids))[: len(ids)]
+            chunks.append((position, Draft([alt, *ids], tree_parents=list(range(-1, len(ids))), node_probs=[q_alt, *probs])))
+        return chunks
 
     @staticmethod
     async def _wait_commit(state: _StreamState) -> None:

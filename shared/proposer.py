@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
 
+    from shared.config import DrafterConfig
     from shared.sampling import SamplingParams
 
 
@@ -113,6 +114,26 @@ class Proposer(Protocol):
 
 
 @runtime_checkable
+class CountingProposer(Proposer, Protocol):
+    """A proposer that reports counters of its own with the request's stats
+    (`SpecStats.drafter`)."""
+
+    def counters(self) -> dict[str, float]: ...
+
+
+class ForkableProposer(Proposer, Protocol):
+    """A proposer whose cache can be copied (`card`'s branches, `drafter_service.pool`)."""
+
+    def fork(self) -> ForkableProposer:
+        """An independent session starting from a copy of this one's cache and parameters."""
+        ...
+
+    def adopt(self, fork: ForkableProposer) -> None:
+        """Continue from a fork's cache (the target took the fork's branch)."""
+        ...
+
+
+@runtime_checkable
 class PipelinedProposer(Proposer, Protocol):
     """A proposer that drafts elsewhere (the drafter pool): the batched loop asks every
     such row first and collects all drafts by one deadline, so drafts of different rows
@@ -143,6 +164,7 @@ class ProposerFactory(Protocol):
 class DrafterFactory(ProposerFactory, Protocol):
     """A model-based factory the drafter pool serves to every target of its tokenizer."""
 
+    config: DrafterConfig
     tokenizer_hash: str
     vocab_size: int  # valid token ids are [0, vocab_size)
     targets: dict[str, str]  # attached target name -> tokenizer hash

@@ -11,4 +11,6 @@ from __future__ import annotations
 #    drafter's line of an epoch, unasked, and a Commit for 0 tokens stops the run-ahead.
 # 3: run-ahead Candidates carry a tree (tree_parents, node_probs): the line plus the
 #    runner-up children of each line token.
-PROTOCOL_VERSION = 3
+# 4: a run-ahead chunk that starts before the line's end is a branch: a chain from one of
+#    the line's alternatives, and a commit may take it (`RunAheadTree.commit`).
+PROTOCOL_VERSION = 4

@@ -71,6 +71,7 @@ class SpecStats:
     draft_time_s: float = 0.0  # proposer calls
     other_time_s: float = 0.0  # everything else in the loop (accept, detok, stop checks)
     policy: dict[str, float] = field(default_factory=dict)  # what the policy chose (k, exits)
+    drafter: dict[str, float] = field(default_factory=dict)  # the proposer's counters (`CountingProposer`)
     # nested drafters: draft tokens per exit depth, and how many of them were accepted
     num_draft_tokens_per_exit: dict[int, int] = field(default_factory=dict)
     num_accepted_tokens_per_exit: dict[int, int] = field(default_factory=dict)

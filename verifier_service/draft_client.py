@@ -440,10 +440,19 @@ class RunAheadProposer(RemoteProposer):
         self.num_cached_rounds = 0  # ... and found at least one token in the line
         self.num_line_kept = 0  # commits the line extended (the target's bonus was the line's next token)
         self.num_alternative_commits = 0  # ... or that took an alternative of the mirror's tree
+        self.num_branch_commits = 0  # ... and found the branch drafted under it
         self.num_commits = 0
         self.wait_s_total = 0.0
         self.max_wait_s = 0.0
         super().__init__(factory, prompt_ids, sampling)
+
+    def counters(self) -> dict[str, float]:
+        """For the request's stats (`SpecStats.drafter`)."""
+        return {
+            "rounds": self.num_rounds, "cached_rounds": self.num_cached_rounds, "commits": self.num_commits,
+            "line_kept": self.num_line_kept, "alternative_commits": self.num_alternative_commits,
+            "branch_commits": self.num_branch_commits, "wait_s": self.wait_s_total, "max_wait_s": self.max_wait_s,
+        }  # fmt: skip
 
     def _open(self, context: list[int]) -> None:
         super()._open(context)
@@ -471,6 +480,7 @@ class RunAheadProposer(RemoteProposer):
                 kept = extends(self._tree.line, context)
                 self.num_line_kept += kept
                 self.num_alternative_commits += not kept and self._took_alternative(context)
+                self.num_branch_commits += not kept and self._tree.branch_taken(context) is not None
             self._send_commit(context, max(k, 0))
             self._pending.append((self._epoch, len(context)))
             self._context, self._committed_len, self._k_sent = context, len(context), max(k, 0)
@@ -504,11 +514,17 @@ class RunAheadProposer(RemoteProposer):
         return draft
 
     def _cached(self, context_len: int, k: int) -> Draft:
-        """The best `k` nodes the mirror holds after the context (`RunAheadTree.select`)."""
-        context, line = self._context, self._tree.line
-        if len(line) <= context_len or line[:context_len] != context[:context_len]:
-            return Draft(token_ids=[])
-        chosen = self._tree.select(context_len, k)
+        """The best `k` nodes the mirror holds after the context (`RunAheadTree.select`).
+        The mirror applies commits lazily, so where the context took a branch, the draft
+        comes from a copy with the commit applied (the mirror itself must wait for the
+        chunks the drafter grew before it saw the commit)."""
+        context, tree = self._context[:context_len], self._tree
+        if not extends(tree.line, context):
+            if tree.branch_taken(context) is None:
+                return Draft(token_ids=[])
+            tree = tree.copy()
+            tree.commit(context)
+        chosen = tree.select(context_len, k)
         if is_chain(chosen.parents):
             return Draft(token_ids=chosen.token_ids)
         return Draft(token_ids=chosen.token_ids, tree_parents=chosen.parents)

@@ -38,7 +38,7 @@ from shared import metrics
 from shared.detokenize import IncrementalDetokenizer
 from shared.draft_tree import accept_path, depths_of, is_chain
 from shared.llama import RowFeed
-from shared.proposer import EMPTY_DRAFT, Draft, PipelinedProposer, Proposer
+from shared.proposer import EMPTY_DRAFT, CountingProposer, Draft, PipelinedProposer, Proposer
 from shared.rejection import accept_prefix
 from shared.sampling import sample_at, with_seed
 from shared.stop import StopChecker
@@ -132,6 +132,8 @@ class SpecDecodeLoop:
         self.rows.remove(row)
         self.engine.release(row.slot)
         if row.proposer is not None:
+            if isinstance(row.proposer, CountingProposer):
+                row.stats.drafter = row.proposer.counters()
             try:
                 row.proposer.close()
             except Exception:

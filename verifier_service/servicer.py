@@ -75,6 +75,7 @@ def stats_to_proto(stats: SpecStats) -> common_pb2.SpecStats:
         draft_time_s=stats.draft_time_s,
         other_time_s=stats.other_time_s,
         policy=stats.policy,
+        drafter=stats.drafter,
     )
 
 

@@ -321,6 +321,7 @@ class _SequentialBatchFactory:
 
     def __init__(self, inner) -> None:
         self.inner = inner
+        self.config = inner.config
         self.tokenizer_hash = inner.tokenizer_hash
         self.vocab_size = inner.vocab_size
         self.batch_sizes: list[int] = []

@@ -1,4 +1,4 @@
-"""Run-ahead drafting (`card`): the line's commit rule, and the verifier's loop drafting
+"""Run-ahead drafting (`card`): which branches the drafter prepares, and the verifier's loop drafting
 through a real drafter pool served over gRPC on 127.0.0.1 (the pool's event loop in a
 background thread, the loop in this one): the mirror of the line equals drafting from
 scratch, greedy output is the target's, sampled output has its distribution, and a slowed
@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from drafter_service.pool import DrafterPool
-from shared.config import default_config
+from shared.config import RunAheadConfig, default_config
 from shared.loading import tokenizer_hash
-from shared.run_ahead import RUN_AHEAD_ALTERNATIVES, ahead_limit, reconcile
+from shared.draft_tree import RunAheadTree
+from shared.run_ahead import ahead_limit, branches_to_draft
 from shared.sampling import SamplingParams
 from shared.types import GenerationRequest
 from tests.exactness import compare_greedy, humaneval_prompts
@@ -28,28 +29,29 @@ from verifier_service.loop import SpecDecodeLoop
 from verifier_service.policy import RulePolicy
 
 _DEFAULT = default_config()
-CONFIG = _DEFAULT.model_copy(update={"drafters": _DEFAULT.drafters[:1]})  # codelm-draft
+# codelm-draft, growing the whole tree: 3 runner-ups per line token, branches under 4 of them
+RUN_AHEAD = RunAheadConfig(alternatives=3, branches=4, branch_length=2)
+CONFIG = _DEFAULT.model_copy(update={"drafters": [_DEFAULT.drafters[0].model_copy(update={"run_ahead": RUN_AHEAD})]})
 # the rule k, never stepped aside by load arms: these tests are about the drafter
 SPECULATION = CONFIG.speculation.model_copy(update={"load_aware": False})
 
 
-# ---------------------------------------------------------------- the commit rule
+# ---------------------------------------------------------------- what the drafter drafts
 
 
-def test_reconcile_keeps_a_line_that_extends_the_context_else_restarts():
-    line = [1, 2, 3, 4, 5]
-    assert reconcile(line, [1, 2, 3]) == [1, 2, 3, 4, 5]  # the bonus was the line's own token
-    assert reconcile(line, [1, 2, 9]) == [1, 2, 9]  # a correction: restart at the context
-    assert reconcile(line, [1, 2, 3, 4, 5, 6]) == [1, 2, 3, 4, 5, 6]  # the context passed the line
-    assert line == [1, 2, 3, 4, 5]  # not modified
+def test_branches_go_under_the_likeliest_alternatives_of_the_round_in_flight():
+    tree = RunAheadTree()
+    tree.reset([1, 2])
+    # line 10 11 12 (q .5 .9 .9) after the context, alternatives 20 21 (depth 1), 22 (depth 3)
+    tree.extend(2, [10, 11, 12, 20, 21, 22], [-1, 0, 1, -1, -1, 1], [0.5, 0.9, 0.9, 0.3, 0.1, 0.05])
+    # path probabilities: 20 0.3, 21 0.1, 22 0.5 * 0.9 * 0.05 = 0.0225
+    assert branches_to_draft(tree, 2, 4, 4) == [(2, 20), (2, 21), (4, 22)]
+    assert branches_to_draft(tree, 2, 4, 2) == [(2, 20), (2, 21)]  # the likeliest
+    assert branches_to_draft(tree, 2, 1, 4) == [(2, 20), (2, 21)]  # depth <= k + 1 only
+    assert branches_to_draft(tree, 2, 0, 4) == [] and branches_to_draft(tree, 2, 4, 0) == []
+    tree.extend(2, [20, 30], [-1, 0], [0.3, 0.8])
+    assert branches_to_draft(tree, 2, 4, 4) == [(2, 21), (4, 22)]  # drafted once
     assert ahead_limit(4) == 8
-
-
-@pytest.mark.parametrize("later", [[1, 2, 3, 4], [1, 2, 3, 7], [1, 2, 3, 4, 5, 6, 8]])
-def test_commits_applied_in_turn_equal_the_last_alone(later):
-    """Why the verifier may apply pending commits lazily: contexts only grow."""
-    line, earlier = [1, 2, 3, 4, 5, 6], [1, 2, 3]
-    assert reconcile(reconcile(line, earlier), later) == reconcile(line, later)
 
 
 # ---------------------------------------------------------------- with a real pool
@@ -114,8 +116,9 @@ def card_factory(address: str, target: str, **kwargs) -> RemoteProposerFactory:
 @pytest.mark.slow
 def test_the_mirrored_line_equals_drafting_from_scratch(server, pool, target):
     """Each round's cached draft is the drafter's own greedy continuation of the context
-    with its runner-up tokens beside it (a subtree of the tree drafted from scratch),
-    through restarts (a correction) and kept lines (a bonus the line had)."""
+    with its runner-up tokens beside it and the branches drafted under them (a subtree of
+    the tree drafted from scratch), through restarts (a correction), branches taken and
+    kept lines (a bonus the line had)."""
     name, _, tokenizer = target
     prompt = tokenizer(humaneval_prompts(1)[0]).input_ids
     scratch = pool._drafters["codelm-draft"].factory
@@ -128,15 +131,22 @@ def test_the_mirrored_line_equals_drafting_from_scratch(server, pool, target):
             proposer.request(context, k)
             got = proposer.collect(time.monotonic())
             draft = got.line_ids()
-            with torch.inference_mode():
-                session = scratch.new_session(context, SamplingParams())
-                session.num_alternatives = RUN_AHEAD_ALTERNATIVES
-                reference = session.propose(context, k)
-            assert draft and draft == reference.line_ids()[: len(draft)], f"round {round_}: {draft} != {reference}"
-            assert _paths(got) <= _paths(reference), round_
+            reference = _scratch(scratch, context, k)
+            line = reference.line_ids()
+            assert draft and draft == line[: len(draft)], f"round {round_}: {draft} != {reference}"
+            # every branch node: what the drafter drafts from scratch after its alternative
+            branches = set()
+            for node, parent in zip(reference.token_ids[len(line) :], reference.tree_parents[len(line) :]):
+                stem = [*line[: parent + 1], node]
+                branch = _scratch(scratch, context + stem, RUN_AHEAD.branch_length).line_ids()
+                branches |= {(*stem, *branch[:j]) for j in range(1, len(branch) + 1)}
+            assert _paths(got) <= _paths(reference) | branches, round_
             num_trees += got.tree_parents is not None
             if round_ % 3 == 2:  # a correction: the target disagreed at the second token
                 context += [draft[0], (draft[1] + 1) % 1000]
+            elif round_ % 3 == 1:  # the target took the first token's runner-up
+                time.sleep(0.2)  # the drafter has drafted the branch under it (and idles)
+                context += [reference.token_ids[len(line) + reference.tree_parents[len(line) :].index(-1)]]
             else:  # everything accepted, and the bonus is the line's next token when it has one
                 context += draft
                 proposer.request(context, k)
@@ -144,8 +154,18 @@ def test_the_mirrored_line_equals_drafting_from_scratch(server, pool, target):
                 context += nxt[:1] or [7]
         assert proposer.num_line_kept > 0 and proposer.num_stale_dropped == 0
         assert num_trees > 0  # runner-ups were verified beside the line
+        assert proposer.num_branch_commits > 0  # a commit took a branch drafted under a runner-up
     finally:
         proposer.close()
+
+
+def _scratch(factory, context: list[int], k: int):
+    """The drafter's tree for `context` drafted in a new session: k line tokens and their
+    runner-ups."""
+    with torch.inference_mode():
+        session = factory.new_session(context, SamplingParams())
+        session.num_alternatives = RUN_AHEAD.alternatives
+        return session.propose(context, k)
 
 
 def _paths(draft) -> set[tuple[int, ...]]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/common.proto\x12\nspecdec.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xd9\x02\n\tSpecStats\x12\x12\n\nnum_rounds\x18\x01 \x01(\x05\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x05\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x05\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x01\x12\x17\n\x0fnum_spec_rounds\x18\x05 \x01(\x05\x12#\n\x1bnum_accepted_tokens_per_pos\x18\x06 \x03(\x05\x12\x15\n\rtarget_time_s\x18\x07 \x01(\x01\x12\x14\n\x0c\x64raft_time_s\x18\x08 \x01(\x01\x12\x14\n\x0cother_time_s\x18\t \x01(\x01\x12\x31\n\x06policy\x18\n \x03(\x0b\x32!.specdec.v1.SpecStats.PolicyEntry\x1a-\n\x0bPolicyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"0\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xac\x01\n\x10GenerateComplete\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.specdec.v1.Usage\x12$\n\x05stats\x18\x03 \x01(\x0b\x32\x15.specdec.v1.SpecStats\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"\xa0\x01\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.specdec.v1.GenerateChunkH\x00\x12\x30\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1c.specdec.v1.GenerateCompleteH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.specdec.v1.ErrorH\x00\x42\n\n\x08response*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/common.proto\x12\nspecdec.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xbe\x03\n\tSpecStats\x12\x12\n\nnum_rounds\x18\x01 \x01(\x05\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x05\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x05\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x01\x12\x17\n\x0fnum_spec_rounds\x18\x05 \x01(\x05\x12#\n\x1bnum_accepted_tokens_per_pos\x18\x06 \x03(\x05\x12\x15\n\rtarget_time_s\x18\x07 \x01(\x01\x12\x14\n\x0c\x64raft_time_s\x18\x08 \x01(\x01\x12\x14\n\x0cother_time_s\x18\t \x01(\x01\x12\x31\n\x06policy\x18\n \x03(\x0b\x32!.specdec.v1.SpecStats.PolicyEntry\x12\x33\n\x07\x64rafter\x18\x0b \x03(\x0b\x32\".specdec.v1.SpecStats.DrafterEntry\x1a-\n\x0bPolicyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0c\x44rafterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"0\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xac\x01\n\x10GenerateComplete\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.specdec.v1.Usage\x12$\n\x05stats\x18\x03 \x01(\x0b\x32\x15.specdec.v1.SpecStats\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"\xa0\x01\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.specdec.v1.GenerateChunkH\x00\x12\x30\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1c.specdec.v1.GenerateCompleteH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.specdec.v1.ErrorH\x00\x42\n\n\x08response*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SPECSTATS_POLICYENTRY']._loaded_options = None
   _globals['_SPECSTATS_POLICYENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=986
-  _globals['_FINISHREASON']._serialized_end=1106
+  _globals['_SPECSTATS_DRAFTERENTRY']._loaded_options = None
+  _globals['_SPECSTATS_DRAFTERENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1087
+  _globals['_FINISHREASON']._serialized_end=1207
   _globals['_SAMPLINGPARAMS']._serialized_start=39
   _globals['_SAMPLINGPARAMS']._serialized_end=134
   _globals['_USAGE']._serialized_start=136
   _globals['_USAGE']._serialized_end=193
   _globals['_SPECSTATS']._serialized_start=196
-  _globals['_SPECSTATS']._serialized_end=541
-  _globals['_SPECSTATS_POLICYENTRY']._serialized_start=496
-  _globals['_SPECSTATS_POLICYENTRY']._serialized_end=541
-  _globals['_ERROR']._serialized_start=543
-  _globals['_ERROR']._serialized_end=596
-  _globals['_GENERATECHUNK']._serialized_start=598
-  _globals['_GENERATECHUNK']._serialized_end=646
-  _globals['_GENERATECOMPLETE']._serialized_start=649
-  _globals['_GENERATECOMPLETE']._serialized_end=821
-  _globals['_GENERATERESPONSE']._serialized_start=824
-  _globals['_GENERATERESPONSE']._serialized_end=984
+  _globals['_SPECSTATS']._serialized_end=642
+  _globals['_SPECSTATS_POLICYENTRY']._serialized_start=549
+  _globals['_SPECSTATS_POLICYENTRY']._serialized_end=594
+  _globals['_SPECSTATS_DRAFTERENTRY']._serialized_start=596
+  _globals['_SPECSTATS_DRAFTERENTRY']._serialized_end=642
+  _globals['_ERROR']._serialized_start=644
+  _globals['_ERROR']._serialized_end=697
+  _globals['_GENERATECHUNK']._serialized_start=699
+  _globals['_GENERATECHUNK']._serialized_end=747
+  _globals['_GENERATECOMPLETE']._serialized_start=750
+  _globals['_GENERATECOMPLETE']._serialized_end=922
+  _globals['_GENERATERESPONSE']._serialized_start=925
+  _globals['_GENERATERESPONSE']._serialized_end=1085
 # @@protoc_insertion_point(module_scope)

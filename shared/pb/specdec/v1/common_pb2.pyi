@@ -40,8 +40,15 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("num_rounds", "num_draft_tokens", "num_accepted_tokens", "mean_acceptance_length", "num_spec_rounds", "num_accepted_tokens_per_pos", "target_time_s", "draft_time_s", "other_time_s", "policy")
+    __slots__ = ("num_rounds", "num_draft_tokens", "num_accepted_tokens", "mean_acceptance_length", "num_spec_rounds", "num_accepted_tokens_per_pos", "target_time_s", "draft_time_s", "other_time_s", "policy", "drafter")
     class PolicyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class DrafterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +65,7 @@ class SpecStats(_message.Message):
     DRAFT_TIME_S_FIELD_NUMBER: _ClassVar[int]
     OTHER_TIME_S_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
     num_rounds: int
     num_draft_tokens: int
     num_accepted_tokens: int
@@ -68,7 +76,8 @@ class SpecStats(_message.Message):
     draft_time_s: float
     other_time_s: float
     policy: _containers.ScalarMap[str, float]
-    def __init__(self, num_rounds: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., num_accepted_tokens: _Optional[int] = ..., mean_acceptance_length: _Optional[float] = ..., num_spec_rounds: _Optional[int] = ..., num_accepted_tokens_per_pos: _Optional[_Iterable[int]] = ..., target_time_s: _Optional[float] = ..., draft_time_s: _Optional[float] = ..., other_time_s: _Optional[float] = ..., policy: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    drafter: _containers.ScalarMap[str, float]
+    def __init__(self, num_rounds: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., num_accepted_tokens: _Optional[int] = ..., mean_acceptance_length: _Optional[float] = ..., num_spec_rounds: _Optional[int] = ..., num_accepted_tokens_per_pos: _Optional[_Iterable[int]] = ..., target_time_s: _Optional[float] = ..., draft_time_s: _Optional[float] = ..., other_time_s: _Optional[float] = ..., policy: _Optional[_Mapping[str, float]] = ..., drafter: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "field")
