@@ -39,7 +39,7 @@ class SortedExitsConfig(BaseModel):
         None, description="shared.loading.tokenizer_hash of the directory."
     )
     matmul_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Dtype of the projection/head weights in the lean forward."
+        "float16", description="Dtype of the projection/head weights in the lean forward."
     )
     training: dict | None = Field(None, description="How the drafter was trained (free form).")
 

@@ -131,11 +131,12 @@ class DrafterConfig(ModelConfig):
     )
     run_ahead: RunAheadConfig = Field(default_factory=RunAheadConfig, description="Its `card` sessions.")
     matmul_dtype: Dtype = Field(
-        "float32",
-        description="Weight dtype of the lean forward's (shared.llama) one-row matmuls. On "
-        "CPU, fp32 runs through oneDNN's reordered weights and beat fp16 (measured: 1.15 vs "
-        "1.30 ms per 2-token draft of codelm-draft); draft numerics only move acceptance, "
-        "never the output.",
+        "float16",
+        description="Weight dtype of the lean forward's (shared.llama) one-row matmuls; draft "
+        "numerics only move acceptance, never the output. fp32 (oneDNN on CPU) drafts one "
+        "session faster (1.15 vs 1.30 ms per 2-token draft of codelm-draft) but lost under "
+        "load: `sorted` at 16 concurrent on target-s gave 0.84-0.88x `none` with fp32, 0.93x "
+        "with fp16 (bench.loadtest, same runs).",
     )
 
 

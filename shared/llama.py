@@ -12,8 +12,8 @@ once and packed for few ops:
 - q is pre-scaled by head_dim**-0.5 (RoPE is linear, so it commutes);
 - QKV and gate/up are single matrices; RoPE is one gather and two multiplies.
 
-`matmul_dtype` (default: the activations') may keep the projection weights in a narrower
-dtype than the activations, for hardware where a one-row step is bound by reading weights.
+`matmul_dtype` (drafters: fp16) keeps the projection weights in a narrower dtype than the
+activations: a one-row step is bound by reading weights from memory.
 The target path keeps the checkpoint's dtype; its logits match HF's within 1e-4
 (tests/shared/test_llama.py).
 
@@ -90,14 +90,12 @@ class LlamaWeights:
         num_layers: int | None = None,
         matmul_dtype: torch.dtype | None = None,
     ) -> None:
-        """NOTE (matmul_dtype): fp32 is the default everywhere since fp32 matmuls run through
-        oneDNN (`ONEDNN`): on this CPU a one-row [4096, 192] head matmul then takes 62 us
-        against fp16's 124 us (MKL's fp32 took 86). A narrower dtype stays selectable for
-        hardware where it pays; CPU fp16 kernels collapse beyond a few rows (120-row prefill:
-        fp16 66 ms vs fp32 15 ms), so calls of more than `MAX_SMALL_ROWS` rows use the
-        activation dtype over the exactly upcast weights with low-precision-rounded inputs
-        and outputs: the small kernel's numbers up to accumulation order (measured: 99.9 %
-        bit-equal, the rest 1 fp16 ulp)."""
+        """NOTE (matmul_dtype): drafters default to fp16 (`DrafterConfig.matmul_dtype` says
+        what was measured against fp32 through oneDNN). CPU fp16 kernels collapse beyond a
+        few rows (120-row prefill: fp16 66 ms vs fp32 15 ms), so calls of more than
+        `MAX_SMALL_ROWS` rows use the activation dtype over the exactly upcast weights with
+        low-precision-rounded inputs and outputs: the small kernel's numbers up to
+        accumulation order (measured: 99.9 % bit-equal, the rest 1 fp16 ulp)."""
         cfg = model.config
         if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
             raise ValueError("biased Llama projections are not supported by the lean forward")

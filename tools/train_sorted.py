@@ -109,7 +109,7 @@ class TrainSortedConfig(BaseModel):
         "token equals the deepest exit's at least this often on held-out data.",
     )
     matmul_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Weight dtype of the drafter's lean forward (saved in sorted.json)."
+        "float16", description="Weight dtype of the drafter's lean forward (saved in sorted.json)."
     )
     calibrate_only: bool = Field(
         False,
