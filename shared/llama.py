@@ -51,6 +51,18 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_re
 ONEDNN_ONE_ROW_MIN_NUMEL = 1 << 19  # one-row calls take oneDNN from this many weights up
 
 
+def onednn_rows(n: int) -> int:
+    """Rows a oneDNN call runs for `n` rows: exact up to 8, then padded to a multiple of 16
+    (of 128 from 256 up). oneDNN keeps a cache of kernels per shape (1024 entries); a batched
+    verifier sees a new row count nearly every step, and with every count its own kernel a
+    long-running replica slowed to a third (`none` at 16 concurrent, target-m: 573 tok/s in
+    a load test's first pass, 171-271 in the next three)."""
+    if n <= 8:
+        return n
+    step = 16 if n < 256 else 128
+    return -(-n // step) * step
+
+
 @dataclass(slots=True)
 class PackedMatrix:
     """A weight matrix: `small` in matmul_dtype for calls of a few rows (bandwidth-bound),
@@ -170,8 +182,12 @@ class LlamaWeights:
         w: PackedMatrix,
     ) -> torch.Tensor:  # [rows, out] activation dtype
         if w.big is None:
-            if w.onednn is not None and (x.shape[0] > 1 or w.small.numel() >= ONEDNN_ONE_ROW_MIN_NUMEL):
-                return torch.ops.mkldnn._linear_pointwise(x, w.onednn, None, "none", [], "")
+            n = x.shape[0]
+            if w.onednn is not None and (n > 1 or w.small.numel() >= ONEDNN_ONE_ROW_MIN_NUMEL):
+                padded = onednn_rows(n)
+                if padded != n:
+                    x = F.pad(x, (0, 0, 0, padded - n))  # [padded, in], zero rows
+                return torch.ops.mkldnn._linear_pointwise(x, w.onednn, None, "none", [], "")[:n]
             return F.linear(x, w.small)
         low = w.small.dtype
         if x.shape[0] <= MAX_SMALL_ROWS:
