@@ -21,7 +21,6 @@ drafting that runs ahead competes with the target's forwards.
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -101,18 +100,14 @@ def _cpu_s(pid: int) -> float:
 
 
 def _stack_processes(stack, target: str) -> dict[str, int]:
-    """The serve stack's processes by role (router, drafter pool, this target's verifier)."""
+    """The serve stack's processes by role (router, drafter pool, this target's verifier),
+    from the pids its state file lists."""
     out = {"router": stack.proc.pid}
-    for pid in map(int, subprocess.run(["ps", "--ppid", str(stack.proc.pid), "-o", "pid="],
-                                       capture_output=True, text=True).stdout.split()):  # fmt: skip
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
-        except OSError:
-            continue
-        if "drafter_service" in cmd:
-            out["drafter"] = pid
-        elif "verifier_service" in cmd and target in cmd:
-            out["verifier"] = pid
+    for child in stack.state["children"]:
+        if child["name"] == "pool":
+            out["drafter"] = child["pid"]
+        elif child["name"] == target:
+            out["verifier"] = child["pid"]
     return out
 
 

@@ -114,8 +114,7 @@ class RunAheadTree:
         chain = self.branches.get(key)
         if chain is None:
             return None
-        tail = context[p + 1 :]
-        return key if len(chain) >= len(tail) and all(t == c for (t, _), c in zip(chain, tail)) else None
+        return key if extends([t for t, _ in chain], list(context[p + 1 :])) else None
 
     def commit(self, context: Sequence[int]) -> Commit:
         """Prune to an accepted context (the commit rule of both ends, `shared.run_ahead`):

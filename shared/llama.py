@@ -13,9 +13,8 @@ once and packed for few ops:
 - QKV and gate/up are single matrices; RoPE is one gather and two multiplies.
 
 `matmul_dtype` (drafters: fp16) keeps the projection weights in a narrower dtype than the
-activations: a one-row step is bound by reading weights from memory.
-The target path keeps the checkpoint's dtype; its logits match HF's within 1e-4
-(tests/shared/test_llama.py).
+activations: a one-row step is bound by reading weights from memory. The target path keeps
+the checkpoint's dtype; its logits match HF's within 1e-4 (tests/shared/test_llama.py).
 
 KV caches (gpt-fast's `KVCache`) are preallocated and written by position, so a rollback only
 lowers a length: per drafter session ([layers, kv_heads, capacity, head_dim], `Segment`) and,

@@ -479,8 +479,10 @@ class RunAheadProposer(RemoteProposer):
                 self.num_commits += 1
                 kept = extends(self._tree.line, context)
                 self.num_line_kept += kept
-                self.num_alternative_commits += not kept and self._took_alternative(context)
-                self.num_branch_commits += not kept and self._tree.branch_taken(context) is not None
+                took = not kept and self._took_alternative(context)
+                self.num_alternative_commits += took
+                # a branch hangs under an alternative: only a commit that took one can take it
+                self.num_branch_commits += took and self._tree.branch_taken(context) is not None
             self._send_commit(context, max(k, 0))
             self._pending.append((self._epoch, len(context)))
             self._context, self._committed_len, self._k_sent = context, len(context), max(k, 0)
