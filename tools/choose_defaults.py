@@ -9,9 +9,11 @@ prompts): run every candidate rule of a method on both demo targets, greedy and 
 Each method gets a default per sampling mode (greedy requests get `when_greedy`): a
 candidate's score is the worst, over the mode's target cells, of its tokens/s over the best
 candidate's tokens/s in that cell, so a default must hold up on every target. Candidates
-are listed from simplest (a fixed k; a fixed exit; smaller k first) to least simple (the ±2/−1 rule; confidence thresholds); the first within the tolerance of the
-top score wins. If no single candidate scores >= `--per-target-below` on every cell, the
-report names the best per target too (for `TargetConfig.speculation` overrides).
+fall into classes of equal simplicity, simplest first: a fixed k at a fixed exit, then the
+±2/−1 rule, then confidence exits (`simplicity`). The first class holding a candidate within
+the tolerance of the top score gives the default: its best-scoring candidate (a fixed k = 2
+is no simpler than k = 3, so the better of them wins). The report also names the best
+candidate per target (for `TargetConfig.speculation` overrides).
 
 Writes bench/results/choose-defaults-<time>.{json,md}; the chosen values go into
 `shared.config.DEFAULT_METHODS` by hand, with the table in docs/speculation.md.
@@ -42,7 +44,7 @@ def M(k: int, rule: str = "fixed", **params: float) -> MethodSpeculation:  # noq
     return MethodSpeculation(rule=rule, num_speculative_tokens=k, drafter_params=params)
 
 
-# simplest first (ties go to the earlier one)
+# grouped by `simplicity`, simplest first
 CANDIDATES: dict[str, list[MethodSpeculation]] = {
     "ngram": [M(3), M(5), M(8), M(5, "plus2minus1")],
     "draft_model": [M(2), M(3), M(4), M(5), M(3, "plus2minus1")],
@@ -55,6 +57,13 @@ CANDIDATES: dict[str, list[MethodSpeculation]] = {
         M(5, "plus2minus1", fixed_exit=-1),
     ],
 }
+
+
+def simplicity(spec: MethodSpeculation) -> int:
+    """0: a fixed k (at a fixed exit); 1: the ±2/−1 rule; 2: S2D confidence exits."""
+    if spec.drafter_params.get("fixed_exit", 1) < 0:
+        return 2
+    return int(spec.rule != "fixed")
 
 
 def run_cell(engine, tokenizer, factories, target: str, mode: str, args, exclude: set[str]) -> list[dict]:
@@ -82,15 +91,21 @@ def choose(method: str, cells: dict[str, list[dict]], tolerance: float) -> dict:
         for label in labels:
             ratios[label][cell] = by[label] / best
     scores = {label: min(r.values()) for label, r in ratios.items()}
-    top = max(scores.values())
-    index = next(i for i, label in enumerate(labels) if scores[label] >= top - tolerance)
+    index = pick(CANDIDATES[method], [scores[label] for label in labels], tolerance)
     per_target = {}
     for target in sorted({cell.split("/")[0] for cell in cells}):
-        score_t = {label: min(v for c, v in r.items() if c.startswith(target + "/")) for label, r in ratios.items()}
-        top_t = max(score_t.values())
-        per_target[target] = next(label for label in labels if score_t[label] >= top_t - tolerance)
+        score_t = [min(v for c, v in ratios[label].items() if c.startswith(target + "/")) for label in labels]
+        per_target[target] = labels[pick(CANDIDATES[method], score_t, tolerance)]
     return {"chosen": labels[index], "spec": CANDIDATES[method][index].model_dump(), "score": scores[labels[index]],
             "scores": scores, "ratios": ratios, "best_per_target": per_target}  # fmt: skip
+
+
+def pick(candidates: list[MethodSpeculation], scores: list[float], tolerance: float) -> int:
+    """The index of the best-scoring candidate of the simplest class that has one within
+    `tolerance` of the top score."""
+    top = max(scores)
+    level = min(simplicity(c) for c, score in zip(candidates, scores) if score >= top - tolerance)
+    return max((i for i, c in enumerate(candidates) if simplicity(c) == level), key=scores.__getitem__)
 
 
 def run_cells(args) -> dict[str, list[dict]]:
