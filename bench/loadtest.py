@@ -91,6 +91,7 @@ class RequestRecord:
     num_tokens: int = 0
     token_source: str = ""  # usage | token_ids | chunks (a lower bound)
     tau: float | None = None  # mean acceptance length, when the server reports it
+    rounds: tuple[int, int] = (0, 0)  # (target steps, those that verified a draft), when reported
 
     @property
     def tpot_s(self) -> float | None:
@@ -139,6 +140,10 @@ def poisson_arrivals(rate: float, duration_s: float, rng: np.random.Generator) -
     return times
 
 
+def rounds_of(stats: dict) -> tuple[int, int]:
+    return int(stats.get("num_rounds") or 0), int(stats.get("num_spec_rounds") or 0)
+
+
 def summarize(records: list[RequestRecord], wall_s: float, cpu_s: float, slo: Slo) -> dict:
     """One level's row (without its labels); rates are over the level's wall time."""
     ok = [r for r in records if r.ok]
@@ -158,6 +163,8 @@ def summarize(records: list[RequestRecord], wall_s: float, cpu_s: float, slo: Sl
         "itl_s": percentiles([x for r in ok for x in r.itls_s]),
         "e2e_s": percentiles([r.e2e_s for r in ok]),
         "tau": float(np.mean(taus)) if taus else None,
+        # what share of the target's steps drafted (the load-aware policy may go plain)
+        "drafted_share": (sum(r.rounds[1] for r in ok) / total) if (total := sum(r.rounds[0] for r in ok)) else None,
         "token_sources": sorted({r.token_source for r in ok}),
         "client_cpu_share": cpu_s / wall_s,
     }
@@ -236,7 +243,7 @@ def observe_event(rec: RequestRecord, event: dict, now_s: float) -> None:
         rec.chunk_times_s.append(now_s)
         rec.num_tokens += n
     if ext.get("stats"):
-        rec.tau = ext["stats"].get("mean_acceptance_length")
+        rec.tau, rec.rounds = ext["stats"].get("mean_acceptance_length"), rounds_of(ext["stats"])
     if event.get("usage"):
         rec.num_tokens, rec.token_source = event["usage"]["completion_tokens"], "usage"
 
@@ -314,7 +321,7 @@ class GrpcLoadClient:
                         rec.chunk_times_s.append(now)
                 else:
                     rec.num_tokens, rec.token_source = item.completion_tokens, "usage"
-                    rec.tau = item.stats.get("mean_acceptance_length")
+                    rec.tau, rec.rounds = item.stats.get("mean_acceptance_length"), rounds_of(item.stats)
                     rec.ok = True
             if not rec.ok:
                 rec.error = "the stream ended without a completion"
@@ -580,21 +587,23 @@ def to_markdown(rows: list[dict], args: argparse.Namespace, env: dict) -> str:
         (f"Goodput: requests/s with TTFT <= {args.slo_ttft_s:g} s and TPOT <= {args.slo_tpot_ms:g} ms. "
         "Latencies in ms as mean/p50/p90/p99. ITL is per received chunk: a speculative chunk carries "
         "several tokens, so it is not per token. TPOT = (e2e - TTFT) / (tokens - 1). tau: mean "
-        "acceptance length over the requests that report it. Batch rows: mean rows per verifier step "
+        "acceptance length over the requests that report it; drafted: share of target steps that "
+        "verified a draft. Batch rows: mean rows per verifier step "
         f"(`{BATCH_ROWS}`), n/a where no scraped /metrics has it. Client CPU: the load tool's own "
          "user + system time over wall time.\n"),
         ("| target | method | protocol | load | ok | rejected | failed | req/s | out tok/s | goodput req/s "
-         "| TTFT | TPOT | ITL | e2e | tau | batch rows | client CPU |"),
-        "|---" * 17 + "|",
+         "| TTFT | TPOT | ITL | e2e | tau | drafted | batch rows | client CPU |"),
+        "|---" * 18 + "|",
     ]
     for r in rows:
         tau = "n/a" if r["tau"] is None else f"{r['tau']:.2f}"
+        drafted = "n/a" if r.get("drafted_share") is None else f"{r['drafted_share']:.0%}"
         batch = "n/a" if r["mean_batch_rows"] is None else f"{r['mean_batch_rows']:.1f}"
         lines.append(
             f"| {r['target']} | {r['method']} | {r['protocol']} | {_load(r)} | {r['completed']}/{r['requests']} "
             f"| {r['rejected']} | {r['failed']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} "
             f"| {r['goodput_requests_per_s']:.2f} | {_dist(r['ttft_s'])} | {_dist(r['tpot_s'])} "
-            f"| {_dist(r['itl_s'])} | {_dist(r['e2e_s'])} | {tau} | {batch} | {r['client_cpu_share']:.0%} |"
+            f"| {_dist(r['itl_s'])} | {_dist(r['e2e_s'])} | {tau} | {drafted} | {batch} | {r['client_cpu_share']:.0%} |"
         )  # fmt: skip
     lines += ratio_table(rows)
     if any("chunks" in r["token_sources"] for r in rows):

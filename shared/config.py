@@ -155,13 +155,12 @@ class NgramConfig(_Frozen):
 # benchmark prompts); docs/speculation.md has the figures. Per-target overrides go in
 # TargetConfig.speculation.
 DEFAULT_METHODS: dict[str, MethodSpeculation] = {
-    "ngram": MethodSpeculation(num_speculative_tokens=3, when_greedy=MethodSpeculation(num_speculative_tokens=5)),
-    "draft_model": MethodSpeculation(num_speculative_tokens=3),
-    "card": MethodSpeculation(num_speculative_tokens=4),
-    "sorted": MethodSpeculation(
-        num_speculative_tokens=3, drafter_params={"fixed_exit": 1.0},
-        when_greedy=MethodSpeculation(rule="plus2minus1", num_speculative_tokens=5, drafter_params={"fixed_exit": 1.0}),
+    "ngram": MethodSpeculation(
+        rule="plus2minus1", num_speculative_tokens=5, when_greedy=MethodSpeculation(num_speculative_tokens=5)
     ),
+    "draft_model": MethodSpeculation(num_speculative_tokens=2, when_greedy=MethodSpeculation(num_speculative_tokens=3)),
+    "card": MethodSpeculation(num_speculative_tokens=4),
+    "sorted": MethodSpeculation(num_speculative_tokens=3, drafter_params={"fixed_exit": 1.0}),
 }
 
 

@@ -82,9 +82,9 @@ def test_slo(rec, met):
 
 def test_summary_counts_goodput_and_keeps_rejections_apart_from_failures():
     fast = RequestRecord(ok=True, ttft_s=0.2, e2e_s=1.2, chunk_times_s=[0.2, 1.2], num_tokens=21,
-                         token_source="usage", tau=3.0)  # fmt: skip
+                         token_source="usage", tau=3.0, rounds=(10, 6))  # fmt: skip
     slow = RequestRecord(ok=True, ttft_s=1.5, e2e_s=2.0, chunk_times_s=[1.5, 1.6, 2.0], num_tokens=11,
-                         token_source="usage", tau=0.0)  # fmt: skip
+                         token_source="usage", tau=0.0, rounds=(10, 0))  # fmt: skip
     rejected = RequestRecord(rejected=True, error="HTTP 429: full", e2e_s=0.01)
     failed = RequestRecord(error="HTTP 500: boom", e2e_s=0.02)
     failed_again = RequestRecord(error="HTTP 500: boom", e2e_s=0.02)
@@ -99,6 +99,7 @@ def test_summary_counts_goodput_and_keeps_rejections_apart_from_failures():
     assert s["itl_s"]["mean"] == pytest.approx((1.0 + 0.1 + 0.4) / 3)  # every gap of every request
     assert s["e2e_s"]["p50"] == pytest.approx(1.6)
     assert s["tau"] == 3.0  # 0 means not reported
+    assert s["drafted_share"] == 6 / 20  # steps that verified a draft, over all requests' steps
     assert s["client_cpu_share"] == 0.25
     assert s["token_sources"] == ["usage"]
 
@@ -165,10 +166,11 @@ def test_specdec_events_count_token_ids_and_read_usage_and_tau():
     observe_event(rec, {"choices": [{"text": "c"}], "specdec": {"token_ids": [4]}}, 0.3)
     assert (rec.ttft_s, rec.chunk_times_s, rec.num_tokens, rec.token_source) == (0.1, [0.1, 0.3], 4, "token_ids")
     final = {"choices": [{"text": "", "finish_reason": "length"}], "usage": {"completion_tokens": 5},
-             "specdec": {"token_ids": [], "stats": {"mean_acceptance_length": 2.5}}}  # fmt: skip
+             "specdec": {"token_ids": [], "stats": {"mean_acceptance_length": 2.5, "num_rounds": 3,
+                                                    "num_spec_rounds": 2}}}  # fmt: skip
     observe_event(rec, final, 0.4)
     assert rec.chunk_times_s == [0.1, 0.3]  # a chunk without tokens is no arrival
-    assert (rec.num_tokens, rec.token_source, rec.tau) == (5, "usage", 2.5)
+    assert (rec.num_tokens, rec.token_source, rec.tau, rec.rounds) == (5, "usage", 2.5, (3, 2))
 
 
 def test_plain_openai_events_count_chunks_as_a_lower_bound_until_usage():
@@ -222,7 +224,7 @@ def test_markdown_says_na_for_what_the_server_does_not_report():
                        1.0, 0.1, SLO), "mean_batch_rows": None}  # fmt: skip
     text = to_markdown([row], args, {"time": "now"})
     assert "| m | default | http | 2 req/s | 1/1 | 0 | 0 |" in text
-    assert "| n/a | n/a | 10% |" in text  # tau, batch rows, client CPU
+    assert "| n/a | n/a | n/a | 10% |" in text  # tau, drafted, batch rows, client CPU
     assert "lower bound" in text
     assert "over `none`" not in text  # no `none` row: no ratios
 

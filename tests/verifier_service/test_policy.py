@@ -323,3 +323,31 @@ def test_after_observe_is_called_after_each_measured_step():
     for _ in range(3):
         _step(policy, rows, tokens_per_row=2, seconds=0.01)
     assert len(calls) == 3
+
+
+def test_goodput_is_averaged_tokens_over_averaged_seconds():
+    arms = LoadArms(alpha=0.5, warmup_steps=0)
+    key = (4, "sorted", True)
+    arms.choose(key)
+    # a short lucky step and a long one: 10 tokens in 0.01 s, then 4 in 0.05 s
+    arms.observe(key, True, False, tokens=10, seconds=0.01)
+    arms.observe(key, True, False, tokens=4, seconds=0.05)
+    # (7 tokens / 0.03 s), not the mean of 1000 and 80 tok/s, which the lucky step dominates
+    assert arms.arms[key].goodput[True] == pytest.approx(7 / 0.03)
+
+
+def test_the_running_arm_stays_unless_the_other_is_ahead_by_the_margin():
+    arms = LoadArms(alpha=1.0, warmup_steps=0, switch_margin=0.05, min_probe_gap=10**6)
+    key = (4, "draft_model", False)
+
+    def measure(on: float, off: float) -> bool:
+        arms.observe(key, True, False, tokens=on, seconds=1.0)
+        arms.observe(key, False, False, tokens=off, seconds=1.0)
+        return arms.choose(key)[0]
+
+    arms.choose(key)
+    assert measure(on=100, off=98) is True  # drafting ahead: it runs
+    assert measure(on=100, off=104) is True  # plain 4 % ahead: within the margin, no flip
+    assert measure(on=100, off=106) is False  # 6 % ahead: plain runs
+    assert measure(on=104, off=100) is False  # and stays until drafting leads by the margin
+    assert measure(on=106, off=100) is True
