@@ -123,8 +123,10 @@ class LoadArms:
     cores, and what a draft token costs against a target step differs by drafter, target,
     mode and load, none of which a cost line of the target's forward sees.
 
-    Each arm is tried once, then the better one runs and the other is *probed* now and
-    then, so a change of traffic is noticed. A probe's cost is its regret: its seconds
+    An arm's goodput is the ratio of its averaged tokens and averaged seconds (an EMA over
+    about 1 / `alpha` measured steps). Each arm is tried once, then the better one runs (the
+    running one stays until the other leads by `switch_margin`) and the other is *probed*
+    now and then, so a change of traffic is noticed. A probe's cost is its regret: its seconds
     beyond what the better arm would have taken for the same tokens. Probes come at most
     every `min_probe_gap` steps and only while the regret of all probes so far stays within
     `probe_share` of the key's step time: a drafting step that loses badly (on a CPU it can
@@ -150,7 +152,7 @@ class LoadArms:
     local measurement of it replaces the seed instead of being averaged with it. Measured
     steps are also summed in `unpublished` for the store (`take_unpublished`)."""
 
-    alpha: float = 0.05  # EMA weight of a new step
+    alpha: float = 0.05  # EMA weight of a new step: per-prompt acceptance swings average out
     probe_share: float = 0.02
     min_probe_gap: int = 8
     warmup_steps: int = 2
