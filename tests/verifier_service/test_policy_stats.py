@@ -47,7 +47,7 @@ def test_keys_name_target_drafter_and_variant():
     assert KEYS[("draft_model", False)] == f"specdec:stats:{TARGET}:{drafters['draft_model']}:draft_model.sampled.fixed.k2"
     assert KEYS[("card", True)].startswith(f"specdec:stats:{TARGET}:{CONFIG.drafters[0].name}:card.greedy.")
     if "sorted" in drafters:
-        assert KEYS[("sorted", True)].endswith(":sorted.greedy.fixed.k3.fixed_exit=1")
+        assert KEYS[("sorted", True)].endswith(":sorted.greedy.plus2minus1.k5.fixed_exit=1")
     # other settings, other counters: a pace measured at k = 5 says little about k = 9
     speculation = CONFIG.speculation.model_copy(
         update={"methods": {**CONFIG.speculation.methods, "ngram": MethodSpeculation(num_speculative_tokens=9)}}
