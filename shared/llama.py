@@ -416,8 +416,11 @@ class LlamaForward:
         else:
             ck[layout.tok_slot, :, layout.tok_index] = qk[:, nh:]  # [N, nkv, hd]
             cv[layout.tok_slot, :, layout.tok_index] = v_new
-            keys = ck.index_select(0, layout.slots)[:, :, :length]  # [B, nkv, L, hd]
-            values = cv.index_select(0, layout.slots)[:, :, :length]
+            # NOTE: cut to the longest row's length before gathering: gathering whole slots
+            # copied max_context positions per row (index_select took 77 % of a 16-row step
+            # on target-m, about 4.7 ms per row)
+            keys = ck[:, :, :length].index_select(0, layout.slots)  # [B, nkv, L, hd]
+            values = cv[:, :, :length].index_select(0, layout.slots)
             q = x.new_zeros(b * t, nh, hd).index_copy_(0, layout.pad_index, qk[:, :nh])
             q = q.view(b, t, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
         o = F.scaled_dot_product_attention(
