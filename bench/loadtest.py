@@ -597,7 +597,7 @@ def to_markdown(rows: list[dict], args: argparse.Namespace, env: dict) -> str:
     ]
     for r in rows:
         tau = "n/a" if r["tau"] is None else f"{r['tau']:.2f}"
-        drafted = "n/a" if r.get("drafted_share") is None else f"{r['drafted_share']:.0%}"
+        drafted = "n/a" if r["drafted_share"] is None else f"{r['drafted_share']:.0%}"
         batch = "n/a" if r["mean_batch_rows"] is None else f"{r['mean_batch_rows']:.1f}"
         lines.append(
             f"| {r['target']} | {r['method']} | {r['protocol']} | {_load(r)} | {r['completed']}/{r['requests']} "

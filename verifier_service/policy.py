@@ -233,6 +233,7 @@ class LoadArms:
         if drafting in arms.seeded:  # another machine's or an earlier run's pace: ours wins at once
             arms.seeded.discard(drafting)
             old = None
+        # (a goodput taken over from a smaller batch size has no pace either: replaced too)
         if old is not None:
             tokens, seconds = old[0] + self.alpha * (tokens - old[0]), old[1] + self.alpha * (seconds - old[1])
         arms.pace[drafting] = (tokens, seconds)
