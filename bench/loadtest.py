@@ -76,6 +76,7 @@ HTTP_TOO_MANY_REQUESTS = 429
 BATCH_ROWS = "specdec:batch_rows"
 DEFAULT_METHOD = "default"  # --methods value that sends no `method` field
 ERRORS_KEPT = 3
+KEEPALIVE_EXPIRY_S = 2.0  # below common servers' keep-alive (see HttpLoadClient)
 
 
 @dataclass(slots=True)
@@ -260,7 +261,12 @@ class HttpLoadClient:
             base_url=base_url.rstrip("/"),
             headers={"authorization": f"Bearer {api_key}"} if api_key else {},
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # NOTE: idle connections expire before the server's keep-alive does (uvicorn's and
+            # vLLM's: 5 s, httpx's default expiry too): a connection reused as the server closes
+            # it fails with a ReadError before any response (seen once in 256 requests when a
+            # pass of 64 workers started on connections idle since the previous pass)
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     async def send(self, model: str, prompt: str, method: str | None) -> RequestRecord:
@@ -270,8 +276,10 @@ class HttpLoadClient:
         if method is not None:
             body["method"] = method
         rec, t0 = RequestRecord(), time.perf_counter()
+        answered = False
         try:
             async with self.client.stream("POST", "/v1/completions", json=body) as response:
+                answered = True
                 if response.status_code != 200:
                     rec.rejected = response.status_code == HTTP_TOO_MANY_REQUESTS
                     body = (await response.aread())[:200].decode(errors="replace")
@@ -287,7 +295,8 @@ class HttpLoadClient:
                     observe_event(rec, event, time.perf_counter() - t0)
             rec.ok = True
         except Exception as e:  # noqa: BLE001 - every other failure is counted, never retried
-            rec.error = f"{type(e).__name__}: {e}"
+            where = f"after {rec.num_tokens} tokens" if answered else "before any response"
+            rec.error = f"{type(e).__name__}: {e} ({where})"
         finally:
             rec.e2e_s = time.perf_counter() - t0
         return rec
@@ -412,6 +421,7 @@ class Endpoints:
     grpc_address: str | None
     metrics_urls: list[str]
     config: dict  # the specdec config (tokenizers of known targets)
+    log_path: Path | None = None  # the log of the `specdec serve` started here
 
 
 @contextlib.contextmanager
@@ -441,7 +451,7 @@ def endpoints(args: argparse.Namespace) -> Iterator[Endpoints]:
         try:
             children = [f"http://127.0.0.1:{c['metrics_port']}/metrics" for c in stack.state["children"]
                         if c.get("metrics_port")]  # fmt: skip
-            yield Endpoints(stack.http_url, stack.grpc_address, children + args.metrics_url, config)
+            yield Endpoints(stack.http_url, stack.grpc_address, children + args.metrics_url, config, stack.log_path)
         finally:
             if stack.stop() != 0:
                 print(f"specdec serve exited with {stack.proc.returncode}:\n{stack.log_tail()}")
@@ -743,6 +753,9 @@ def main(argv: list[str] | None = None) -> Path:
     with endpoints(args) as ends:
         prompts = prompts_per_target(args, ends.config)
         rows = asyncio.run(run_all(args, ends, prompts))
+        # a failed request's cause is often only in the server's log, gone with its workdir
+        failed = any(row["failed"] for row in rows)
+        serve_log = ends.log_path.read_text(errors="replace") if failed and ends.log_path else None
     env = environment()
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"}
     payload = {"env": env, "args": settings, "num_prompts": {t: len(p) for t, p in prompts.items()}, "rows": rows}
@@ -750,6 +763,9 @@ def main(argv: list[str] | None = None) -> Path:
     base = write_report(args.out_dir, payload, markdown)
     print(markdown)
     print(f"results: {base}.{{json,md,png}}")
+    if serve_log is not None:
+        Path(f"{base}.serve.log").write_text(serve_log)
+        print(f"requests failed: the server's log is in {base}.serve.log")
     return base
 
 

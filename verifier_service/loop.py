@@ -104,8 +104,9 @@ class SpecDecodeLoop:
         self.rows: list[Row] = []
         self.peak_rows = 0  # most rows one step fed (tests, logs)
         # the last step's outcomes, reported to the policy when the next step starts
-        self._unobserved: tuple[list[RowState], list[RowOutcome], int, int, float, float] | None = None
+        self._unobserved: tuple[list[RowState], list[RowOutcome], int, int, float, float, float | None] | None = None
         self._drafter_s = 0.0  # drafter CPU seconds reported for this step's drafts
+        self._drafter_s_owed = 0.0  # ... reported at a plain step, for drafts before it
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -148,8 +149,8 @@ class SpecDecodeLoop:
 
     def step(self) -> None:
         """One target forward over every row (no-op without rows)."""
-        t0 = time.perf_counter()
-        self._observe(t0)
+        t0, stall0 = time.perf_counter(), cpu_stall_s()
+        self._observe(t0, stall0)
         for row in [r for r in self.rows if r.cancelled]:
             self._remove(row)
         if not self.rows:
@@ -194,26 +195,27 @@ class SpecDecodeLoop:
         t3 = time.perf_counter()
         if observed:
             self._unobserved = (observed, outcomes, len(feeds), sum(len(f.token_ids) for f in feeds), t0,
-                                self._drafter_s)  # fmt: skip
+                                self._drafter_s, stall0)  # fmt: skip
             self._drafter_s = 0.0
             if not self.rows:
-                self._observe(t3)
+                self._observe(t3, cpu_stall_s())
         overhead = (t1 - t_drafted) + (t3 - t2)  # drafting is in each row's draft_time_s
         for row in fed:
             row.stats.other_time_s += overhead / len(fed)
 
-    def _observe(self, now: float) -> None:
-        """Report the last step to the policy, timed to `now`."""
+    def _observe(self, now: float, stall_now: float | None) -> None:
+        """Report the last step to the policy, timed to `now` (CPU stall: `stall_now`)."""
         if self._unobserved is None:
             return
-        rows, outcomes, num_rows, num_tokens, t0, drafter_s = self._unobserved
+        rows, outcomes, num_rows, num_tokens, t0, drafter_s, stall0 = self._unobserved
+        stall_s = None if stall0 is None or stall_now is None else stall_now - stall0
         self._unobserved = None
         # NOTE: the loop's whole cycle, from this step's start to the next one's: drafting
         # is part of what a draft token costs where drafters share the machine (or are slow),
         # and a plain step pays the per-step bookkeeping and streaming (which contend with
         # the loop in this process) for fewer tokens
         self.policy.observe(rows, outcomes, StepCost(num_rows, num_tokens, now - t0, drafter_s,
-                                                     num_prefill_rows=num_rows - len(rows)))
+                                                     num_prefill_rows=num_rows - len(rows), stall_s=stall_s))
 
     def _draft(self, rows: Sequence[Row]) -> None:
         """Each decoding row's draft for this step: in-process proposers run here, remote
@@ -229,7 +231,11 @@ class SpecDecodeLoop:
             if k <= 0:
                 if isinstance(row.proposer, PipelinedProposer):
                     row.proposer.request(row.tokens, 0)  # a run-ahead drafter stops
-                    self._drafter_s += row.proposer.take_compute_s()  # what it spent getting there
+                    # NOTE: what it spent getting there is drafting's cost, charged to the
+                    # next drafting step: charged to this plain step, it halved the measured
+                    # pace of `card`'s plain steps (a plain probe follows drafting steps and
+                    # took in their run-ahead), so `card` drafted at 4 rows and lost 20 %
+                    self._drafter_s_owed += row.proposer.take_compute_s()
                 continue
             t = time.perf_counter()
             try:
@@ -243,6 +249,8 @@ class SpecDecodeLoop:
             except Exception:
                 logger.exception("proposer failed; this step runs with k = 0")
             row.stats.draft_time_s += time.perf_counter() - t
+        if any(plan.k > 0 for plan in plans):
+            self._drafter_s, self._drafter_s_owed = self._drafter_s + self._drafter_s_owed, 0.0
         if pending:
             t = time.perf_counter()
             deadline = time.monotonic() + self.draft_wait_s
@@ -392,6 +400,17 @@ class SpecDecodeLoop:
         finally:
             if row in self.rows:
                 self._remove(row)
+
+
+def cpu_stall_s() -> float | None:
+    """Seconds during which some task of the machine waited for a CPU, since boot (Linux
+    pressure stall information, `/proc/pressure/cpu`); None where the kernel has none."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline()  # some avg10=... avg60=... avg300=... total=<microseconds>
+    except OSError:
+        return None
+    return int(some.rsplit("total=", 1)[1]) / 1e6
 
 
 def _feed_parents(draft_parents: list[int] | None) -> list[int] | None:

@@ -22,8 +22,8 @@ simplest rule that wins there; see docs/speculation.md for the figures. Two rule
 On top (`RulePolicy`), a step drafts only where drafting has measured more tokens per
 second than plain steps at that batch size, for that method and sampling mode: a sampled
 single stream included, since on a CPU a sampled model drafter can lose to plain decoding
-even alone (greedy steps of a few rows keep their k, see `RulePolicy`). Output never depends on k (`shared.rejection`), so neither rule nor load can change
-what a seeded request produces.
+even alone (a greedy single stream keeps its k, see `RulePolicy`). Output never depends on
+k (`shared.rejection`), so neither rule nor load can change what a seeded request produces.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class StepCost:
     seconds: float
     drafter_s: float = 0.0  # drafter CPU seconds the pool reported for this step's drafts
     num_prefill_rows: int = 0  # rows fed a prompt chunk besides the decoding ones
+    stall_s: float | None = None  # seconds some task of the machine waited for a CPU (None: unknown)
 
 
 class SpeculationPolicy(Protocol):
@@ -271,15 +272,19 @@ class RulePolicy:
     size for the step's main method and sampling mode (`LoadArms`, which probes the other
     choice now and then). A pinned k is never cut.
 
-    Greedy steps of fewer than `GREEDY_MIN_ROWS` rows keep the rule's k: there drafting pays
-    whenever drafts are accepted at all (measured: 1.1-1.9x plain at 1-2 rows, every method,
-    both targets), while per-step measurements are noisy enough that the arms, after an
-    unlucky first measurement, ran `sorted` plain in 84 % of rounds and lost 16-21 % to the
-    rule alone (bench.speedup, greedy, one stream). Sampled single streams do go through the
-    arms: on this CPU a sampled model drafter can lose to plain decoding even alone.
+    A greedy single stream keeps the rule's k (`GREEDY_MIN_ROWS`): alone, drafting pays
+    whenever drafts are accepted at all (measured: 1.1-2.9x plain, every method, both
+    targets, through the pool included), while per-step measurements are noisy enough that
+    the arms, after an unlucky first measurement, ran `sorted` plain in 84 % of rounds and
+    lost 16-21 % to the rule alone (bench.speedup, greedy, one stream). From two rows on the
+    arms decide: since the batched step got cheap (16 rows of target-m: 75 -> 16 ms), plain
+    decoding gains 1.4x from one row to two on target-s, and `sorted` drafting at 2 rows lost
+    (0.91x `none` in a load test where it won alone, 1.11x). Sampled single streams go
+    through the arms too: on this CPU a sampled model drafter can lose to plain decoding
+    even alone.
     """
 
-    GREEDY_MIN_ROWS = 4
+    GREEDY_MIN_ROWS = 2
 
     def __init__(self, config: SpeculationConfig) -> None:
         self.config = config
@@ -332,8 +337,14 @@ class RulePolicy:
             # NOTE: a pool on this machine drafts on the cores the verifier, the router and
             # the clients also need: under load its CPU time is time nobody else had, which
             # the loop's own cycle does not show (measured: drafting won the loop's cycle at
-            # 8-64 rows and lost 5-28 % end to end)
-            charged = step.drafter_s if self.config.charge_drafter_compute else 0.0
+            # 8-64 rows and lost 5-28 % end to end). It is charged only as far as some task
+            # of the machine waited for a CPU during the step (pressure stall information):
+            # at 1-2 rows the router and the clients leave the pool a core of its own, and
+            # charging all of `card`'s run-ahead (0.65 of a core) there ran it plain where it
+            # gave 1.27x `none` on target-m
+            charged = 0.0
+            if self.config.charge_drafter_compute:
+                charged = step.drafter_s if step.stall_s is None else min(step.drafter_s, step.stall_s)
             self.arms.observe(*self._step, tokens=tokens, seconds=step.seconds + charged)
             self._step = None
             if self.after_observe is not None:

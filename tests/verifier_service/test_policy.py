@@ -204,10 +204,11 @@ def test_drafting_after_plain_steps_warms_up_unmeasured_and_its_probes_run_long_
     assert arms.choose(key)[0] is True
 
 
-def _step(policy, rows, tokens_per_row: int, seconds: float, drafter_s: float = 0.0) -> list[int]:
+def _step(policy, rows, tokens_per_row: int, seconds: float, drafter_s: float = 0.0,
+          stall_s: float | None = None) -> list[int]:  # fmt: skip
     plans = policy.plan(rows)
     outcomes = [RowOutcome(p.k, tokens_per_row - 1 if p.k else 0) for p in plans]
-    policy.observe(rows, outcomes, StepCost(len(rows), sum(p.k + 1 for p in plans), seconds, drafter_s))
+    policy.observe(rows, outcomes, StepCost(len(rows), sum(p.k + 1 for p in plans), seconds, drafter_s, stall_s=stall_s))
     return [p.k for p in plans]
 
 
@@ -222,6 +223,19 @@ def test_drafter_compute_is_charged_to_drafting_steps_where_the_pool_shares_the_
     assert _step(policy, rows, tokens_per_row=1, seconds=0.02)[0] == 0  # measures plain
     # charged: drafting 16 tokens / 0.05 s = 320 tok/s < plain 400; free: 533 > 400
     assert _step(policy, rows, tokens_per_row=1, seconds=0.02)[0] == (0 if charge else 5)
+
+
+@pytest.mark.parametrize(("stall_s", "drafting_wins"), [(0.0, True), (0.005, True), (0.02, False), (None, False)])
+def test_drafter_compute_is_charged_only_as_far_as_the_machine_ran_short_of_cpu(stall_s, drafting_wins):
+    """The pool's 0.02 s of CPU cost nobody anything where no task waited for a CPU during
+    the step; charged up to the stall time (all of it where the kernel reports none)."""
+    policy = RulePolicy(LOAD_AWARE)
+    policy.arms = LoadArms(warmup_steps=0)
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
+    _step(policy, rows, tokens_per_row=2, seconds=0.03, drafter_s=0.02, stall_s=stall_s)  # drafting
+    _step(policy, rows, tokens_per_row=1, seconds=0.02, stall_s=0.0)  # plain: 400 tok/s
+    # drafting: 16 tokens over 0.03 s + the charge (0 / 0.005 / 0.02 / 0.02)
+    assert _step(policy, rows, tokens_per_row=1, seconds=0.02)[0] == (5 if drafting_wins else 0)
 
 
 def test_a_full_batch_stops_drafting_where_plain_steps_give_more():
@@ -248,6 +262,10 @@ def test_a_single_stream_and_each_method_and_mode_have_their_own_arms():
     greedy = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted"))]
     # a greedy single stream keeps the rule's k, even through unlucky steps
     assert all(_step(policy, greedy, tokens_per_row=1, seconds=0.05) == [greedy[0].k] for _ in range(5))
+    pair = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted")) for _ in range(2)]
+    _step(policy, pair, tokens_per_row=2, seconds=0.05)  # drafting: 80 tok/s
+    _step(policy, pair, tokens_per_row=1, seconds=0.01)  # plain: 200 tok/s
+    assert _step(policy, pair, tokens_per_row=1, seconds=0.01) == [0, 0]  # from two greedy rows on, the arms decide
     fast = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
     _step(policy, fast, tokens_per_row=4, seconds=0.05)  # drafting: 640 tok/s
     _step(policy, fast, tokens_per_row=1, seconds=0.02)  # plain: 400 tok/s
