@@ -188,8 +188,9 @@ class SpeculationConfig(_Frozen):
     charge_drafter_compute: bool = Field(
         True,
         description="The load-aware choice counts the drafter CPU seconds the pool reports "
-        "as part of a drafting step's time: right where the pool shares the verifier's machine "
-        "(`specdec serve`); set false where drafters run on hardware of their own.",
+        "as part of a drafting step's time, up to the time some task waited for a CPU in that step "
+        "(Linux PSI): right where the pool shares the verifier's machine (`specdec serve`); set "
+        "false where drafters run on hardware of their own.",
     )
     load_aware: bool = Field(
         True,
