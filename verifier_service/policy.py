@@ -102,6 +102,7 @@ class _Arms:
     regret_s: float = 0.0  # what probes cost beyond the better arm's pace
     drafting_best: bool | None = None  # the arm that runs (None: not both measured yet)
     steps_since_probe: int = 0
+    probe_gap: int = 0  # steps between probes now (0: `min_probe_gap`)
     probe_left: int = 0  # steps still to take in the current probe run
     seeded: set[bool] = field(default_factory=set)  # arms whose goodput came from the store
 
@@ -132,7 +133,12 @@ class LoadArms:
     every `min_probe_gap` steps and only while the regret of all probes so far stays within
     `probe_share` of the key's step time: a drafting step that loses badly (on a CPU it can
     take five plain steps' time) is probed rarely, and arms that are close are probed
-    often, for free.
+    often, for free. While drafting loses by more than `backoff_margin`, each probe of it
+    doubles the gap to the next one (up to `max_probe_gap` steps): the regret seen in the
+    loop misses what a probe costs outside it (the pool catching up and drafting on cores
+    the router and the clients need), and `sorted` on target-s, drafting in 5-6 % of steps
+    at 4-8 rows through probes whose measured regret stayed within budget, ended 12-14 %
+    below `none` (`loadtest-20261207-044238`).
 
     Drafting needs a warm-up after plain steps: a drafter that was idle catches up on the
     context, and a run-ahead drafter (`card`) has nothing cached yet. The first
@@ -156,6 +162,8 @@ class LoadArms:
     alpha: float = 0.05  # EMA weight of a new step: per-prompt acceptance swings average out
     probe_share: float = 0.02
     min_probe_gap: int = 8
+    max_probe_gap: int = 1024  # about 7 s of 8-row steps of target-s
+    backoff_margin: float = 0.1
     warmup_steps: int = 2
     switch_margin: float = 0.03
     arms: dict[ArmKey, _Arms] = field(default_factory=dict)
@@ -182,8 +190,11 @@ class LoadArms:
         arms.steps_since_probe += 1
         if best is False and self._losing_below(key):
             return False, False  # drafting lost at a smaller batch: it loses here too, no probe
-        if arms.steps_since_probe >= self.min_probe_gap and arms.regret_s <= self.probe_share * arms.seconds:
+        gap = arms.probe_gap or self.min_probe_gap
+        if arms.steps_since_probe >= gap and arms.regret_s <= self.probe_share * arms.seconds:
             arms.steps_since_probe = 0
+            clearly_losing = best is False and on < off * (1 - self.backoff_margin)
+            arms.probe_gap = min(2 * gap, self.max_probe_gap) if clearly_losing else self.min_probe_gap
             arms.probe_left = self.warmup_steps + 1 if best is False else 0  # a run of drafting
             return not best, True
         return best, False
