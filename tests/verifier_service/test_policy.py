@@ -297,6 +297,17 @@ def test_a_single_stream_and_each_method_and_mode_have_their_own_arms():
     assert _step(policy, fast, tokens_per_row=4, seconds=0.05) == [5] * 8
 
 
+def test_a_single_row_right_after_a_batch_runs_plain_unmeasured():
+    policy = RulePolicy(LOAD_AWARE)
+    policy.arms = LoadArms(warmup_steps=0)
+    pair = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(2)]
+    assert _step(policy, pair, tokens_per_row=1, seconds=0.01) == [5, 5]
+    # one request of the two ended, the next is not decoding yet: a dip, not a single stream
+    ks = [_step(policy, pair[:1], tokens_per_row=1, seconds=0.01)[0] for _ in range(RulePolicy.DIP_STEPS + 3)]
+    assert ks == [0] * RulePolicy.DIP_STEPS + [pair[0].k] * 3  # then it is one: the rule's k
+    assert set(policy.arms.arms) == {(2, "ngram", True)}  # the dip measured nothing
+
+
 def test_greedy_requests_get_the_methods_greedy_settings():
 
     config = SpeculationConfig(methods={"sorted": MethodSpeculation(
