@@ -91,6 +91,20 @@ class Row:
         return self.num_prefilled == len(self.request.prompt_ids)
 
 
+@dataclass(slots=True)
+class TakenStep:
+    """A step that decoded rows, reported to the policy when the next step starts (so its
+    cost covers the loop's whole cycle)."""
+
+    rows: list[RowState]  # the decoding rows'
+    outcomes: list[RowOutcome]
+    num_rows: int  # fed, prefilling ones included
+    num_tokens: int  # fed
+    started: float  # perf_counter()
+    drafter_s: float  # drafter CPU seconds charged to it
+    stall_at_start: float | None  # cpu_stall_s()
+
+
 class SpecDecodeLoop:
     def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, policy: SpeculationPolicy,
                  *, max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, draft_wait_s: float = DEFAULT_DRAFT_WAIT_S,
@@ -104,7 +118,7 @@ class SpecDecodeLoop:
         self.rows: list[Row] = []
         self.peak_rows = 0  # most rows one step fed (tests, logs)
         # the last step's outcomes, reported to the policy when the next step starts
-        self._unobserved: tuple[list[RowState], list[RowOutcome], int, int, float, float, float | None] | None = None
+        self._unobserved: TakenStep | None = None
         self._drafter_s = 0.0  # drafter CPU seconds reported for this step's drafts
         self._drafter_s_owed = 0.0  # ... reported at a plain step, for drafts before it
 
@@ -194,8 +208,8 @@ class SpecDecodeLoop:
                 self._fail(row, e)
         t3 = time.perf_counter()
         if observed:
-            self._unobserved = (observed, outcomes, len(feeds), sum(len(f.token_ids) for f in feeds), t0,
-                                self._drafter_s, stall0)  # fmt: skip
+            self._unobserved = TakenStep(observed, outcomes, len(feeds), sum(len(f.token_ids) for f in feeds), t0,
+                                         self._drafter_s, stall0)  # fmt: skip
             self._drafter_s = 0.0
             if not self.rows:
                 self._observe(t3, cpu_stall_s())
@@ -205,17 +219,18 @@ class SpecDecodeLoop:
 
     def _observe(self, now: float, stall_now: float | None) -> None:
         """Report the last step to the policy, timed to `now` (CPU stall: `stall_now`)."""
-        if self._unobserved is None:
+        taken, self._unobserved = self._unobserved, None
+        if taken is None:
             return
-        rows, outcomes, num_rows, num_tokens, t0, drafter_s, stall0 = self._unobserved
+        stall0 = taken.stall_at_start
         stall_s = None if stall0 is None or stall_now is None else stall_now - stall0
-        self._unobserved = None
         # NOTE: the loop's whole cycle, from this step's start to the next one's: drafting
         # is part of what a draft token costs where drafters share the machine (or are slow),
         # and a plain step pays the per-step bookkeeping and streaming (which contend with
         # the loop in this process) for fewer tokens
-        self.policy.observe(rows, outcomes, StepCost(num_rows, num_tokens, now - t0, drafter_s,
-                                                     num_prefill_rows=num_rows - len(rows), stall_s=stall_s))
+        cost = StepCost(taken.num_rows, taken.num_tokens, now - taken.started, taken.drafter_s,
+                        num_prefill_rows=taken.num_rows - len(taken.rows), stall_s=stall_s)  # fmt: skip
+        self.policy.observe(taken.rows, taken.outcomes, cost)
 
     def _draft(self, rows: Sequence[Row]) -> None:
         """Each decoding row's draft for this step: in-process proposers run here, remote
@@ -377,7 +392,6 @@ class SpecDecodeLoop:
             if isinstance(item, BaseException):
                 raise item
         return results
-
 
     def generate(
         self, request: GenerationRequest, proposer: Proposer | None

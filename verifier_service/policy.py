@@ -103,8 +103,8 @@ class _Arms:
     drafting_best: bool | None = None  # the arm that runs (None: not both measured yet)
     steps_since_probe: int = 0
     probe_gap: int = 0  # steps between probes now (0: `min_probe_gap`)
+    num_measured: dict[bool, int] = field(default_factory=dict)  # drafting -> measured steps here
     probe_left: int = 0  # steps still to take in the current probe run
-    seeded: set[bool] = field(default_factory=set)  # arms whose goodput came from the store
 
 
 @dataclass(slots=True)
@@ -125,20 +125,24 @@ class LoadArms:
     cores, and what a draft token costs against a target step differs by drafter, target,
     mode and load, none of which a cost line of the target's forward sees.
 
-    An arm's goodput is the ratio of its averaged tokens and averaged seconds (an EMA over
-    about 1 / `alpha` measured steps). Each arm is tried once, then the better one runs (the
+    An arm's goodput is the ratio of its averaged tokens and averaged seconds: a plain mean
+    over its first 1 / `alpha` measured steps, an EMA over about as many after that. (An EMA
+    started at the first step kept that one step at 95 % weight for the next step, and a
+    probe measures one step: a drafter's goodput stayed what its first step said for about
+    twenty probes.) Each arm is tried once, then the better one runs (the
     running one stays until the other leads by `switch_margin`) and the other is *probed*
     now and then, so a change of traffic is noticed. A probe's cost is its regret: its seconds
     beyond what the better arm would have taken for the same tokens. Probes come at most
     every `min_probe_gap` steps and only while the regret of all probes so far stays within
     `probe_share` of the key's step time: a drafting step that loses badly (on a CPU it can
     take five plain steps' time) is probed rarely, and arms that are close are probed
-    often, for free. While drafting loses by more than `backoff_margin`, each probe of it
-    doubles the gap to the next one (up to `max_probe_gap` steps): the regret seen in the
-    loop misses what a probe costs outside it (the pool catching up and drafting on cores
-    the router and the clients need), and `sorted` on target-s, drafting in 5-6 % of steps
-    at 4-8 rows through probes whose measured regret stayed within budget, ended 12-14 %
-    below `none` (`loadtest-20261207-044238`).
+    often, for free. While drafting loses by more than `backoff_margin`, it is probed only
+    every `max_probe_gap` steps: the regret seen in the loop misses what a probe costs outside
+    it (the pool opening sessions, catching up on their contexts and drafting on cores the
+    router and the clients need). Measured on target-s at 2 rows, `sorted` drafting 25 %
+    behind plain: probes whose gap doubled from `min_probe_gap` drafted in 2-3 % of steps,
+    1.8 % of the loop's time by its own regret, and cost 7 % of throughput end to end; with
+    the gap at its maximum from the first clear loss, 1 % of steps and 0.98x `none`.
 
     Drafting needs a warm-up after plain steps: a drafter that was idle catches up on the
     context, and a run-ahead drafter (`card`) has nothing cached yet. The first
@@ -162,7 +166,7 @@ class LoadArms:
     alpha: float = 0.05  # EMA weight of a new step: per-prompt acceptance swings average out
     probe_share: float = 0.02
     min_probe_gap: int = 8
-    max_probe_gap: int = 1024  # about 7 s of 8-row steps of target-s
+    max_probe_gap: int = 1024  # about 7 s of 8-row steps of target-s, 40 s of 64 rows of target-m
     backoff_margin: float = 0.1
     warmup_steps: int = 2
     switch_margin: float = 0.03
@@ -184,9 +188,10 @@ class LoadArms:
         if on is None or off is None:
             return on is None, False
         best = arms.drafting_best = self._better(arms.drafting_best, on, off)
-        if arms.probe_left > 0:
+        if arms.probe_left > 0 and best is False:  # (a probe of drafting that made it the best ends)
             arms.probe_left -= 1
-            return not best, True
+            return True, True
+        arms.probe_left = 0
         arms.steps_since_probe += 1
         if best is False and self._losing_below(key):
             return False, False  # drafting lost at a smaller batch: it loses here too, no probe
@@ -194,7 +199,7 @@ class LoadArms:
         if arms.steps_since_probe >= gap and arms.regret_s <= self.probe_share * arms.seconds:
             arms.steps_since_probe = 0
             clearly_losing = best is False and on < off * (1 - self.backoff_margin)
-            arms.probe_gap = min(2 * gap, self.max_probe_gap) if clearly_losing else self.min_probe_gap
+            arms.probe_gap = self.max_probe_gap if clearly_losing else self.min_probe_gap
             arms.probe_left = self.warmup_steps + 1 if best is False else 0  # a run of drafting
             return not best, True
         return best, False
@@ -241,23 +246,21 @@ class LoadArms:
         # a drafting step emits 1 to k + 1 tokens per row, and averaging each step's tok/s
         # weighs short, lucky steps up (one sampled stream on target-m: the arms ran
         # draft_model plain in 89 % of steps where drafting won 2 %)
-        old = arms.pace.get(drafting)
-        if drafting in arms.seeded:  # another machine's or an earlier run's pace: ours wins at once
-            arms.seeded.discard(drafting)
-            old = None
-        # (a goodput taken over from a smaller batch size has no pace either: replaced too)
-        if old is not None:
-            tokens, seconds = old[0] + self.alpha * (tokens - old[0]), old[1] + self.alpha * (seconds - old[1])
+        # (a seeded goodput, from another machine or an earlier run, and one taken over from
+        # a smaller batch size count no measured step here: the first local one replaces them)
+        n = arms.num_measured[drafting] = arms.num_measured.get(drafting, 0) + 1
+        weight = max(self.alpha, 1 / n)  # a mean first, then an EMA
+        old_tokens, old_seconds = arms.pace.get(drafting, (tokens, seconds))
+        tokens, seconds = old_tokens + weight * (tokens - old_tokens), old_seconds + weight * (seconds - old_seconds)
         arms.pace[drafting] = (tokens, seconds)
         arms.goodput[drafting] = tokens / seconds
 
     def seed(self, key: ArmKey, goodput: dict[bool, float]) -> int:
-        """Start `key`'s arms that have no measurement here from `goodput` (marked seeded);
-        the number of arms seeded."""
+        """Start `key`'s arms that have no measurement here from `goodput` (none of their
+        steps measured, so the first local one replaces it); the number of arms seeded."""
         arms = self.arms.setdefault(key, _Arms())
         fresh = {drafting: value for drafting, value in goodput.items() if drafting not in arms.goodput}
         arms.goodput.update(fresh)
-        arms.seeded.update(fresh)
         return len(fresh)
 
     def take_unpublished(self) -> dict[tuple[ArmKey, bool], Tally]:
