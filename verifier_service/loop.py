@@ -101,7 +101,8 @@ class TakenStep:
     num_rows: int  # fed, prefilling ones included
     num_tokens: int  # fed
     started: float  # perf_counter()
-    drafter_s: float  # drafter CPU seconds charged to it
+    drafter_s: float  # drafter CPU seconds reported for its drafts
+    stopped_drafter_s: float  # ... and by run-aheads it stopped
     stall_at_start: float | None  # cpu_stall_s()
 
 
@@ -120,7 +121,7 @@ class SpecDecodeLoop:
         # the last step's outcomes, reported to the policy when the next step starts
         self._unobserved: TakenStep | None = None
         self._drafter_s = 0.0  # drafter CPU seconds reported for this step's drafts
-        self._drafter_s_owed = 0.0  # ... reported at a plain step, for drafts before it
+        self._stopped_drafter_s = 0.0  # ... as a run-ahead stopped at this step, for drafts before it
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -209,8 +210,8 @@ class SpecDecodeLoop:
         t3 = time.perf_counter()
         if observed:
             self._unobserved = TakenStep(observed, outcomes, len(feeds), sum(len(f.token_ids) for f in feeds), t0,
-                                         self._drafter_s, stall0)  # fmt: skip
-            self._drafter_s = 0.0
+                                         self._drafter_s, self._stopped_drafter_s, stall0)  # fmt: skip
+            self._drafter_s = self._stopped_drafter_s = 0.0
             if not self.rows:
                 self._observe(t3, cpu_stall_s())
         overhead = (t1 - t_drafted) + (t3 - t2)  # drafting is in each row's draft_time_s
@@ -229,7 +230,8 @@ class SpecDecodeLoop:
         # and a plain step pays the per-step bookkeeping and streaming (which contend with
         # the loop in this process) for fewer tokens
         cost = StepCost(taken.num_rows, taken.num_tokens, now - taken.started, taken.drafter_s,
-                        num_prefill_rows=taken.num_rows - len(taken.rows), stall_s=stall_s)  # fmt: skip
+                        taken.stopped_drafter_s, num_prefill_rows=taken.num_rows - len(taken.rows),
+                        stall_s=stall_s)  # fmt: skip
         self.policy.observe(taken.rows, taken.outcomes, cost)
 
     def _draft(self, rows: Sequence[Row]) -> None:
@@ -246,11 +248,7 @@ class SpecDecodeLoop:
             if k <= 0:
                 if isinstance(row.proposer, PipelinedProposer):
                     row.proposer.request(row.tokens, 0)  # a run-ahead drafter stops
-                    # NOTE: what it spent getting there is drafting's cost, charged to the
-                    # next drafting step: charged to this plain step, it halved the measured
-                    # pace of `card`'s plain steps (a plain probe follows drafting steps and
-                    # took in their run-ahead), so `card` drafted at 4 rows and lost 20 %
-                    self._drafter_s_owed += row.proposer.take_compute_s()
+                    self._stopped_drafter_s += row.proposer.take_compute_s()  # the policy charges it
                 continue
             t = time.perf_counter()
             try:
@@ -264,8 +262,6 @@ class SpecDecodeLoop:
             except Exception:
                 logger.exception("proposer failed; this step runs with k = 0")
             row.stats.draft_time_s += time.perf_counter() - t
-        if any(plan.k > 0 for plan in plans):
-            self._drafter_s, self._drafter_s_owed = self._drafter_s + self._drafter_s_owed, 0.0
         if pending:
             t = time.perf_counter()
             deadline = time.monotonic() + self.draft_wait_s

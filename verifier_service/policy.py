@@ -75,6 +75,7 @@ class StepCost:
     num_tokens: int  # sum over rows of (draft tokens + 1)
     seconds: float
     drafter_s: float = 0.0  # drafter CPU seconds the pool reported for this step's drafts
+    stopped_drafter_s: float = 0.0  # ... reported as a run-ahead stopped at this step (drafts before it)
     num_prefill_rows: int = 0  # rows fed a prompt chunk besides the decoding ones
     stall_s: float | None = None  # seconds some task of the machine waited for a CPU (None: unknown)
 
@@ -312,6 +313,7 @@ class RulePolicy:
         self.arms = LoadArms()
         self._step: tuple[ArmKey, bool, bool] | None = None  # (key, drafting, probe) planned
         self._single_steps = self.DIP_STEPS  # single-row steps since the last step of several
+        self._owed_drafter_s = 0.0  # stopped run-aheads' compute, for the next measured drafting step
         # called on the step thread after each observed step (`policy_stats` publishes from it)
         self.after_observe: Callable[[], None] | None = None
 
@@ -352,6 +354,11 @@ class RulePolicy:
         return plans
 
     def observe(self, rows: Sequence[RowState], outcomes: Sequence[RowOutcome], step: StepCost) -> None:
+        # NOTE: what a run-ahead drafter (`card`) spent before a plain step stopped it is
+        # drafting's cost: charged to that plain step, it halved the measured pace of
+        # `card`'s plain steps (a plain probe follows drafting steps and took in their
+        # run-ahead), so `card` drafted at 4 rows and lost 20 %
+        self._owed_drafter_s += step.stopped_drafter_s
         if step.num_prefill_rows:
             # NOTE: a step that also prefilled a prompt chunk spent most of its time on it
             # (a plain step of 4 rows measured 42 tok/s so, a tenth of its pace): it says
@@ -368,10 +375,14 @@ class RulePolicy:
             # at 1-2 rows the router and the clients leave the pool a core of its own, and
             # charging all of `card`'s run-ahead (0.65 of a core) there ran it plain where it
             # gave 1.27x `none` on target-m
+            key, drafting, probe = self._step
+            drafter_s = step.drafter_s
+            if drafting:
+                drafter_s, self._owed_drafter_s = drafter_s + self._owed_drafter_s, 0.0
             charged = 0.0
             if self.config.charge_drafter_compute:
-                charged = step.drafter_s if step.stall_s is None else min(step.drafter_s, step.stall_s)
-            self.arms.observe(*self._step, tokens=tokens, seconds=step.seconds + charged)
+                charged = drafter_s if step.stall_s is None else min(drafter_s, step.stall_s)
+            self.arms.observe(key, drafting, probe, tokens=tokens, seconds=step.seconds + charged)
             self._step = None
             if self.after_observe is not None:
                 self.after_observe()

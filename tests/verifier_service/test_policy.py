@@ -226,10 +226,11 @@ def test_drafting_after_plain_steps_warms_up_unmeasured_and_its_probes_run_long_
 
 
 def _step(policy, rows, tokens_per_row: int, seconds: float, drafter_s: float = 0.0,
-          stall_s: float | None = None) -> list[int]:  # fmt: skip
+          stall_s: float | None = None, stopped_drafter_s: float = 0.0) -> list[int]:  # fmt: skip
     plans = policy.plan(rows)
     outcomes = [RowOutcome(p.k, tokens_per_row - 1 if p.k else 0) for p in plans]
-    policy.observe(rows, outcomes, StepCost(len(rows), sum(p.k + 1 for p in plans), seconds, drafter_s, stall_s=stall_s))
+    cost = StepCost(len(rows), sum(p.k + 1 for p in plans), seconds, drafter_s, stopped_drafter_s, stall_s=stall_s)
+    policy.observe(rows, outcomes, cost)
     return [p.k for p in plans]
 
 
@@ -257,6 +258,22 @@ def test_drafter_compute_is_charged_only_as_far_as_the_machine_ran_short_of_cpu(
     _step(policy, rows, tokens_per_row=1, seconds=0.02, stall_s=0.0)  # plain: 400 tok/s
     # drafting: 16 tokens over 0.03 s + the charge (0 / 0.005 / 0.02 / 0.02)
     assert _step(policy, rows, tokens_per_row=1, seconds=0.02)[0] == (5 if drafting_wins else 0)
+
+
+def test_a_stopped_run_aheads_compute_is_charged_to_the_next_drafting_step_not_the_plain_one():
+    """A plain step that stops `card`'s run-ahead is told what it had spent drafting before:
+    that is drafting's cost, so the plain step's pace stays its own."""
+    policy = RulePolicy(LOAD_AWARE)
+    policy.arms = LoadArms(warmup_steps=0, min_probe_gap=10**6)
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
+    arms = lambda: policy.arms.arms[(8, "ngram", True)].goodput  # noqa: E731
+    assert _step(policy, rows, tokens_per_row=2, seconds=0.04)[0] == 5  # drafting: 400 tok/s
+    assert _step(policy, rows, tokens_per_row=1, seconds=0.02, stopped_drafter_s=0.04)[0] == 0
+    assert arms() == pytest.approx({True: 400.0, False: 400.0})  # plain: 8 tokens / 0.02 s, no charge
+    policy.arms.arms[(8, "ngram", True)].drafting_best = True  # (the arms are tied: drafting runs)
+    assert _step(policy, rows, tokens_per_row=2, seconds=0.04)[0] == 5  # charged the 0.04 s owed
+    assert arms()[True] == pytest.approx(16 / ((0.04 + 0.08) / 2))  # 16 tokens in 0.04 s, then in 0.04 + 0.04 s
+    assert policy._owed_drafter_s == 0.0
 
 
 def test_a_full_batch_stops_drafting_where_plain_steps_give_more():
