@@ -7,7 +7,7 @@ State of a row between steps: `tokens` = prompt + everything emitted; the row's 
 engine's KV cache holds all of them but the last (the *pending* token, fed next step). One
 step:
 
-    plans  = policy.plan(decoding rows)                   # k per row, k = 0 allowed
+    plans  = policy.plan(decoding rows, prefilling?)      # k per row, k = 0 allowed
     drafts = each row's proposer (remote ones all asked first, collected by one deadline)
     logits = engine.step([pending, *draft] per decoding row, a prompt chunk per prefilling row)
     y      = the target's own token at every verified position (argmax, or a draw from p
@@ -237,7 +237,8 @@ class SpecDecodeLoop:
     def _draft(self, rows: Sequence[Row]) -> None:
         """Each decoding row's draft for this step: in-process proposers run here, remote
         ones are all asked first and collected by one deadline; late = empty (k = 0)."""
-        plans = self.policy.plan([r.state for r in rows])
+        # (a step feeds at least one prompt chunk while any row is prefilling: `_feeds`)
+        plans = self.policy.plan([r.state for r in rows], prefilling=len(rows) < len(self.rows))
         pending: list[tuple[Row, int]] = []
         for row, plan in zip(rows, plans):
             row.draft = EMPTY_DRAFT

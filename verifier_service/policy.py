@@ -5,7 +5,7 @@ A *row* is one request inside a step of the batched loop (`verifier_service.loop
 loop talks to one `SpeculationPolicy` per verifier replica through three calls:
 
     row   = policy.start(request)                   # once per request
-    plans = policy.plan(rows)                       # every step: a RowPlan per decoding row
+    plans = policy.plan(rows, prefilling)           # every step: a RowPlan per decoding row
     ... draft, one target forward over all rows, accept ...
     policy.observe(rows, outcomes, step)            # a RowOutcome per row, the StepCost
 
@@ -83,7 +83,9 @@ class StepCost:
 class SpeculationPolicy(Protocol):
     def start(self, request: GenerationRequest) -> RowState: ...
 
-    def plan(self, rows: Sequence[RowState]) -> list[RowPlan]: ...
+    def plan(self, rows: Sequence[RowState], prefilling: bool = False) -> list[RowPlan]:
+        """`prefilling`: the step also feeds prompt chunks (its time is mostly theirs)."""
+        ...
 
     def observe(self, rows: Sequence[RowState], outcomes: Sequence[RowOutcome], step: StepCost) -> None: ...
 
@@ -179,15 +181,17 @@ class LoadArms:
     def bucket(num_rows: int) -> int:
         return 1 << (num_rows.bit_length() - 1)
 
-    def choose(self, key: ArmKey) -> tuple[bool, bool]:
+    def choose(self, key: ArmKey, measurable: bool = True) -> tuple[bool, bool]:
         """(draft in this step?, is it a probe?): an unmeasured arm first (drafting), then
-        the better one, or the other on a probe step."""
+        the better one, or the other on a probe step. A step that cannot be measured (it
+        also prefills) neither explores nor starts a probe: it runs the better arm, plain
+        while they are unmeasured, and goes on with a probe under way."""
         arms = self.arms.get(key)
         if arms is None:
             arms = self.arms[key] = _Arms(goodput=self._losing_below(key))
         on, off = arms.goodput.get(True), arms.goodput.get(False)
         if on is None or off is None:
-            return on is None, False
+            return measurable and on is None, False
         best = arms.drafting_best = self._better(arms.drafting_best, on, off)
         if arms.probe_left > 0 and best is False:  # (a probe of drafting that made it the best ends)
             arms.probe_left -= 1
@@ -197,7 +201,7 @@ class LoadArms:
         if best is False and self._losing_below(key):
             return False, False  # drafting lost at a smaller batch: it loses here too, no probe
         gap = arms.probe_gap or self.min_probe_gap
-        if arms.steps_since_probe >= gap and arms.regret_s <= self.probe_share * arms.seconds:
+        if measurable and arms.steps_since_probe >= gap and arms.regret_s <= self.probe_share * arms.seconds:
             arms.steps_since_probe = 0
             clearly_losing = best is False and on < off * (1 - self.backoff_margin)
             arms.probe_gap = self.max_probe_gap if clearly_losing else self.min_probe_gap
@@ -331,7 +335,7 @@ class RulePolicy:
         k = min(method.num_speculative_tokens, max_k)
         return RowState(request.method, method.rule, k, max_k, params, greedy)
 
-    def plan(self, rows: Sequence[RowState]) -> list[RowPlan]:
+    def plan(self, rows: Sequence[RowState], prefilling: bool = False) -> list[RowPlan]:
         self._step = None
         self._single_steps = self._single_steps + 1 if len(rows) == 1 else 0
         drafting = True
@@ -342,7 +346,12 @@ class RulePolicy:
                 drafting = False  # a dip between requests of a batch: plain, unmeasured
             elif not (kind[1] and len(rows) < self.GREEDY_MIN_ROWS):
                 key = (LoadArms.bucket(len(rows)), *kind)
-                drafting, probe = self.arms.choose(key)
+                # NOTE: a step that also prefills measures nothing (`observe`), so it must
+                # not explore: at 200 concurrent requests a batch of 31 decoding rows came
+                # only with a new request's prompt chunk, its drafting arm stayed unmeasured,
+                # and every such step drafted (cold pool sessions, the 50 ms draft deadline
+                # each time): `sorted` ended at 0.57-0.75x `none`
+                drafting, probe = self.arms.choose(key, measurable=not prefilling)
                 self._step = (key, drafting, probe)
         plans = []
         for row in rows:

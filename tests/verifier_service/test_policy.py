@@ -203,6 +203,27 @@ def test_a_step_that_prefilled_a_prompt_measures_nothing():
     assert policy.plan(rows)[0].k == 5  # so drafting is still to be measured
 
 
+def test_a_step_that_prefills_neither_explores_nor_starts_a_probe():
+    """At 200 concurrent requests a batch of 31 decoding rows came only with a new request's
+    prompt chunk: exploring there never measured drafting, and every such step drafted."""
+    policy = RulePolicy(LOAD_AWARE)
+    policy.arms = LoadArms(warmup_steps=0, min_probe_gap=2)
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(8)]
+    key = (8, "ngram", True)
+
+    def prefill_step() -> int:
+        k = policy.plan(rows, prefilling=True)[0].k
+        policy.observe(rows, [RowOutcome(k, 0)] * 8, StepCost(9, 8 * (k + 1) + 100, 0.5, num_prefill_rows=1))
+        return k
+
+    assert [prefill_step() for _ in range(5)] == [0] * 5  # unmeasured arms: plain, and nothing measured
+    assert policy.arms.arms[key].goodput == {}
+    assert _step(policy, rows, tokens_per_row=1, seconds=0.04)[0] == 5  # a step without prefill explores
+    assert _step(policy, rows, tokens_per_row=1, seconds=0.02)[0] == 0  # drafting 200 tok/s, plain 400
+    assert [prefill_step() for _ in range(5)] == [0] * 5  # the better arm, no probe however long
+    assert _step(policy, rows, tokens_per_row=1, seconds=0.02)[0] == 5  # the first measurable step probes
+
+
 def test_drafting_after_plain_steps_warms_up_unmeasured_and_its_probes_run_long_enough():
     arms = LoadArms(min_probe_gap=2, warmup_steps=2)
     key = (1, "card", True)
