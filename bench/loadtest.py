@@ -769,5 +769,15 @@ def main(argv: list[str] | None = None) -> Path:
     return base
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a job runner, `kill`) ends the run like Ctrl-C: the `specdec serve` started
+    here is stopped on the way out instead of outliving the tool."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 if __name__ == "__main__":
+    _exit_on_sigterm()
     main()

@@ -4,6 +4,12 @@ its default batch rows and queue) over HTTP and gRPC, and a stack the tool start
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +59,38 @@ def test_without_a_url_it_serves_the_targets_itself_and_stops_them(tmp_path):
     (row,) = report(base)[0]
     assert (row["protocol"], row["completed"], row["failed"]) == ("http", 4, 0), row
     assert row["mean_batch_rows"] >= 1.0  # the verifier's own /metrics was scraped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_sigterm_stops_the_server_the_tool_started(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the tool's `specdec serve` works under tmp_path
+    tool = subprocess.Popen([
+        sys.executable, "-m", "bench.loadtest", "--targets", TARGET, "--methods", "none", "--concurrency", "1",
+        "--requests-per-level", "100000", "--max-tokens", "8", "--out-dir", str(tmp_path / "out"),
+    ], cwd=Path(__file__).parents[2], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not pids and time.monotonic() < deadline:
+            for state_file in tmp_path.glob("loadtest-*/state.json"):
+                state = json.loads(state_file.read_text() or "{}")
+                pids = [state["pid"], *(c["pid"] for c in state.get("children", []) if c.get("pid"))]
+                pids = pids if len(pids) > 1 else []
+            time.sleep(0.5)
+        assert pids, "the tool's specdec serve never came up"
+        time.sleep(2)  # requests are flowing
+        tool.send_signal(signal.SIGTERM)
+        assert tool.wait(timeout=120) != 0
+        assert not [pid for pid in pids if _alive(pid)], "the server outlived the tool"
+    finally:
+        tool.kill()
+        for pid in pids:  # a failed run must not leave the server behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
