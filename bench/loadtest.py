@@ -58,6 +58,8 @@ import functools
 import gzip
 import json
 import resource
+import signal
+import sys
 import tempfile
 import time
 import urllib.request
@@ -772,9 +774,6 @@ def main(argv: list[str] | None = None) -> Path:
 def _exit_on_sigterm() -> None:
     """SIGTERM (a job runner, `kill`) ends the run like Ctrl-C: the `specdec serve` started
     here is stopped on the way out instead of outliving the tool."""
-    import signal
-    import sys
-
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
