@@ -41,13 +41,12 @@ MAX_SMALL_ROWS = 4  # matmuls of more rows run in the activation dtype (see Llam
 
 
 # oneDNN's linear over a weight reordered once into its blocked layout (what torch's own
-# compiler uses on CPU), for fp32 matrices on CPU. Measured on this machine's CPU (one
-# thread, [1792, 320]): rows 1 / 2 / 5 / 16: oneDNN 48 / 51 / 73 / 182 us, `F.linear` (MKL)
-# 56 / 107 / 153 / 247 us: MKL runs 2-3 rows as separate matrix-vector products, so a
-# verify feed of a few tokens cost almost a plain step per token. One row of a small matrix
-# is faster through `F.linear` (oneDNN's call costs ~20 us; [320, 320]: 9 vs 20 us).
+# compiler uses on CPU), for fp32 matrices on CPU, for calls of 2 rows and more. Measured on
+# this machine's CPU (one thread, [1792, 320]): rows 1 / 2 / 5 / 16: oneDNN 48 / 51 / 73 /
+# 182 us, `F.linear` (MKL) 56 / 107 / 153 / 247 us: MKL runs 2-3 rows as separate
+# matrix-vector products, so a verify feed of a few tokens cost almost a plain step per
+# token. One row goes to MKL over the weight stored [in, out] (`LlamaWeights._pack_matrix`).
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-ONEDNN_ONE_ROW_MIN_NUMEL = 1 << 19  # one-row calls take oneDNN from this many weights up
 
 
 def onednn_rows(n: int) -> int:
@@ -67,9 +66,9 @@ class PackedMatrix:
     """A weight matrix: `small` in matmul_dtype for calls of a few rows (bandwidth-bound),
     `big` = the same values upcast to the activation dtype for calls of many rows
     (compute-bound), or None when the dtypes agree; `onednn` = `small` in oneDNN's layout
-    (fp32 on CPU only, else None)."""
+    (fp32 on CPU only, else None), and then `small` is stored [in, out] (see `_pack_matrix`)."""
 
-    small: torch.Tensor  # [out, in] matmul_dtype
+    small: torch.Tensor  # [out, in] matmul_dtype (where `onednn` is set: a view of an [in, out] tensor)
     big: torch.Tensor | None  # [out, in] activation dtype, == small exactly
     onednn: torch.Tensor | None = None  # oneDNN-reordered `small` (opaque layout)
 
@@ -162,6 +161,12 @@ class LlamaWeights:
         onednn = None
         if ONEDNN and big is None and small.dtype == torch.float32 and small.device.type == "cpu":
             onednn = torch.ops.mkldnn._reorder_linear_weight(small, 4)  # 4: the batch-size hint
+            # NOTE: one-row calls (a single stream's decode step) stay on MKL, whose
+            # vector-matrix product over an [in, out] weight is 1.2-1.7x faster here than
+            # over [out, in] or through oneDNN (one thread, 1 row: [960, 320] 11 vs 20 vs
+            # 30 us, [1792, 320] 50 vs 59 vs 85 us; the whole target-m step 1.5x). Not for
+            # fp16/bf16, whose one-row kernels are slower over that layout
+            small = small.t().contiguous().t()  # [out, in] view of an [in, out] tensor
         return PackedMatrix(small=small, big=big, onednn=onednn)
 
     def new_kv(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +178,8 @@ class LlamaWeights:
     # ------------------------------------------------------------------ ops
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:  # [rows, hidden], weight folded away
-        return F.rms_norm(x, (self.hidden_size,), None, self.eps)
+        # HF's LlamaRMSNorm formula; 2 % faster a step here than F.rms_norm's CPU kernel
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
 
     def mm(
         self,
@@ -182,7 +188,7 @@ class LlamaWeights:
     ) -> torch.Tensor:  # [rows, out] activation dtype
         if w.big is None:
             n = x.shape[0]
-            if w.onednn is not None and (n > 1 or w.small.numel() >= ONEDNN_ONE_ROW_MIN_NUMEL):
+            if w.onednn is not None and n > 1:
                 padded = onednn_rows(n)
                 if padded != n:
                     x = F.pad(x, (0, 0, 0, padded - n))  # [padded, in], zero rows
