@@ -41,12 +41,15 @@ MAX_SMALL_ROWS = 4  # matmuls of more rows run in the activation dtype (see Llam
 
 
 # oneDNN's linear over a weight reordered once into its blocked layout (what torch's own
-# compiler uses on CPU), for fp32 matrices on CPU, for calls of 2 rows and more. Measured on
-# this machine's CPU (one thread, [1792, 320]): rows 1 / 2 / 5 / 16: oneDNN 48 / 51 / 73 /
-# 182 us, `F.linear` (MKL) 56 / 107 / 153 / 247 us: MKL runs 2-3 rows as separate
-# matrix-vector products, so a verify feed of a few tokens cost almost a plain step per
-# token. One row goes to MKL over the weight stored [in, out] (`LlamaWeights._pack_matrix`).
+# compiler uses on CPU), for fp32 matrices on CPU, for calls of more than `MKL_MAX_ROWS`
+# rows; fewer rows go to MKL over the weight stored [in, out] (`LlamaWeights._pack_matrix`).
+# MKL over the usual [out, in] ran 2-3 rows as separate matrix-vector products, so a verify
+# feed of a few tokens cost almost a plain step per token. Measured on this machine's CPU,
+# one thread, whole target-m steps in blocks of 20 per variant, against oneDNN for every
+# call of 2+ rows: tokens 1 / 2 / 3 / 4 (one row) 1.0 / 1.34 / 1.27 / 1.30x, 2 rows of 1
+# 1.35x, 4 rows of 1 1.04-1.13x; from 6 tokens on MKL lost (0.87-0.95x at 6-8 tokens).
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+MKL_MAX_ROWS = 4
 
 
 def onednn_rows(n: int) -> int:
@@ -161,10 +164,10 @@ class LlamaWeights:
         onednn = None
         if ONEDNN and big is None and small.dtype == torch.float32 and small.device.type == "cpu":
             onednn = torch.ops.mkldnn._reorder_linear_weight(small, 4)  # 4: the batch-size hint
-            # NOTE: one-row calls (a single stream's decode step) stay on MKL, whose
-            # vector-matrix product over an [in, out] weight is 1.2-1.7x faster here than
-            # over [out, in] or through oneDNN (one thread, 1 row: [960, 320] 11 vs 20 vs
-            # 30 us, [1792, 320] 50 vs 59 vs 85 us; the whole target-m step 1.5x). Not for
+            # NOTE: calls of a few rows (a single stream's decode and verify steps) stay on
+            # MKL, whose product over an [in, out] weight is 1.2-1.7x faster here than over
+            # [out, in] or through oneDNN (one thread, 1 row: [960, 320] 11 vs 20 vs 30 us,
+            # [1792, 320] 50 vs 59 vs 85 us; a whole one-token target-m step 1.5x). Not for
             # fp16/bf16, whose one-row kernels are slower over that layout
             small = small.t().contiguous().t()  # [out, in] view of an [in, out] tensor
         return PackedMatrix(small=small, big=big, onednn=onednn)
@@ -188,7 +191,7 @@ class LlamaWeights:
     ) -> torch.Tensor:  # [rows, out] activation dtype
         if w.big is None:
             n = x.shape[0]
-            if w.onednn is not None and n > 1:
+            if w.onednn is not None and n > MKL_MAX_ROWS:
                 padded = onednn_rows(n)
                 if padded != n:
                     x = F.pad(x, (0, 0, 0, padded - n))  # [padded, in], zero rows
@@ -298,6 +301,7 @@ class StepLayout:
     cos: torch.Tensor  # [N, 1, head_dim]
     sin: torch.Tensor  # [N, 1, head_dim]
     one_row: tuple[int, int] | None = None  # (slot, start) when B == 1: slices, no gathers
+    slot_range: tuple[int, int] | None = None  # [first, end) when B > 1 rows hold those slots: no gathers
 
 
 class LlamaForward:
@@ -353,17 +357,26 @@ class LlamaForward:
                 slots=slots, tok_slot=slots.expand(n), tok_index=tok_index, tok_pos=tok_pos, pad_index=None,
                 num_rows=1, max_tokens=n, num_keys=start + n, mask=mask, cos=cos, sin=sin, one_row=(slot, start),
             )  # fmt: skip
-        slots = torch.tensor([f.slot for f in feeds], device=dev)  # [B]
+        slot_list = [f.slot for f in feeds]
+        slots = torch.tensor(slot_list, device=dev)  # [B]
         t = torch.tensor(counts, device=dev)  # [B]
         starts = torch.tensor(starts_list, device=dev)  # [B]
         max_t = max(counts)
         num_keys = max(s + c for s, c in zip(starts_list, counts))
+        # a row's place in the padded attention batch: where the rows' slots are one dense
+        # run, its slot's place in that run (attention then reads the cache through a view),
+        # else its feed order (keys and values gathered by slot)
+        first_slot = min(slot_list)
+        dense = sorted(slot_list) == list(range(first_slot, first_slot + num_rows))
+        place = [s - first_slot for s in slot_list] if dense else list(range(num_rows))
+        place_t = torch.tensor(place, device=dev)  # [B]
+        starts_by_place = torch.empty_like(starts).index_copy_(0, place_t, starts)  # [B]
         row = torch.repeat_interleave(torch.arange(num_rows, device=dev), t)  # [N]
         offset = torch.arange(row.numel(), device=dev) - (torch.cumsum(t, 0) - t)[row]  # [N]
         tok_index = starts[row] + offset  # [N]
-        query_index = starts.unsqueeze(1) + torch.arange(max_t, device=dev)  # [B, T]
+        query_index = starts_by_place.unsqueeze(1) + torch.arange(max_t, device=dev)  # [B, T] by place
         keys = torch.arange(num_keys, device=dev)  # [num_keys]
-        mask = (keys <= query_index.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, num_keys]
+        mask = (keys <= query_index.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, num_keys] by place
         tok_pos = tok_index
         if trees:  # positions by depth, attention to ancestors (a loop over tree rows, once per step)
             depth_offset = offset.clone()  # [N] position - start of each token
@@ -371,13 +384,14 @@ class LlamaForward:
             for b in trees:
                 f, start, n = feeds[b], starts_list[b], counts[b]
                 depth_offset[first[b] : first[b] + n] = torch.tensor(depths_of(f.tree_parents), device=dev) - 1
-                mask[b, 0, :n, start : start + n] = _ancestors(f.tree_parents, dev)
+                mask[place[b], 0, :n, start : start + n] = _ancestors(f.tree_parents, dev)
             tok_pos = starts[row] + depth_offset
         return StepLayout(
             slots=slots, tok_slot=slots[row], tok_index=tok_index, tok_pos=tok_pos,
-            pad_index=None if num_rows == 1 else row * max_t + offset,
+            pad_index=place_t[row] * max_t + offset,
             num_rows=num_rows, max_tokens=max_t, num_keys=num_keys, mask=mask,
             cos=w.cos[tok_pos], sin=w.sin_signed[tok_pos],
+            slot_range=(first_slot, first_slot + num_rows) if dense else None,
         )  # fmt: skip
 
     @torch.inference_mode()
@@ -425,8 +439,12 @@ class LlamaForward:
             # NOTE: cut to the longest row's length before gathering: gathering whole slots
             # copied max_context positions per row (index_select took 77 % of a 16-row step
             # on target-m, about 4.7 ms per row)
-            keys = ck[:, :, :length].index_select(0, layout.slots)  # [B, nkv, L, hd]
-            values = cv[:, :, :length].index_select(0, layout.slots)
+            if layout.slot_range is not None:  # rows in slot order (`layout`'s places)
+                first, end = layout.slot_range
+                keys, values = ck[first:end, :, :length], cv[first:end, :, :length]  # [B, nkv, L, hd]
+            else:
+                keys = ck[:, :, :length].index_select(0, layout.slots)  # [B, nkv, L, hd]
+                values = cv[:, :, :length].index_select(0, layout.slots)
             q = x.new_zeros(b * t, nh, hd).index_copy_(0, layout.pad_index, qk[:, :nh])
             q = q.view(b, t, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
         o = F.scaled_dot_product_attention(

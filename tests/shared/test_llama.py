@@ -51,7 +51,8 @@ def test_prefill_and_verify_after_rollback_match_hf(models):
 
 def test_ragged_batch_equals_each_row_alone(models):
     """Hand-built rows: a prompt chunk, a one-token step, verify rows of different draft
-    lengths, rows after rollbacks, and a reused slot, all in the same steps."""
+    lengths, rows after rollbacks, rows whose slots are one dense run in another order, and
+    a reused slot, all in the same steps."""
     hf, lean, tokenizer = models
     prompts = [tokenizer(p).input_ids for p in humaneval_prompts(4)]
     prompts = [p[:n] for p, n in zip(prompts, (40, 7, 23, 60))]
@@ -63,8 +64,11 @@ def test_ragged_batch_equals_each_row_alone(models):
         [RowFeed(3, [11, 12, 13, 14], 4), RowFeed(0, [7], 1), RowFeed(4, prompts[2][12:], 2),
          RowFeed(1, prompts[3], 1)],  # fmt: skip
         [RowFeed(3, [21, 22], 2), RowFeed(0, [8, 9, 10, 11, 12, 13], 6), RowFeed(1, [5], 1)],
+        # slots that are one dense run, out of order (attention reads the cache through a view)
+        [RowFeed(1, [6, 7], 2), RowFeed(0, [14], 1)],
+        [RowFeed(4, [31, 32, 33], 3), RowFeed(3, [24], 1)],
     ]
-    rollbacks = [{}, {3: len(prompts[0]) + 1, 0: len(prompts[1]) + 1}, {0: len(prompts[1]) + 3}]
+    rollbacks = [{}, {3: len(prompts[0]) + 1, 0: len(prompts[1]) + 1}, {0: len(prompts[1]) + 3}, {1: len(prompts[3]) + 2}, {}]
     for feeds, keep in zip(steps, rollbacks):
         out = lean.step(batched, feeds)  # [sum of num_logits, vocab]
         ref = torch.cat([lean.step(alone, [f]) for f in feeds])
@@ -134,9 +138,9 @@ def test_tree_feed_equals_each_path_alone(models, batched):
     cache = lean.new_cache(2, 128)
     lean.step(cache, [RowFeed(0, prompt, 0), RowFeed(1, other, 0)])
     feeds = [RowFeed(0, TREE_TOKENS, len(TREE_TOKENS), TREE_PARENTS)]
-    if batched:  # beside a chain row with a different length
-        feeds.append(RowFeed(1, [5, 6, 7], 3))
-    out = lean.step(cache, feeds)[: len(TREE_TOKENS)]  # [7, vocab]
+    if batched:  # after a chain row with a different length: slot order is not feed order
+        feeds.insert(0, RowFeed(1, [5, 6, 7], 3))
+    out = lean.step(cache, feeds)[3 if batched else 0 :][: len(TREE_TOKENS)]  # [7, vocab]
     for i, path in enumerate(_paths(TREE_PARENTS)):
         ref = hf_logits(hf, prompt + [TREE_TOKENS[j] for j in path])[-1]
         assert (out[i] - ref).abs().max() < TOLERANCE, (i, path)
