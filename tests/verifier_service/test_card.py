@@ -200,6 +200,13 @@ def test_greedy_card_equals_the_target_alone(server, target):
     for i, (prompt, result) in enumerate(zip(prompts, results)):
         cmp = compare_greedy(name, prompt, result.token_ids, max_new)
         assert cmp.ok, f"{name} prompt {i} diverged at {cmp.position}"
+    if name == "codelm-target-s":
+        # NOTE: in this tight in-process loop target-s now steps faster than codelm-draft
+        # runs ahead (one-row steps 1.5x cheaper since MKL over [in, out] weights): 0-1
+        # cached rounds of 47 per request, 0-3 with fp32 drafters; through the service it
+        # still drafts in 25 % of rounds at one stream (1.04x `none`). So the line's use is
+        # asserted on target-m, whose steps leave the drafter time to run ahead
+        return
     assert sum(r.stats.num_accepted_tokens for r in results) > 0  # the drafter's line was used
     assert sum(s.num_cached_rounds for s in sessions) > 0
     assert sum(s.num_alternative_commits for s in sessions) > 0  # a runner-up was the target's token

@@ -109,7 +109,7 @@ def test_load_arms_measure_then_take_the_better_and_probe_the_other():
     assert arms.choose(key) == (False, False)  # plain is better
     assert arms.choose(key) == (True, True)  # a probe takes the other
     assert arms.choose((16, "ngram", True)) == (True, False)  # another batch size has its own
-    assert arms.choose((32, "sorted", True)) == (True, False)  # and another method
+    assert arms.choose((2, "sorted", True)) == (True, False)  # and another method
     assert arms.choose((32, "ngram", False)) == (True, False)  # and another sampling mode
     assert [LoadArms.bucket(n) for n in (1, 3, 4, 5, 31, 32, 63)] == [1, 2, 4, 4, 16, 32, 32]
 
@@ -127,7 +127,7 @@ def _run(arms: LoadArms, key, num_steps: int, on: float, off: float) -> int:
 def test_probes_stay_within_their_share_of_time():
     share = 0.05
     costly, cheap = (LoadArms(probe_share=share, min_probe_gap=2, max_probe_gap=32, warmup_steps=0) for _ in range(2))
-    key = (8, "sorted", False)
+    key = (8, "ngram", False)
     # a drafting step that loses badly (a probe step wastes 3/4 of its second; a probe of
     # drafting is a run of 2 steps without warm-up) is probed rarely ...
     num_costly = _run(costly, key, 400, on=100, off=400)
@@ -143,7 +143,7 @@ def test_probes_stay_within_their_share_of_time():
 
 def test_probes_of_a_clearly_losing_drafter_come_rarely_and_close_ones_often():
     arms = LoadArms(alpha=1.0, min_probe_gap=2, max_probe_gap=16, warmup_steps=0, probe_share=1.0)
-    key = (8, "sorted", True)
+    key = (8, "ngram", True)
 
     def probe_starts(steps: int, on: float) -> list[int]:
         starts, last = [], False
@@ -170,10 +170,27 @@ def test_a_new_batch_size_starts_plain_where_drafting_lost_at_a_smaller_one():
     arms.choose(small)
     arms.observe(small, False, False, tokens=20, seconds=1.0)  # drafting lost at 4 rows
     assert arms.choose(large) == (False, False)  # so 16 rows start plain, measured from 4's
-    assert arms.choose((16, "sorted", False)) == (True, False)  # sampled rows measured nothing yet
+    assert arms.choose((16, "ngram", False)) == (True, False)  # sampled rows measured nothing yet
     arms.observe(large, False, False, tokens=5, seconds=1.0)
     arms.arms[large].goodput[True] = 50.0  # drafting won at 16 rows after all
     assert arms.choose(larger) == (True, False)  # so 32 rows measure from scratch
+
+
+def test_a_pool_drafter_is_tried_at_more_than_two_rows_only_where_it_won_below():
+    arms = LoadArms(warmup_steps=0)
+    two, sixteen, thirty_two = (2, "sorted", True), (16, "sorted", True), (32, "sorted", True)
+    assert arms.choose(thirty_two) == (False, False)  # nothing measured below: plain, no try
+    assert arms.choose((32, "ngram", True)) == (True, False)  # an in-process drafter is tried
+    assert arms.choose(two) == (True, False)  # 1-2 rows: tried
+    arms.observe(two, True, False, tokens=30, seconds=1.0)
+    arms.choose(two)
+    arms.observe(two, False, False, tokens=20, seconds=1.0)  # drafting won at 2 rows
+    assert arms.choose(sixteen) == (True, False)  # so 16 rows try it
+    arms.observe(sixteen, True, False, tokens=10, seconds=1.0)
+    arms.choose(sixteen)
+    arms.observe(sixteen, False, False, tokens=20, seconds=1.0)  # and it lost there
+    arms.observe(thirty_two, False, False, tokens=20, seconds=1.0)
+    assert arms.choose(thirty_two) == (False, False)  # so 32 rows still do not
 
 
 def test_no_probe_of_drafting_while_it_loses_at_a_smaller_batch():
