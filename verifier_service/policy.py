@@ -161,8 +161,9 @@ class LoadArms:
     reason drafting is not probed at a batch size while it loses at the next smaller one:
     probes there notice a change of traffic, and a larger size is probed again once drafting
     wins below it. A pool drafter is not even tried at more than 2 rows before it has won at
-    a smaller size (`_may_explore`): its first steps there cost a pool session per row. (Measured: `sorted` at 32 rows on target-s spent 8 % of its time in
-    probes of 16 and 32 rows, each step several times a plain one, and lost that to `none`.)
+    a smaller size (`_may_explore`): its first steps there cost a pool session per row.
+    (Measured: `sorted` at 32 rows on target-s spent 8 % of its time in probes of 16 and 32
+    rows, each step several times a plain one, and lost that to `none`.)
 
     A replica may start warm (`seed`, from other replicas' measurements in the store,
     `verifier_service.policy_stats`): a seeded arm is not measured first, and the first
@@ -240,26 +241,27 @@ class LoadArms:
         measured at 200 concurrent requests on target-s, a fresh replica tried `sorted`
         at 32 rows, then at 16, 8 and 4 as the batch drained (3 steps each), drafted in
         under 1 % of rounds and ended at 0.83x `none`; with k pinned to 0, 0.96x."""
-        bucket, method, greedy = key
+        bucket, method, _ = key
         if bucket <= 2 or method not in MODEL_METHODS:
             return True
-        while bucket > 1:
-            bucket //= 2
-            below = self.arms.get((bucket, method, greedy))
-            if below is not None and len(below.goodput) == 2:
-                return below.goodput[True] >= below.goodput[False]
-        return False
+        below = self._measured_below(key)
+        return below is not None and below[True] >= below[False]
 
     def _losing_below(self, key: ArmKey) -> dict[bool, float]:
         """The goodput of the largest smaller batch size measured for this method and mode,
         if drafting lost there; else nothing (measure this one from scratch)."""
+        below = self._measured_below(key)
+        return dict(below) if below is not None and below[True] < below[False] else {}
+
+    def _measured_below(self, key: ArmKey) -> dict[bool, float] | None:
+        """Both arms' goodput at the largest smaller batch size where both are measured."""
         bucket, method, greedy = key
         while bucket > 1:
             bucket //= 2
             below = self.arms.get((bucket, method, greedy))
             if below is not None and len(below.goodput) == 2:
-                return dict(below.goodput) if below.goodput[True] < below.goodput[False] else {}
-        return {}
+                return below.goodput
+        return None
 
     def count(self, drafting: bool) -> None:
         """A step taken, measured or not (the warm-up counts drafting steps in a row)."""
