@@ -40,14 +40,17 @@ if TYPE_CHECKING:
 MAX_SMALL_ROWS = 4  # matmuls of more rows run in the activation dtype (see LlamaWeights.mm)
 
 
-# oneDNN's linear over a weight reordered once into its blocked layout (what torch's own
-# compiler uses on CPU), for fp32 matrices on CPU, for calls of more than `MKL_MAX_ROWS`
-# rows; fewer rows go to MKL over the weight stored [in, out] (`LlamaWeights._pack_matrix`).
-# MKL over the usual [out, in] ran 2-3 rows as separate matrix-vector products, so a verify
-# feed of a few tokens cost almost a plain step per token. Measured on this machine's CPU,
-# one thread, whole target-m steps in blocks of 20 per variant, against oneDNN for every
-# call of 2+ rows: tokens 1 / 2 / 3 / 4 (one row) 1.0 / 1.34 / 1.27 / 1.30x, 2 rows of 1
-# 1.35x, 4 rows of 1 1.04-1.13x; from 6 tokens on MKL lost (0.87-0.95x at 6-8 tokens).
+# fp32 matrices on CPU are kept in three layouts, each for the calls it runs fastest
+# (`LlamaWeights.mm`): one row (a single stream's decode step) runs MKL over the weight stored
+# [in, out]; 2 to `MKL_MAX_ROWS` rows (a single stream's verify feed, a few decoding rows)
+# run MKL over [out, in]; more rows run oneDNN's linear over the weight reordered once into
+# its blocked layout (what torch's own compiler uses on CPU). Three copies of the weights:
+# this CPU engine serves demo-size models, whose step time is the weights streamed from
+# cache. Measured on this machine's CPU, one thread, whole target-m steps in blocks of 20
+# per variant: one row over [in, out] against oneDNN 1.5x (3.95 vs 5.9 ms); one row of 2 / 3
+# / 4 tokens over [out, in] against [in, out] 1.26-1.41 / 1.15-1.18 / 1.17-1.22x (over
+# [in, out] MKL ran 2 rows at nearly twice one row's time), 2 rows of 1 token 1.20-1.29x,
+# one row over [out, in] 0.82-0.96x; from 6 tokens on MKL lost to oneDNN (0.87-0.95x).
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 MKL_MAX_ROWS = 4
 
@@ -68,12 +71,14 @@ def onednn_rows(n: int) -> int:
 class PackedMatrix:
     """A weight matrix: `small` in matmul_dtype for calls of a few rows (bandwidth-bound),
     `big` = the same values upcast to the activation dtype for calls of many rows
-    (compute-bound), or None when the dtypes agree; `onednn` = `small` in oneDNN's layout
-    (fp32 on CPU only, else None), and then `small` is stored [in, out] (see `_pack_matrix`)."""
+    (compute-bound), or None when the dtypes agree. fp32 on CPU (`big` None) keeps three
+    layouts (see `ONEDNN`): `small` stored [in, out] for one row, `few_rows` [out, in] for 2
+    to `MKL_MAX_ROWS` rows, `onednn` for more; elsewhere both are None."""
 
     small: torch.Tensor  # [out, in] matmul_dtype (where `onednn` is set: a view of an [in, out] tensor)
     big: torch.Tensor | None  # [out, in] activation dtype, == small exactly
     onednn: torch.Tensor | None = None  # oneDNN-reordered `small` (opaque layout)
+    few_rows: torch.Tensor | None = None  # [out, in] contiguous, == small exactly
 
 
 @dataclass(slots=True)
@@ -161,16 +166,13 @@ class LlamaWeights:
     def _pack_matrix(self, w: torch.Tensor) -> PackedMatrix:  # w: [out, in] float32
         small = w.to(self.matmul_dtype).contiguous()
         big = None if self.matmul_dtype == self.dtype else small.to(self.dtype)
-        onednn = None
+        onednn = few_rows = None
         if ONEDNN and big is None and small.dtype == torch.float32 and small.device.type == "cpu":
             onednn = torch.ops.mkldnn._reorder_linear_weight(small, 4)  # 4: the batch-size hint
-            # NOTE: calls of a few rows (a single stream's decode and verify steps) stay on
-            # MKL, whose product over an [in, out] weight is 1.2-1.7x faster here than over
-            # [out, in] or through oneDNN (one thread, 1 row: [960, 320] 11 vs 20 vs 30 us,
-            # [1792, 320] 50 vs 59 vs 85 us; a whole one-token target-m step 1.5x). Not for
-            # fp16/bf16, whose one-row kernels are slower over that layout
+            # NOTE: not for fp16/bf16, whose one-row kernels are slower over [in, out]
+            few_rows = small
             small = small.t().contiguous().t()  # [out, in] view of an [in, out] tensor
-        return PackedMatrix(small=small, big=big, onednn=onednn)
+        return PackedMatrix(small=small, big=big, onednn=onednn, few_rows=few_rows)
 
     def new_kv(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty K and V buffers: 2 x [num_layers, num_kv_heads, capacity, head_dim]."""
@@ -196,6 +198,8 @@ class LlamaWeights:
                 if padded != n:
                     x = F.pad(x, (0, 0, 0, padded - n))  # [padded, in], zero rows
                 return torch.ops.mkldnn._linear_pointwise(x, w.onednn, None, "none", [], "")[:n]
+            if w.few_rows is not None and n > 1:
+                return F.linear(x, w.few_rows)
             return F.linear(x, w.small)
         low = w.small.dtype
         if x.shape[0] <= MAX_SMALL_ROWS:
