@@ -20,10 +20,10 @@ simplest rule that wins there; see docs/speculation.md for the figures. Two rule
   k + 2, else k − 1, floor 1, cap `max_speculative_tokens`).
 
 On top (`RulePolicy`), a step drafts only where drafting has measured more tokens per
-second than plain steps at that batch size, for that method and sampling mode: a sampled
-single stream included, since on a CPU a sampled model drafter can lose to plain decoding
-even alone (a greedy single stream keeps its k, see `RulePolicy`). Output never depends on
-k (`shared.rejection`), so neither rule nor load can change what a seeded request produces.
+second than plain steps at that batch size, for that method and sampling mode: a single
+stream included, since on a CPU a model drafter can lose to plain decoding even alone.
+Output never depends on k (`shared.rejection`), so neither rule nor load can change what a
+seeded request produces.
 """
 
 from __future__ import annotations
@@ -323,19 +323,15 @@ class RulePolicy:
     size for the step's main method and sampling mode (`LoadArms`, which probes the other
     choice now and then). A pinned k is never cut.
 
-    A greedy single stream keeps the rule's k (`GREEDY_MIN_ROWS`): alone, drafting pays
-    whenever drafts are accepted at all (measured: 1.1-2.9x plain, every method, both
-    targets, through the pool included), while per-step measurements are noisy enough that
-    the arms, after an unlucky first measurement, ran `sorted` plain in 84 % of rounds and
-    lost 16-21 % to the rule alone (bench.speedup, greedy, one stream). From two rows on the
-    arms decide: since the batched step got cheap (16 rows of target-m: 75 -> 16 ms), plain
-    decoding gains 1.4x from one row to two on target-s, and `sorted` drafting at 2 rows lost
-    (0.91x `none` in a load test where it won alone, 1.11x). Sampled single streams go
-    through the arms too: on this CPU a sampled model drafter can lose to plain decoding
-    even alone.
+    Every batch size goes through the arms, a single stream included. A greedy single
+    stream used to keep the rule's k (alone, drafting paid 1.1-2.9x plain for every method
+    when the target's forward was slow), but since the lean forward's one-row steps got
+    1.5x faster a pool drafter's round trip costs about what its accepted tokens save:
+    `sorted` alone drafted in 82 % of rounds and gave 0.94x `none` on target-m, 0.95x on
+    target-s (bench.loadtest, greedy, c = 1). The arms' mean-first averages
+    (`LoadArms.observe`) keep one unlucky first step from deciding.
     """
 
-    GREEDY_MIN_ROWS = 2
     # NOTE: between two requests of a closed loop of 2-4 clients the batch dips to one row
     # for a few steps (the next request is still in the router or prefilling). Drafting
     # there, as a single stream would, started `card`'s run-ahead (a pool session prefilled)
@@ -376,7 +372,7 @@ class RulePolicy:
         if self.config.load_aware and kind:
             if len(rows) == 1 and self._single_steps <= self.DIP_STEPS:
                 drafting = False  # a dip between requests of a batch: plain, unmeasured
-            elif not (kind[1] and len(rows) < self.GREEDY_MIN_ROWS):
+            else:
                 key = (LoadArms.bucket(len(rows)), *kind)
                 # NOTE: a step that also prefills measures nothing (`observe`), so it must
                 # not explore: at 200 concurrent requests a batch of 31 decoding rows came

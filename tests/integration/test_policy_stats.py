@@ -31,7 +31,7 @@ from verifier_service.policy_stats import (
 from verifier_service.servicer import VerifierServicer
 
 TARGET = "codelm-target-s"
-ROWS = 4  # greedy steps of fewer rows keep the rule's k (RulePolicy.GREEDY_MIN_ROWS): no arms
+ROWS = 4  # requests decoding together: the arms' batch size under test
 MAX_NEW = 24
 KEY = (ROWS, "ngram", True)
 

@@ -336,8 +336,10 @@ def test_a_single_stream_and_each_method_and_mode_have_their_own_arms():
     _step(policy, alone, tokens_per_row=1, seconds=0.01)  # plain: 100 tok/s
     assert _step(policy, alone, tokens_per_row=1, seconds=0.01) == [0]  # a losing drafter stops even alone
     greedy = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted"))]
-    # a greedy single stream keeps the rule's k, even through unlucky steps
-    assert all(_step(policy, greedy, tokens_per_row=1, seconds=0.05) == [greedy[0].k] for _ in range(5))
+    # a greedy single stream has arms of its own: it tries drafting, although the sampled one lost
+    assert _step(policy, greedy, tokens_per_row=3, seconds=0.01) == [greedy[0].k]  # drafting: 300 tok/s
+    _step(policy, greedy, tokens_per_row=1, seconds=0.01)  # plain: 100 tok/s
+    assert _step(policy, greedy, tokens_per_row=3, seconds=0.01) == [greedy[0].k]
     pair = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted")) for _ in range(2)]
     _step(policy, pair, tokens_per_row=2, seconds=0.05)  # drafting: 80 tok/s
     _step(policy, pair, tokens_per_row=1, seconds=0.01)  # plain: 200 tok/s
@@ -358,9 +360,12 @@ def test_a_single_row_right_after_a_batch_runs_plain_unmeasured():
     pair = [policy.start(GenerationRequest(prompt_ids=[1], method="ngram")) for _ in range(2)]
     assert _step(policy, pair, tokens_per_row=1, seconds=0.01) == [5, 5]
     # one request of the two ended, the next is not decoding yet: a dip, not a single stream
-    ks = [_step(policy, pair[:1], tokens_per_row=1, seconds=0.01)[0] for _ in range(RulePolicy.DIP_STEPS + 3)]
-    assert ks == [0] * RulePolicy.DIP_STEPS + [pair[0].k] * 3  # then it is one: the rule's k
+    ks = [_step(policy, pair[:1], tokens_per_row=1, seconds=0.01)[0] for _ in range(RulePolicy.DIP_STEPS)]
+    assert ks == [0] * RulePolicy.DIP_STEPS
     assert set(policy.arms.arms) == {(2, "ngram", True)}  # the dip measured nothing
+    # then it is a single stream: its own arms, drafting tried first
+    assert _step(policy, pair[:1], tokens_per_row=1, seconds=0.01) == [pair[0].k]
+    assert policy.arms.arms[(1, "ngram", True)].num_measured == {True: 1}
 
 
 def test_greedy_requests_get_the_methods_greedy_settings():
