@@ -162,6 +162,22 @@ def test_probes_of_a_clearly_losing_drafter_come_rarely_and_close_ones_often():
     assert [b - a for a, b in zip(starts, starts[1:])][-5:] == [2 + 1] * 5
 
 
+def test_a_pool_drafter_that_loses_by_a_little_is_probed_ever_more_rarely():
+    arms = LoadArms(alpha=1.0, min_probe_gap=2, max_probe_gap=16, warmup_steps=0, probe_share=1.0)
+    key = (1, "sorted", True)
+    starts, last = [], False
+    for i in range(120):
+        drafting, probe = arms.choose(key)
+        arms.observe(key, drafting, probe, tokens=390 if drafting else 400, seconds=1.0)  # within the margin
+        if probe and not last:
+            starts.append(i)
+        last = probe
+    # the gap doubles at each probe up to max_probe_gap (+ the probe's own step)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps[:3] == [4 + 1, 8 + 1, 16 + 1] and set(gaps[2:]) == {16 + 1}
+    # an in-process drafter as close is probed every min_probe_gap steps (see above)
+
+
 def test_a_new_batch_size_starts_plain_where_drafting_lost_at_a_smaller_one():
     arms = LoadArms(warmup_steps=0)
     small, large, larger = (4, "sorted", True), (16, "sorted", True), (32, "sorted", True)
@@ -366,6 +382,11 @@ def test_a_single_row_right_after_a_batch_runs_plain_unmeasured():
     # then it is a single stream: its own arms, drafting tried first
     assert _step(policy, pair[:1], tokens_per_row=1, seconds=0.01) == [pair[0].k]
     assert policy.arms.arms[(1, "ngram", True)].num_measured == {True: 1}
+    # a single stream's next request: a step that only prefills it, then its first decoding
+    # step, which is no dip (no step of several rows came between)
+    assert policy.plan([]) == []
+    assert _step(policy, pair[:1], tokens_per_row=1, seconds=0.01) == [0]  # the arms' own choice: plain measured next
+    assert policy.arms.arms[(1, "ngram", True)].num_measured == {True: 1, False: 1}
 
 
 def test_greedy_requests_get_the_methods_greedy_settings():
