@@ -4,10 +4,12 @@
 bare fork after gRPC starts), one drafter-pool process and then one verifier process per
 configured target, all on loopback:
 
-    python -m drafter_service --port 0 --metrics-port P [--config cfg.yaml]
+    python -m drafter_service --port 0 --metrics-port 0 [--config cfg.yaml]
     python -m verifier_service --target NAME --drafter 127.0.0.1:<drafter port> --port 0 ...
 
-Each child prints `LISTENING <port>` on stdout once serving; the router then waits for its
+Each child prints `METRICS <port>` and `LISTENING <port>` on stdout once its /metrics and
+gRPC ports are bound (both asked for as port 0 at the first start, so no port is picked by
+one process and bound by another); the router then waits for its
 gRPC health to be SERVING, registers the verifiers as replicas and starts serving gRPC (with
 health and reflection) and OpenAI-compatible HTTP in one asyncio loop. A child that exits
 while serving is restarted on the same port (verifiers keep their drafter address, the
@@ -159,7 +161,7 @@ class Child:
     name: str  # target name; "pool" for the drafter
     argv: list[str]  # without --port / --metrics-port
     port: int = 0  # 0 until the first LISTENING line; then fixed across restarts
-    metrics_port: int = 0
+    metrics_port: int = 0  # likewise, from the METRICS line
     pid: int = 0
     restarts: int = 0
     process: asyncio.subprocess.Process | None = field(default=None, repr=False)
@@ -179,8 +181,6 @@ class Child:
 
 async def start_child(child: Child, timeout: float = CHILD_START_TIMEOUT_S) -> None:
     """Spawn the child, read its `LISTENING <port>` line, wait for health SERVING."""
-    if not child.metrics_port:
-        child.metrics_port = free_port()
     argv = [*child.argv, "--port", str(child.port), "--metrics-port", str(child.metrics_port)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -221,6 +221,8 @@ async def _await_listening(child: Child, process: asyncio.subprocess.Process, ti
         text = line.decode(errors="replace").strip()
         if text.startswith("LISTENING "):
             port = int(text.split()[1])
+        elif text.startswith("METRICS "):
+            child.metrics_port = int(text.split()[1])
         elif text:
             logger.info("[%s %s] %s", child.role, child.name, text)
     child.port = port

@@ -1,8 +1,9 @@
 """Boilerplate every gRPC service's `__main__` shares: health, port announcement, SIGTERM.
 
 Process contract (what `specdec serve` and tests rely on):
-  - the first stdout line is `LISTENING <port>` once the port is bound (port 0 = any free
-    port), printed before the models load;
+  - with `--metrics-port`, `METRICS <port>` once /metrics is served (port 0 = any free
+    port), then `LISTENING <port>` once the gRPC port is bound (port 0 likewise), both
+    printed before the models load;
   - the standard health service (`grpc.health.v1.Health`) answers NOT_SERVING for the
     overall status ("") and the service's own name until the models are loaded, then SERVING;
   - SIGTERM or SIGINT: health goes NOT_SERVING, the server stops accepting new RPCs, and
@@ -118,7 +119,7 @@ class HealthReporter:
 
 
 def announce_port(port: int, label: str = "LISTENING") -> None:
-    """`LISTENING <port>` on stdout (flushed) for a parent process to read."""
+    """`<label> <port>` on stdout (flushed) for a parent process to read."""
     print(f"{label} {port}", flush=True)
 
 
@@ -139,22 +140,25 @@ async def start_server(
     metrics_port: int | None,
     credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[HealthReporter, int, asyncio.Event]:
-    """Health at NOT_SERVING, bind, start, announce the port, metrics, SIGTERM event.
+    """Health at NOT_SERVING, metrics (announced), bind, start, announce the port, SIGTERM event.
 
     Returns (health, bound port, stop event); the caller loads its models, sets health
     to serving, waits for the event and drains.
     """
     health = HealthReporter(server, [service_name])
     await health.set(False)
-    bound = add_port(server, f"{host}:{port}", credentials)
-    await server.start()
-    announce_port(bound)
     if metrics_port is not None:
         from shared.metrics import start_metrics_server
 
-        logging.getLogger(service_name).info(
-            "metrics on http://%s:%d/metrics", host, start_metrics_server(metrics_port, host)
-        )
+        # NOTE: bound here (port 0: any) and announced, not picked free by a parent and
+        # bound later: in between, a sibling's gRPC port 0 took that port once and the
+        # child died with EADDRINUSE
+        metrics_port = start_metrics_server(metrics_port, host)
+        announce_port(metrics_port, "METRICS")
+        logging.getLogger(service_name).info("metrics on http://%s:%d/metrics", host, metrics_port)
+    bound = add_port(server, f"{host}:{port}", credentials)
+    await server.start()
+    announce_port(bound)
     return health, bound, stop_event()
 
 

@@ -110,7 +110,11 @@ def spawn_service(module: str, *args: str, port: int = 0) -> tuple[subprocess.Po
         text=True,
     )
     proc.log_path = log.name
+    proc.metrics_port = None  # from a `METRICS <port>` line (with --metrics-port)
     line = proc.stdout.readline()
+    if line.startswith("METRICS "):
+        proc.metrics_port = int(line.split()[1])
+        line = proc.stdout.readline()
     if not line.startswith("LISTENING "):
         proc.kill()
         proc.wait()

@@ -12,8 +12,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_announces_port_reports_health_and_stops_on_sigterm():
-    proc, port = spawn_service("drafter_service", "--grace", "2")
+    import urllib.request
+
+    proc, port = spawn_service("drafter_service", "--grace", "2", "--metrics-port", "0")
     try:
+        # /metrics on a port it bound itself (0: any) and announced before LISTENING
+        assert proc.metrics_port not in (None, 0, port)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10).read()
+        assert b"specdec" in body
         address = f"127.0.0.1:{port}"
         seen = wait_serving(address)
         assert seen[-1] == 1  # SERVING (NOT_SERVING before it, unless loading beat the first poll)
