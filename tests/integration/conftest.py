@@ -20,6 +20,9 @@ MAX_SESSIONS_PER_REPLICA = 2
 def serve_stack(tmp_path_factory):
     config = default_config().model_dump(mode="json")
     config.update(router_port=0, http_port=0)
+    # NOTE: the load arms off: on this CPU they run the model drafters plain even alone,
+    # and the exactness tests here need drafts (the arms: tests/verifier_service/test_policy.py)
+    config["speculation"]["load_aware"] = False
     for target in config["targets"]:
         target.update(max_batch_rows=MAX_SESSIONS_PER_REPLICA, max_queued_requests=0)
     stack = ServeProcess(tmp_path_factory.mktemp("serve"), config)

@@ -41,10 +41,11 @@ def test_sweep_over_http_and_grpc_completes_every_request(one_target_stack, tmp_
         assert 0 < row["ttft_s"]["p50"] <= row["e2e_s"]["p50"]
         assert row["token_sources"] == ["usage"]
         assert row["tau"] >= 1.0  # specdec's stats reach the report over both protocols
-        # a fresh replica tries drafting first at each batch size; from two rows on the
-        # batch may hold a prefilling row (unmeasured), so only the single stream must have drafted
-        assert 0 < row["drafted_share"] <= 1 if row["level"] == 1 else 0 <= row["drafted_share"] <= 1
+        assert 0 <= row["drafted_share"] <= 1
         assert row["mean_batch_rows"] >= 1.0
+    # a fresh replica tries drafting first (the load arms may then run the rest plain): the
+    # drafted share reaches the report
+    assert rows[0]["drafted_share"] > 0, rows[0]
     assert markdown.count(f"| {TARGET} | ngram |") == 4
     assert base.with_suffix(".png").stat().st_size > 0
 

@@ -27,7 +27,10 @@ from verifier_service.servicer import VerifierServicer
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 
 _DEFAULT = default_config()
-CONFIG = _DEFAULT.model_copy(update={"drafters": _DEFAULT.drafters[:1]})  # codelm-draft only
+# codelm-draft only; the load arms off (they run a losing drafter plain; the drafter tests need drafts)
+CONFIG = _DEFAULT.model_copy(update={
+    "drafters": _DEFAULT.drafters[:1], "speculation": _DEFAULT.speculation.model_copy(update={"load_aware": False}),
+})  # fmt: skip
 TARGET = "codelm-target-m"
 MAX_NEW_TOKENS = 16
 

@@ -42,10 +42,11 @@ pytestmark = [
 
 _DEFAULT = default_config()
 # NOTE: drafter and verifiers share one process (and the GIL) here; a generous draft
-# timeout keeps concurrent sessions speculating instead of degrading to k = 0.
+# timeout keeps concurrent sessions speculating instead of degrading to k = 0. The load
+# arms are off: they run a drafter plain where it loses, and these tests need it to draft.
 CONFIG = _DEFAULT.model_copy(update={
     "drafters": [d for d in _DEFAULT.drafters if d.kind == "sorted"],
-    "speculation": _DEFAULT.speculation.model_copy(update={"draft_timeout_s": 5.0}),
+    "speculation": _DEFAULT.speculation.model_copy(update={"draft_timeout_s": 5.0, "load_aware": False}),
 })  # fmt: skip
 DRAFTER = "codelm-sorted"
 TARGETS = ("codelm-target-m", "codelm-target-s")
