@@ -22,7 +22,9 @@ methods N times, in alternating order, and sums each method's passes: on a share
 one pass of a method against one of another differs by several per cent with nothing
 changed, which the `none` row's A/A ratio (its even passes over its odd ones) shows. Open loop: requests arrive as a
 Poisson process at each of `--rates` (req/s) for `--duration-s`, whatever the server's pace
-(seeded by `--seed`; the same schedule for every target and method).
+(seeded by `--seed`; the same schedule for every target and method). A sampled request
+(`--temperature` > 0) carries a seed (`--seed` + its number in its method's sequence), so the
+n-th request of every method draws the same tokens.
 
 Prompts are distinct as far as the data set allows (HumanEval, MT-Bench or Spec-Bench first
 turns from ../shared/data, taken in order and cycled; each target, method and protocol starts
@@ -66,6 +68,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -209,15 +212,24 @@ def token_counter(tokenizer_dir: Path | None) -> Callable[[str], int]:
     return lambda text: len(tokenizer(text).input_ids)
 
 
+class Prompt(NamedTuple):
+    text: str
+    seed: int  # of a sampled request: the n-th request of every method draws the same tokens
+
+
 class PromptCycle:
-    """Prompts in order, wrapping around: each request gets the next one."""
+    """Prompts in order, wrapping around: each request gets the next one, and a seed of its
+    own (`seed` + its number). Seeded, a sampled request's tokens do not depend on the method
+    (speculation is lossless), so every method's pass does the same work and a ratio of
+    two methods measures speed alone; unseeded, sampled outputs of different lengths moved
+    a method's pass by several per cent."""
 
-    def __init__(self, prompts: list[str]) -> None:
+    def __init__(self, prompts: list[str], seed: int = 0) -> None:
         assert prompts, "no prompt fits the token budget"
-        self.prompts, self.next_index = prompts, 0
+        self.prompts, self.seed, self.next_index = prompts, seed, 0
 
-    def __call__(self) -> str:
-        prompt = self.prompts[self.next_index % len(self.prompts)]
+    def __call__(self) -> Prompt:
+        prompt = Prompt(self.prompts[self.next_index % len(self.prompts)], self.seed + self.next_index)
         self.next_index += 1
         return prompt
 
@@ -271,10 +283,12 @@ class HttpLoadClient:
                                 keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
-    async def send(self, model: str, prompt: str, method: str | None) -> RequestRecord:
-        body = {"model": model, "prompt": prompt, "max_tokens": self.shape.max_tokens,
+    async def send(self, model: str, prompt: Prompt, method: str | None) -> RequestRecord:
+        body = {"model": model, "prompt": prompt.text, "max_tokens": self.shape.max_tokens,
                 "temperature": self.shape.temperature, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
+        if self.shape.temperature > 0:
+            body["seed"] = prompt.seed
         if method is not None:
             body["method"] = method
         rec, t0 = RequestRecord(), time.perf_counter()
@@ -316,15 +330,17 @@ class GrpcLoadClient:
         self.shape = shape
         self.client = AsyncSpecdecClient(address, api_key=api_key, timeout_s=timeout_s, attempts=1)
 
-    async def send(self, model: str, prompt: str, method: str | None) -> RequestRecord:
+    async def send(self, model: str, prompt: Prompt, method: str | None) -> RequestRecord:
         import grpc
 
         from router.client import Chunk, ClientError
 
         rec, t0 = RequestRecord(), time.perf_counter()
         try:
-            async for item in self.client.stream(model, prompt, max_new_tokens=self.shape.max_tokens,
-                                                 temperature=self.shape.temperature, method=method or ""):  # fmt: skip
+            seed = prompt.seed if self.shape.temperature > 0 else None
+            async for item in self.client.stream(model, prompt.text, max_new_tokens=self.shape.max_tokens,
+                                                 temperature=self.shape.temperature, seed=seed,
+                                                 method=method or ""):  # fmt: skip
                 now = time.perf_counter() - t0
                 if isinstance(item, Chunk):
                     if item.token_ids:
@@ -525,7 +541,7 @@ async def run_all(args: argparse.Namespace, ends: Endpoints, prompts: dict[str, 
         try:
             for target in args.targets:
                 probe = BatchRowsProbe(ends.metrics_urls, target, args.api_key)
-                cycles = {method: PromptCycle(prompts[target]) for method in args.methods}
+                cycles = {method: PromptCycle(prompts[target], args.seed) for method in args.methods}
                 # NOTE: every method at one level before the next level, so that a slow spell
                 # of a shared machine hits all methods of a level alike, not one method's sweep
                 for level in plan:
@@ -731,7 +747,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-connections", type=int,
                    help="HTTP pool size (default: the highest concurrency, 1024 with --rates)")
     p.add_argument("--api-key", default=default_api_key(), help="Bearer key (default: SPECDEC_API_KEY's first)")
-    p.add_argument("--seed", type=int, default=0, help="of the Poisson arrivals")
+    p.add_argument("--seed", type=int, default=0,
+                   help="of the Poisson arrivals, and the first sampled request's (then +1 per request)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     if not args.concurrency and not args.rates:

@@ -1,18 +1,24 @@
 """`bench.loadtest`'s pure parts: per-request TPOT / ITL, percentiles, SLO goodput, the Poisson
-schedule, SSE event folding, config merging, prompt selection and the load shapes (with a
-fake `send`, no server)."""
+schedule, SSE event folding, config merging, prompt selection, the load shapes (with a
+fake `send`, no server) and what the HTTP client sends (to a server that records it)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 from bench.loadtest import (
+    HttpLoadClient,
     Pass,
+    Prompt,
     PromptCycle,
     RequestRecord,
+    RequestShape,
     Slo,
     closed_loop,
     fitting_prompts,
@@ -200,8 +206,10 @@ def test_fitting_prompts_drop_long_and_repeated_ones():
 
 
 def test_prompt_cycle_wraps_around():
-    next_prompt = PromptCycle(["a", "b", "c"])
-    assert [next_prompt() for _ in range(5)] == ["a", "b", "c", "a", "b"]
+    next_prompt = PromptCycle(["a", "b", "c"], seed=7)
+    prompts = [next_prompt() for _ in range(5)]
+    assert [p.text for p in prompts] == ["a", "b", "c", "a", "b"]
+    assert [p.seed for p in prompts] == [7, 8, 9, 10, 11]  # a prompt's second turn draws anew
 
 
 @pytest.mark.parametrize(
@@ -253,8 +261,8 @@ class FakeServer:
     def __init__(self, latency_s: float) -> None:
         self.latency_s, self.in_flight, self.max_in_flight, self.prompts = latency_s, 0, 0, []
 
-    async def send(self, prompt: str) -> RequestRecord:
-        self.prompts.append(prompt)
+    async def send(self, prompt: Prompt) -> RequestRecord:
+        self.prompts.append(prompt.text)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         await asyncio.sleep(self.latency_s)
@@ -276,3 +284,48 @@ async def test_open_loop_sends_at_the_arrival_times_whatever_is_in_flight():
     assert len(records) == len(done) == 3
     assert server.max_in_flight == 3  # nobody waited for an answer
     assert server.prompts == ["a", "b", "a"]
+
+
+# ---------------------------------------------------------------- what the client sends
+
+
+class RecordingHandler(BaseHTTPRequestHandler):
+    """Answers every completion with an empty SSE stream and keeps the request bodies."""
+
+    bodies: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+        payload = b"data: [DONE]\n\n"
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recording_server():
+    RecordingHandler.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", RecordingHandler.bodies
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("temperature, seeded", [(0.8, True), (0.0, False)])
+async def test_a_sampled_request_carries_its_prompts_seed(recording_server, temperature, seeded):
+    url, bodies = recording_server
+    client = HttpLoadClient(url, RequestShape(8, temperature), 2, 5.0, 5.0, None)
+    try:
+        next_prompt = PromptCycle(["a", "b"], seed=40)
+        for _ in range(3):
+            await client.send("m", next_prompt(), "ngram")
+    finally:
+        await client.close()
+    assert [b["prompt"] for b in bodies] == ["a", "b", "a"]
+    assert [b.get("seed") for b in bodies] == ([40, 41, 42] if seeded else [None] * 3)  # greedy: none sent
