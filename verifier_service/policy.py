@@ -199,7 +199,10 @@ class LoadArms:
         on, off = arms.goodput.get(True), arms.goodput.get(False)
         if on is None or off is None:
             return measurable and on is None and self._may_explore(key), False
-        best = arms.drafting_best = self._better(arms.drafting_best, on, off)
+        best = self._better(arms.drafting_best, on, off)
+        if arms.drafting_best is not None and best != arms.drafting_best:
+            arms.probe_gap = 0  # the gap grew while the other arm ran: probe the loser soon
+        arms.drafting_best = best
         if arms.probe_left > 0 and best is False:  # (a probe of drafting that made it the best ends)
             arms.probe_left -= 1
             return True, True

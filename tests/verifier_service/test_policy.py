@@ -178,6 +178,27 @@ def test_a_pool_drafter_that_loses_by_a_little_is_probed_ever_more_rarely():
     # an in-process drafter as close is probed every min_probe_gap steps (see above)
 
 
+def test_after_the_arms_flip_the_other_one_is_probed_at_the_shortest_gap_again():
+    arms = LoadArms(alpha=1.0, min_probe_gap=2, max_probe_gap=64, warmup_steps=0, probe_share=1.0)
+    key = (1, "ngram", True)
+
+    def run(steps: int, on: float) -> list[tuple[bool, bool]]:
+        out = []
+        for _ in range(steps):
+            drafting, probe = arms.choose(key)
+            arms.observe(key, drafting, probe, tokens=on if drafting else 400, seconds=1.0)
+            out.append((drafting, probe))
+        return out
+
+    run(10, on=200)  # drafting loses by half: its probes back off to max_probe_gap
+    assert arms.arms[key].probe_gap == 64
+    arms.arms[key].steps_since_probe = 64  # a probe is due: drafting now wins it
+    steps = run(12, on=800)
+    assert steps[0] == (True, True) and arms.arms[key].drafting_best
+    # plain is probed again after min_probe_gap steps, not after the 64 set while it won
+    assert (False, True) in steps[1 : 1 + 2 + 1]
+
+
 def test_a_new_batch_size_starts_plain_where_drafting_lost_at_a_smaller_one():
     arms = LoadArms(warmup_steps=0)
     small, large, larger = (4, "sorted", True), (16, "sorted", True), (32, "sorted", True)
