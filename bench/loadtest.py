@@ -242,6 +242,10 @@ class RequestShape:
     max_tokens: int
     temperature: float
 
+    def seed(self, prompt: Prompt) -> int | None:
+        """The seed a request for `prompt` carries: its own when sampled, none when greedy."""
+        return prompt.seed if self.temperature > 0 else None
+
 
 def observe_event(rec: RequestRecord, event: dict, now_s: float) -> None:
     """Fold one OpenAI completion SSE event into `rec` (specdec's extension is optional)."""
@@ -287,8 +291,8 @@ class HttpLoadClient:
         body = {"model": model, "prompt": prompt.text, "max_tokens": self.shape.max_tokens,
                 "temperature": self.shape.temperature, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
-        if self.shape.temperature > 0:
-            body["seed"] = prompt.seed
+        if (seed := self.shape.seed(prompt)) is not None:
+            body["seed"] = seed
         if method is not None:
             body["method"] = method
         rec, t0 = RequestRecord(), time.perf_counter()
@@ -337,9 +341,8 @@ class GrpcLoadClient:
 
         rec, t0 = RequestRecord(), time.perf_counter()
         try:
-            seed = prompt.seed if self.shape.temperature > 0 else None
             async for item in self.client.stream(model, prompt.text, max_new_tokens=self.shape.max_tokens,
-                                                 temperature=self.shape.temperature, seed=seed,
+                                                 temperature=self.shape.temperature, seed=self.shape.seed(prompt),
                                                  method=method or ""):  # fmt: skip
                 now = time.perf_counter() - t0
                 if isinstance(item, Chunk):
