@@ -48,7 +48,8 @@ time between received chunks: a speculative chunk carries several tokens, so ITL
 chunk, not per token. Tokens come from `usage.completion_tokens`, else from specdec's
 per-chunk `token_ids`, else one per non-empty chunk (a lower bound; the report says which).
 
-Results: `--out-dir` (bench/results)/loadtest-<time>.{json,md,png}.
+Results: `--out-dir` (bench/results)/loadtest-<time>.{json,md,png}. `--pool a.json b.json`
+prints the ratio table of several runs' passes together (more passes, a smaller error).
 """
 
 from __future__ import annotations
@@ -646,10 +647,21 @@ def to_markdown(rows: list[dict], args: argparse.Namespace, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_ratios(row: dict, base: dict) -> list[float]:
+    """Pass i of `row`'s method over pass i of `base`'s (they ran in the same round of
+    alternating order, next to each other); nothing unless both ran the same passes."""
+    mine, theirs = row.get("pass_tokens_per_s") or [], base.get("pass_tokens_per_s") or []
+    if len(mine) != len(theirs) or not all(theirs):
+        return []
+    return [a / b for a, b in zip(mine, theirs)]
+
+
 def ratio_table(rows: list[dict], base: str = "none") -> list[str]:
     """Each method's output tok/s over `base`'s at the same target, protocol and level (the
     issue's goal: speculation >= 0.97 x none at every load), with `base`'s A/A ratio when the
-    levels ran more than once; nothing without a `base` row."""
+    levels ran more than once; nothing without a `base` row. With two or more passes a cell
+    also gives the standard error of the per-pass ratios (`paired_ratios`): a pass of one
+    method against one of another moves by several per cent on a shared machine."""
     bases = {(r["target"], r["protocol"], r["load"], r["level"]): r for r in rows if r["method"] == base}
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != base))
     if not bases or not methods:
@@ -657,19 +669,44 @@ def ratio_table(rows: list[dict], base: str = "none") -> list[str]:
     has_aa = any(b["aa_ratio"] is not None for b in bases.values())
     head = ["target", "protocol", "load", f"{base} tok/s", *(f"{m} / {base}" for m in methods)]
     head += [f"{base} A/A"] if has_aa else []
-    out = [f"\nOutput tok/s over `{base}`'s at the same level:\n", "| " + " | ".join(head) + " |",
-           "|---" * len(head) + "|"]  # fmt: skip
+    out = [f"\nOutput tok/s over `{base}`'s at the same level (± the standard error of the per-pass ratios):\n",
+           "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]  # fmt: skip
     by = {(r["target"], r["protocol"], r["load"], r["level"], r["method"]): r for r in rows}
     for key, b in bases.items():
         cells = [key[0], key[1], _load(b), f"{b['output_tokens_per_s']:.0f}"]
         for m in methods:
             r = by.get((*key, m))
-            cells.append("n/a" if r is None or not b["output_tokens_per_s"]
-                         else f"{r['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}")  # fmt: skip
+            if r is None or not b["output_tokens_per_s"]:
+                cells.append("n/a")
+                continue
+            cell = f"{r['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}"
+            if len(pairs := paired_ratios(r, b)) > 1:
+                cell += f" ± {np.std(pairs, ddof=1) / np.sqrt(len(pairs)):.2f}"
+            cells.append(cell)
         if has_aa:
             cells.append("n/a" if b["aa_ratio"] is None else f"{b['aa_ratio']:.2f}")
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+def pooled_rows(runs: list[list[dict]]) -> list[dict]:
+    """Rows of several runs of the same levels as if they were one run's passes: wall time
+    and tokens summed, passes concatenated in run order (a run's rounds alternate the order
+    of its methods, so each run should have an even number of passes for the A/A ratio)."""
+    pooled: dict[tuple, dict] = {}
+    for rows in runs:
+        for r in rows:
+            key = (r["target"], r["protocol"], r["load"], r["level"], r["method"])
+            p = pooled.setdefault(key, {**dict(zip(("target", "protocol", "load", "level", "method"), key)),
+                                        "wall_s": 0.0, "tokens": 0.0, "pass_tokens_per_s": []})  # fmt: skip
+            p["wall_s"] += r["wall_s"]
+            p["tokens"] += r["output_tokens_per_s"] * r["wall_s"]
+            p["pass_tokens_per_s"] = p["pass_tokens_per_s"] + list(r.get("pass_tokens_per_s") or [])
+    for p in pooled.values():
+        p["output_tokens_per_s"] = p.pop("tokens") / p["wall_s"]
+        per_pass = p["pass_tokens_per_s"]
+        p["aa_ratio"] = float(np.mean(per_pass[1::2]) / np.mean(per_pass[0::2])) if len(per_pass) > 1 else None
+    return list(pooled.values())
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -753,7 +790,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0,
                    help="of the Poisson arrivals, and the first sampled request's (then +1 per request)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--pool", nargs="+", type=Path, metavar="RUN_JSON",
+                   help="run nothing: print the ratio table of earlier runs' JSON results pooled (their passes together)")
     args = p.parse_args(argv)
+    if args.pool:
+        return args
     if not args.concurrency and not args.rates:
         p.error("nothing to run: give --concurrency levels or --rates")
     if args.http_url or args.grpc_address:
@@ -770,8 +811,13 @@ def prompts_per_target(args: argparse.Namespace, config: dict) -> dict[str, list
     return {t: fitting_prompts(raw, token_counter(model_dirs.get(t, args.tokenizer)), budget) for t in args.targets}
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
+    if args.pool:
+        runs = [json.loads(path.read_text())["rows"] for path in args.pool]
+        print(f"Pooled: {', '.join(path.name for path in args.pool)}")
+        print("\n".join(ratio_table(pooled_rows(runs))))
+        return None
     with endpoints(args) as ends:
         prompts = prompts_per_target(args, ends.config)
         rows = asyncio.run(run_all(args, ends, prompts))

@@ -22,6 +22,7 @@ from bench.loadtest import (
     Slo,
     closed_loop,
     fitting_prompts,
+    main,
     mean_batch_rows,
     merge_config,
     merged_row,
@@ -31,6 +32,8 @@ from bench.loadtest import (
     pass_order,
     percentiles,
     poisson_arrivals,
+    pooled_rows,
+    ratio_table,
     summarize,
     to_markdown,
 )
@@ -116,6 +119,50 @@ def test_mean_batch_rows_from_histogram_deltas():
     assert mean_batch_rows([(None, (30.0, 8.0))]) is None  # the metric is absent
     # two passes: 20 rows over 4 steps, then 4 rows over 4 steps -> 24 / 8, not the mean of 5 and 1
     assert mean_batch_rows([((10.0, 4.0), (30.0, 8.0)), ((30.0, 8.0), (34.0, 12.0))]) == 3.0
+
+
+def _method_row(method: str, per_pass: list[float], wall_s: float = 1.0) -> dict:
+    """A level's row of `method` with these per-pass tok/s (each pass `wall_s` long)."""
+    return {"target": "m", "protocol": "http", "load": "concurrency", "level": 4, "method": method,
+            "wall_s": wall_s * len(per_pass), "output_tokens_per_s": float(np.mean(per_pass)),
+            "pass_tokens_per_s": per_pass, "aa_ratio": None}  # fmt: skip
+
+
+def test_a_ratio_cell_gives_the_standard_error_of_the_per_pass_ratios():
+    rows = [_method_row("none", [100.0, 200.0, 100.0]), _method_row("ngram", [90.0, 220.0, 110.0])]
+    table = "\n".join(ratio_table(rows))
+    pairs = [0.9, 1.1, 1.1]  # pass i over pass i of none
+    se = np.std(pairs, ddof=1) / np.sqrt(3)
+    assert f"| m | http | c=4 | 133 | {420 / 400:.2f} ± {se:.2f} |" in table
+    # passes that do not pair up (a method ran fewer): the ratio alone
+    rows[1]["pass_tokens_per_s"] = [90.0, 220.0]
+    assert f"| m | http | c=4 | 133 | {420 / 400:.2f} |" in "\n".join(ratio_table(rows))
+
+
+def test_pooled_runs_sum_tokens_and_wall_time_and_concatenate_passes():
+    run1 = [_method_row("none", [100.0, 100.0]), _method_row("ngram", [90.0, 110.0])]
+    run2 = [_method_row("none", [200.0, 200.0], wall_s=3.0), _method_row("ngram", [180.0, 190.0], wall_s=3.0)]
+    pooled = {r["method"]: r for r in pooled_rows([run1, run2])}
+    assert pooled["none"]["pass_tokens_per_s"] == [100.0, 100.0, 200.0, 200.0]
+    assert pooled["none"]["wall_s"] == 8.0
+    assert pooled["none"]["output_tokens_per_s"] == pytest.approx((200 + 1200) / 8.0)
+    assert pooled["ngram"]["output_tokens_per_s"] == pytest.approx((200 + 1110) / 8.0)
+    assert pooled["none"]["aa_ratio"] == pytest.approx(1.0)  # passes 2 and 4 over 1 and 3
+    pairs = [0.9, 1.1, 0.9, 0.95]
+    se = np.std(pairs, ddof=1) / 2
+    assert f"| {1310 / 1400:.2f} ± {se:.2f} |" in "\n".join(ratio_table(list(pooled.values())))
+
+
+def test_pool_prints_the_pooled_table_of_saved_runs_and_starts_nothing(tmp_path, capsys):
+    paths = []
+    for i, rows in enumerate(([_method_row("none", [100.0, 100.0]), _method_row("ngram", [90.0, 110.0])],
+                              [_method_row("none", [200.0, 200.0]), _method_row("ngram", [180.0, 190.0])])):  # fmt: skip
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"rows": rows}))
+    assert main(["--pool", *map(str, paths)]) is None
+    out = capsys.readouterr().out
+    assert "Pooled: run0.json, run1.json" in out
+    assert f"| m | http | c=4 | 150 | {570 / 600:.2f} ± " in out
 
 
 def test_passes_alternate_the_method_order():
