@@ -150,11 +150,9 @@ class LoadArms:
     the gap at its maximum from the first clear loss, 1 % of steps and 0.98x `none`. A pool
     drafter that loses by less backs off too, its gap doubling at each probe (`_next_gap`);
     an in-process one (`ngram`) that is close is probed every `min_probe_gap` steps.
-    The share is small (half a per cent) for the same reason: at one stream of target-s
-    (4 ms steps), sampled `sorted` losing by half, a probe took 4 steps and about 80 ms and
-    the regret budget was what limited them, to two per 6 s pass at a 2 % share; the loop
-    saw 2 % and the passes lost 2 % against `none` on average (one by 8 %; a 6-pass
-    `bench.loadtest` cell of the same, 7 %).
+    (A share of 0.5 % instead of 2 % was tried: fewer probes left drafting's average on
+    fewer steps, lucky ones flipped the arms, and sampled `sorted` on target-s drafted in
+    1.6-2.4 % of rounds instead of 0.4 % and ended at 0.89-0.95x `none` at 2-8 rows.)
 
     Drafting needs a warm-up after plain steps: a drafter that was idle catches up on the
     context, and a run-ahead drafter (`card`) has nothing cached yet. The first
@@ -178,7 +176,7 @@ class LoadArms:
     steps are also summed in `unpublished` for the store (`take_unpublished`)."""
 
     alpha: float = 0.05  # EMA weight of a new step: per-prompt acceptance swings average out
-    probe_share: float = 0.005
+    probe_share: float = 0.02
     min_probe_gap: int = 8
     max_probe_gap: int = 1024  # about 7 s of 8-row steps of target-s, 40 s of 64 rows of target-m
     backoff_margin: float = 0.1

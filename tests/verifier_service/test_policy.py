@@ -231,8 +231,7 @@ def test_a_pool_drafter_is_tried_at_more_than_two_rows_only_where_it_won_below()
 
 
 def test_no_probe_of_drafting_while_it_loses_at_a_smaller_batch():
-    # (a probe budget that lets 4 rows notice the change within 100 steps)
-    arms = LoadArms(min_probe_gap=2, max_probe_gap=8, warmup_steps=0, probe_share=0.02)
+    arms = LoadArms(min_probe_gap=2, max_probe_gap=8, warmup_steps=0)
     small, large = (4, "sorted", True), (32, "sorted", True)
     for key in (small, large):  # drafting loses at both sizes: 10 tok/s against 20
         arms.choose(key)
