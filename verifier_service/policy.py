@@ -150,9 +150,9 @@ class LoadArms:
     the gap at its maximum from the first clear loss, 1 % of steps and 0.98x `none`. A pool
     drafter that loses by less backs off too, its gap doubling at each probe (`_next_gap`);
     an in-process one (`ngram`) that is close is probed every `min_probe_gap` steps.
-    (A share of 0.5 % instead of 2 % was tried: fewer probes left drafting's average on
-    fewer steps, lucky ones flipped the arms, and sampled `sorted` on target-s drafted in
-    1.6-2.4 % of rounds instead of 0.4 % and ended at 0.89-0.95x `none` at 2-8 rows.)
+    (A share of 0.5 % instead of 2 % was tried, one 6-repeat sweep: sampled `sorted` on
+    target-s then drafted in 1.6-2.4 % of rounds at 1-2 rows instead of 0.4 %, and ended
+    at 0.89-0.95x `none` at 2-8 rows; why it drafted more is not known.)
 
     Drafting needs a warm-up after plain steps: a drafter that was idle catches up on the
     context, and a run-ahead drafter (`card`) has nothing cached yet. The first
