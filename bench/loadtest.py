@@ -578,6 +578,11 @@ class Pass:
     rows_after: tuple[float, float] | None
 
 
+def aa_ratio(per_pass: list[float]) -> float | None:
+    """A method's even passes' mean tok/s over its odd ones' (None below two passes)."""
+    return float(np.mean(per_pass[1::2]) / np.mean(per_pass[0::2])) if len(per_pass) > 1 else None
+
+
 def merged_row(passes: list[Pass], slo: Slo) -> dict:
     """A method's row of one level over all its passes (rates over their summed wall time),
     with each pass's tok/s; two or more passes also give an A/A ratio: the even passes'
@@ -586,7 +591,7 @@ def merged_row(passes: list[Pass], slo: Slo) -> dict:
     row = summarize(records, sum(p.wall_s for p in passes), sum(p.cpu_s for p in passes), slo)
     per_pass = [summarize(p.records, p.wall_s, p.cpu_s, slo)["output_tokens_per_s"] for p in passes]
     row["pass_tokens_per_s"] = per_pass
-    row["aa_ratio"] = float(np.mean(per_pass[1::2]) / np.mean(per_pass[0::2])) if len(per_pass) > 1 else None
+    row["aa_ratio"] = aa_ratio(per_pass)
     row["mean_batch_rows"] = mean_batch_rows([(p.rows_before, p.rows_after) for p in passes])
     return row
 
@@ -701,11 +706,10 @@ def pooled_rows(runs: list[list[dict]]) -> list[dict]:
                                         "wall_s": 0.0, "tokens": 0.0, "pass_tokens_per_s": []})  # fmt: skip
             p["wall_s"] += r["wall_s"]
             p["tokens"] += r["output_tokens_per_s"] * r["wall_s"]
-            p["pass_tokens_per_s"] = p["pass_tokens_per_s"] + list(r.get("pass_tokens_per_s") or [])
+            p["pass_tokens_per_s"].extend(r.get("pass_tokens_per_s") or ())
     for p in pooled.values():
         p["output_tokens_per_s"] = p.pop("tokens") / p["wall_s"]
-        per_pass = p["pass_tokens_per_s"]
-        p["aa_ratio"] = float(np.mean(per_pass[1::2]) / np.mean(per_pass[0::2])) if len(per_pass) > 1 else None
+        p["aa_ratio"] = aa_ratio(p["pass_tokens_per_s"])
     return list(pooled.values())
 
 
