@@ -241,6 +241,10 @@ class CachedPipelinedProposer(CachedProposer):
         self._draft = Draft(token_ids=draft) if draft else None
         self.inner.request(context_ids, 0 if draft else k)
 
+    @property
+    def catching_up(self) -> bool:
+        return self._draft is None and self.inner.catching_up
+
     def collect(self, deadline: float) -> Draft:
         if self._draft is not None:
             draft, self._draft = self._draft, None

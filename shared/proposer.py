@@ -139,6 +139,11 @@ class PipelinedProposer(Proposer, Protocol):
     such row first and collects all drafts by one deadline, so drafts of different rows
     are computed at the same time instead of one after another."""
 
+    # True after a `request` that only sent the drafter a context it was far behind on (a new
+    # session, or many tokens decoded plainly since it last drafted): nothing to collect
+    # this step, so the row runs plain instead of waiting for the drafter's prefill
+    catching_up: bool
+
     def request(self, context_ids: Sequence[int], k: int) -> None:
         """Start drafting up to k tokens after `context_ids`; returns at once."""
         ...

@@ -11,6 +11,14 @@ reader thread into another queue. Per round:
     collect: wait for that epoch's Candidates until the deadline; older epochs are stale
              (a round that timed out) and dropped.
 
+A drafter far behind the context (a new stream, or more than `catch_up_tokens` tokens
+decoded plainly since its last round: the load-aware policy's probes, a new request) is
+sent it without being waited for: `request` sets `catching_up`, `collect` returns an empty
+draft at once, and later rounds ask nothing until that Commit's Candidates have arrived
+(or `catch_up_timeout_s` has passed). The row decodes plainly meanwhile, while the pool
+prefills, instead of the whole step waiting on the prefill. (`propose`, one round alone,
+still waits.)
+
 `set_params` (the policy's exit thresholds) is sticky on both ends: each Commit carries
 only the keys whose value the drafter's stream does not have yet.
 
@@ -146,6 +154,8 @@ class RemoteProposerFactory:
         *,
         drafter: str = "",
         timeout_s: float = 0.05,
+        catch_up_tokens: int = 16,
+        catch_up_timeout_s: float = 1.0,
         run_ahead_wait_s: float = 0.0,
         retry_interval_s: float = 1.0,
         max_consecutive_timeouts: int = 3,
@@ -157,6 +167,8 @@ class RemoteProposerFactory:
         self.method = method
         self.drafter = drafter
         self.timeout_s = timeout_s
+        self.catch_up_tokens = catch_up_tokens
+        self.catch_up_timeout_s = catch_up_timeout_s
         self.run_ahead_wait_s = run_ahead_wait_s
         self.retry_interval_s = retry_interval_s
         self.max_consecutive_timeouts = max_consecutive_timeouts
@@ -198,6 +210,8 @@ class RemoteProposer:
         self._consecutive_timeouts = 0
         self._closed = False
         self._asked: tuple[int, int, int] | None = None  # (epoch, context length, k) to collect
+        self.catching_up = False  # the last `request` only brought the drafter up to date
+        self._catch_up: tuple[int, float] | None = None  # (epoch, deadline) of that Commit's reply
         self.degraded = False
         self.drafter_name = ""
         # Counters (per session; tests and logs).
@@ -237,6 +251,7 @@ class RemoteProposer:
             return
         self._drafter_context = context
         self._epoch = 0
+        self._catch_up = None
         self._sent_params = {}
 
     def _fail(self, err: StreamBroken) -> None:
@@ -244,6 +259,7 @@ class RemoteProposer:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+        self._catch_up = None
         self.num_failures += 1
         if not self.degraded:
             logger.warning(
@@ -265,18 +281,53 @@ class RemoteProposer:
     # ---------------------------------------------------------------- Proposer
 
     def propose(self, context_ids: Sequence[int], k: int) -> Draft:
-        self.request(context_ids, k)
+        self._request(context_ids, k, catch_up=False)
         return self.collect(time.monotonic() + self.timeout_s)
 
     def request(self, context_ids: Sequence[int], k: int) -> None:
-        """Send the Commit of a new epoch (k tokens after `context_ids`); never waits."""
+        """Send the Commit of a new epoch (k tokens after `context_ids`); never waits. Sets
+        `catching_up` where the drafter was far behind (nothing to collect this round)."""
+        self._request(context_ids, k, catch_up=True)
+
+    def _request(self, context_ids: Sequence[int], k: int, *, catch_up: bool) -> None:
         self._asked = None
+        self.catching_up = False
         if k <= 0 or self._closed:
             return
+        if self._catch_up is not None:
+            if catch_up and not self._caught_up():
+                self.catching_up = True  # its Commit is still being prefilled: ask nothing more
+                return
+            self._catch_up = None  # (`propose` waits for its own Commit, queued behind it)
         context = context_ids if isinstance(context_ids, list) else list(context_ids)
-        if self._ensure_stream(context):
-            self._send_commit(context, k)
+        fresh = self._stream is None
+        if not self._ensure_stream(context):
+            return
+        behind = len(context) - (0 if fresh else common_prefix_len(self._drafter_context, context))
+        self._send_commit(context, k)
+        if catch_up and behind > self.factory.catch_up_tokens:
+            self._catch_up = (self._epoch, time.monotonic() + self.factory.catch_up_timeout_s)
+            self.catching_up = True
+        else:
             self._asked = (self._epoch, len(context), k)
+
+    def _caught_up(self) -> bool:
+        """Has the catch-up Commit's reply arrived (or its time run out)? Never waits."""
+        epoch, deadline = self._catch_up
+        if self._stream is None:
+            self._catch_up = None
+            return True
+        try:
+            arrived = self._wait(self._stream, epoch, 0.0) is not None
+        except StreamBroken as err:
+            self._fail(err)  # the stream is gone: a retry reopens it
+            return True
+        if not arrived:
+            if time.monotonic() < deadline:
+                return False
+            self._timed_out()
+        self._catch_up = None
+        return True
 
     def _ensure_stream(self, context: list[int]) -> bool:
         """Is a stream open (reopened with `context` as the prompt once a retry is due)?"""
@@ -321,11 +372,7 @@ class RemoteProposer:
             self._fail(err)
             return Draft(token_ids=[])
         if cand is None:
-            self.num_timeouts += 1
-            self._consecutive_timeouts += 1
-            if self._consecutive_timeouts >= self.factory.max_consecutive_timeouts:
-                self._consecutive_timeouts = 0
-                self._fail(StreamBroken(grpc.StatusCode.DEADLINE_EXCEEDED, "drafter too slow"))
+            self._timed_out()
             return Draft(token_ids=[])
         self._consecutive_timeouts = 0
         self.factory.rejected = None  # the pool serves this method (again)
@@ -334,6 +381,13 @@ class RemoteProposer:
             self.degraded = False
             self._num_failures_in_row = 0
         return self._decode(cand, context_len, k)
+
+    def _timed_out(self) -> None:
+        self.num_timeouts += 1
+        self._consecutive_timeouts += 1
+        if self._consecutive_timeouts >= self.factory.max_consecutive_timeouts:
+            self._consecutive_timeouts = 0
+            self._fail(StreamBroken(grpc.StatusCode.DEADLINE_EXCEEDED, "drafter too slow"))
 
     def _wait(
         self, stream: _DraftStream, epoch: int, deadline: float
@@ -462,7 +516,8 @@ class RunAheadProposer(RemoteProposer):
         self._committed_len = len(context)
         self._pending.clear()
 
-    def request(self, context_ids: Sequence[int], k: int) -> None:
+    def _request(self, context_ids: Sequence[int], k: int, *, catch_up: bool) -> None:
+        # (a run-ahead catches up by itself: the verifier never waits for it)
         self._asked = None
         if self._closed or (k <= 0 and self._k_sent <= 0):
             return

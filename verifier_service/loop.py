@@ -19,7 +19,8 @@ step:
 Prefill is chunked: decoding rows go first, prompt chunks fill the step's token budget
 (`max_step_tokens`, at least one chunk per step), so a long prompt never stalls running
 streams. A row whose remote draft is late runs with k = 0 that step (counted), so a slow
-drafter never stalls the batch. Rows report through their `sink` (called in the loop's
+drafter never stalls the batch; nor is a drafter that must first catch up on the row's
+context waited for (`PipelinedProposer.catching_up`): the row runs plain until it has. Rows report through their `sink` (called in the loop's
 thread): a `GenerationChunk` per step that emitted tokens, then a `GenerationResult`, or an
 exception; a cancelled row leaves at the next step without a result.
 """
@@ -107,6 +108,7 @@ class TakenStep:
     drafter_s: float  # drafter CPU seconds reported for its drafts
     stopped_drafter_s: float  # ... and by run-aheads it stopped
     stall_at_start: float | None  # cpu_stall_s()
+    num_catching_up: int  # decoding rows that ran plain while their drafter caught up
 
 
 class SpecDecodeLoop:
@@ -125,6 +127,7 @@ class SpecDecodeLoop:
         self._unobserved: TakenStep | None = None
         self._drafter_s = 0.0  # drafter CPU seconds reported for this step's drafts
         self._stopped_drafter_s = 0.0  # ... as a run-ahead stopped at this step, for drafts before it
+        self._num_catching_up = 0  # this step's rows whose drafter is catching up (plain)
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -214,7 +217,8 @@ class SpecDecodeLoop:
         t3 = time.perf_counter()
         if observed:
             self._unobserved = TakenStep(observed, outcomes, len(feeds), sum(len(f.token_ids) for f in feeds), t0,
-                                         self._drafter_s, self._stopped_drafter_s, stall0)  # fmt: skip
+                                         self._drafter_s, self._stopped_drafter_s, stall0,
+                                         self._num_catching_up)  # fmt: skip
             self._drafter_s = self._stopped_drafter_s = 0.0
             if not self.rows:
                 self._observe(t3, cpu_stall_s())
@@ -235,7 +239,7 @@ class SpecDecodeLoop:
         # the loop in this process) for fewer tokens
         cost = StepCost(taken.num_rows, taken.num_tokens, now - taken.started, taken.drafter_s,
                         taken.stopped_drafter_s, num_prefill_rows=taken.num_rows - len(taken.rows),
-                        stall_s=stall_s)  # fmt: skip
+                        stall_s=stall_s, num_catching_up=taken.num_catching_up)  # fmt: skip
         self.policy.observe(taken.rows, taken.outcomes, cost)
 
     def _draft(self, rows: Sequence[Row]) -> None:
@@ -244,6 +248,7 @@ class SpecDecodeLoop:
         # (a step feeds at least one prompt chunk while any row is prefilling: `_feeds`)
         plans = self.policy.plan([r.state for r in rows], prefilling=len(rows) < len(self.rows))
         pending: list[tuple[Row, int]] = []
+        self._num_catching_up = 0
         for row, plan in zip(rows, plans):
             row.draft = EMPTY_DRAFT
             # the verify forward writes len(tokens) + k positions; emitted tokens stop at max_total
@@ -261,7 +266,11 @@ class SpecDecodeLoop:
                     row.proposer.set_params(plan.params)
                 if row.pipelined:
                     row.proposer.request(row.tokens, k)
-                    pending.append((row, k))
+                    if row.proposer.catching_up:
+                        self._num_catching_up += 1
+                        self._drafter_s += row.proposer.take_compute_s()
+                    else:
+                        pending.append((row, k))
                 else:
                     row.draft = self._checked(row.proposer.propose(row.tokens, k), k)
             except Exception:

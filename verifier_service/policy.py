@@ -80,6 +80,7 @@ class StepCost:
     stopped_drafter_s: float = 0.0  # ... reported as a run-ahead stopped at this step (drafts before it)
     num_prefill_rows: int = 0  # rows fed a prompt chunk besides the decoding ones
     stall_s: float | None = None  # seconds some task of the machine waited for a CPU (None: unknown)
+    num_catching_up: int = 0  # decoding rows asked to draft whose drafter was still catching up (ran plain)
 
 
 class SpeculationPolicy(Protocol):
@@ -290,6 +291,14 @@ class LoadArms:
         """A step taken, measured or not (the warm-up counts drafting steps in a row)."""
         self.drafting_run = self.drafting_run + 1 if drafting else 0
 
+    def defer_drafting(self, key: ArmKey, probe: bool) -> None:
+        """A drafting step that ran plain (its drafters were catching up): not measured,
+        and a probe of drafting gets the step back."""
+        self.count(False)
+        arms = self.arms.get(key)
+        if probe and arms is not None:
+            arms.probe_left += 1
+
     def observe(self, key: ArmKey, drafting: bool, probe: bool, tokens: int, seconds: float) -> None:
         self.count(drafting)
         arms = self.arms.get(key)
@@ -422,6 +431,15 @@ class RulePolicy:
         # `card`'s plain steps (a plain probe follows drafting steps and took in their
         # run-ahead), so `card` drafted at 4 rows and lost 20 %
         self._owed_drafter_s += step.stopped_drafter_s
+        if self._step is not None and self._step[1] and rows and step.num_catching_up >= len(rows):
+            # NOTE: no row drafted: each one's drafter was still catching up on its context
+            # (the loop did not wait for it), so the step was plain; a probe of drafting
+            # waits for the drafters instead of measuring them cold. (Waiting in the step
+            # for a pool session's prefill cost a probe about 40 ms at one row of target-s,
+            # ten plain steps.)
+            key, _, probe = self._step
+            self.arms.defer_drafting(key, probe)
+            self._step = None
         if step.num_prefill_rows:
             # NOTE: a step that also prefilled a prompt chunk spent most of its time on it
             # (a plain step of 4 rows measured 42 tok/s so, a tenth of its pace): it says

@@ -256,6 +256,48 @@ async def test_remote_proposer_drops_late_candidates(pool, drafter, prompts):
     assert await wait_for(lambda: pool.active_sessions == 0)
 
 
+async def test_remote_proposer_is_not_waited_for_while_it_catches_up(pool, drafter, prompts):
+    """The loop's `request` for a drafter far behind the context (a new stream, or many
+    tokens decoded plainly) only sends the context: nothing to collect that round, and
+    nothing asked until the drafter has answered; then rounds draft as usual, exactly."""
+    import asyncio
+
+    factory = RemoteProposerFactory(drafter.address, "codelm-target-m", pool.tokenizer_hash, "draft_model",
+                                    timeout_s=2.0, catch_up_tokens=16)  # fmt: skip
+    prompt = prompts[0]
+    proposer = factory.new_session(prompt, SamplingParams())
+
+    def round_(context, k=4):
+        proposer.request(context, k)
+        return proposer.catching_up, proposer.collect(time.monotonic() + 2.0).token_ids
+
+    loop = asyncio.get_running_loop()
+    try:
+        assert await loop.run_in_executor(None, round_, prompt) == (True, [])  # a new stream
+        context = list(prompt)
+        for _ in range(200):  # decoded plainly meanwhile
+            context.append(7)
+            catching_up, draft = await loop.run_in_executor(None, round_, context)
+            if not catching_up:
+                break
+            assert draft == []
+            await asyncio.sleep(0.01)
+        assert not catching_up and draft == in_process_draft(pool, context, 4).token_ids
+        context = context + [11, 12, 13]  # a few new tokens: an ordinary round
+        assert await loop.run_in_executor(None, round_, context) == (False, in_process_draft(pool, context, 4).token_ids)
+        context = context + [7] * 17  # more than catch_up_tokens decoded plainly
+        assert (await loop.run_in_executor(None, round_, context))[0] is True
+        # one round alone (`propose`) waits for the catch-up
+        context = context + [5] * 20
+        draft = await loop.run_in_executor(None, proposer.propose, context, 4)
+        assert draft.token_ids == in_process_draft(pool, context, 4).token_ids
+        assert proposer.num_timeouts == 0 and not proposer.degraded
+    finally:
+        proposer.close()
+        factory.close()
+    assert await wait_for(lambda: pool.active_sessions == 0)
+
+
 async def test_remote_proposer_rejected_hash_degrades_for_good(pool, drafter, prompts):
     import asyncio
 

@@ -161,6 +161,7 @@ def test_ngram_drafts_from_the_cache_first_then_falls_back(runner):
 def test_pipelined_proposers_ask_the_drafter_for_nothing_while_the_cache_drafts(runner):
     class Remote:  # records what the loop would send the drafter pool
         method = "remote"
+        catching_up = False
 
         def __init__(self):
             self.asked: list[int] = []

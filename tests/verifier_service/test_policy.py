@@ -301,12 +301,40 @@ def test_drafting_after_plain_steps_warms_up_unmeasured_and_its_probes_run_long_
 
 
 def _step(policy, rows, tokens_per_row: int, seconds: float, drafter_s: float = 0.0,
-          stall_s: float | None = None, stopped_drafter_s: float = 0.0) -> list[int]:  # fmt: skip
+          stall_s: float | None = None, stopped_drafter_s: float = 0.0, catching_up: bool = False) -> list[int]:  # fmt: skip
     plans = policy.plan(rows)
-    outcomes = [RowOutcome(p.k, tokens_per_row - 1 if p.k else 0) for p in plans]
-    cost = StepCost(len(rows), sum(p.k + 1 for p in plans), seconds, drafter_s, stopped_drafter_s, stall_s=stall_s)
+    if catching_up:  # every drafter still catching up: the loop fed no draft
+        outcomes = [RowOutcome(0, 0) for _ in plans]
+        cost = StepCost(len(rows), len(rows), seconds, drafter_s, stall_s=stall_s,
+                        num_catching_up=sum(p.k > 0 for p in plans))  # fmt: skip
+    else:
+        outcomes = [RowOutcome(p.k, tokens_per_row - 1 if p.k else 0) for p in plans]
+        cost = StepCost(len(rows), sum(p.k + 1 for p in plans), seconds, drafter_s, stopped_drafter_s, stall_s=stall_s)
     policy.observe(rows, outcomes, cost)
     return [p.k for p in plans]
+
+
+def test_a_probe_waits_for_drafters_that_catch_up_and_measures_them_warm():
+    """Steps whose drafters were all still catching up on the context ran plain: they
+    measure nothing, and the probe of drafting they belonged to keeps its full length."""
+    policy = RulePolicy(LOAD_AWARE)
+    policy.arms = LoadArms(warmup_steps=1, min_probe_gap=2, max_probe_gap=2, probe_share=1.0)
+    rows = [policy.start(GenerationRequest(prompt_ids=[1], method="sorted"))]
+    key = (1, "sorted", True)
+    assert _step(policy, rows, 1, 0.01, catching_up=True) == [4]  # the first try: its drafter catches up
+    assert _step(policy, rows, 1, 0.01, catching_up=True) == [4]
+    assert policy.arms.arms[key].num_measured == {}  # nothing measured yet
+    assert _step(policy, rows, 2, 0.02) == [4]  # warm-up (drafting_run 1), unmeasured
+    assert _step(policy, rows, 2, 0.04) == [4]  # measured: 50 tok/s
+    assert policy.arms.arms[key].goodput == {True: 50.0}
+    assert _step(policy, rows, 1, 0.01) == [0]  # plain measured: 100 tok/s, the better arm
+    assert _step(policy, rows, 1, 0.01) == [0]
+    ks = [_step(policy, rows, 1, 0.01, catching_up=True)[0] for _ in range(3)]  # a probe catches up ...
+    assert ks == [4, 4, 4]
+    ks = [_step(policy, rows, 2, 0.04)[0] for _ in range(4)]  # ... then runs warmup_steps + 2 steps
+    assert ks == [4, 4, 4, 0]
+    # the try's one measured step and the probe's two; catch-up steps measured nothing
+    assert policy.arms.arms[key].num_measured == {True: 3, False: 3}
 
 
 @pytest.mark.parametrize("charge", [True, False])
