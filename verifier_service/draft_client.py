@@ -322,9 +322,11 @@ class RemoteProposer:
         except StreamBroken as err:
             self._fail(err)  # the stream is gone: a retry reopens it
             return True
-        if not arrived:
-            if time.monotonic() < deadline:
-                return False
+        if arrived:
+            self._answered()
+        elif time.monotonic() < deadline:
+            return False
+        else:
             self._timed_out()
         self._catch_up = None
         return True
@@ -374,13 +376,17 @@ class RemoteProposer:
         if cand is None:
             self._timed_out()
             return Draft(token_ids=[])
+        self._answered()
+        return self._decode(cand, context_len, k)
+
+    def _answered(self) -> None:
+        """The drafter answered a Commit in time: it serves this session (again)."""
         self._consecutive_timeouts = 0
-        self.factory.rejected = None  # the pool serves this method (again)
+        self.factory.rejected = None
         if self.degraded:
             logger.info("drafter %s is back for target %s", self.factory.address, self.factory.target)
             self.degraded = False
             self._num_failures_in_row = 0
-        return self._decode(cand, context_len, k)
 
     def _timed_out(self) -> None:
         self.num_timeouts += 1

@@ -20,9 +20,10 @@ Prefill is chunked: decoding rows go first, prompt chunks fill the step's token 
 (`max_step_tokens`, at least one chunk per step), so a long prompt never stalls running
 streams. A row whose remote draft is late runs with k = 0 that step (counted), so a slow
 drafter never stalls the batch; nor is a drafter that must first catch up on the row's
-context waited for (`PipelinedProposer.catching_up`): the row runs plain until it has. Rows report through their `sink` (called in the loop's
-thread): a `GenerationChunk` per step that emitted tokens, then a `GenerationResult`, or an
-exception; a cancelled row leaves at the next step without a result.
+context waited for (`PipelinedProposer.catching_up`): the row runs plain until it has.
+Rows report through their `sink` (called in the loop's thread): a `GenerationChunk` per
+step that emitted tokens, then a `GenerationResult`, or an exception; a cancelled row
+leaves at the next step without a result.
 """
 
 from __future__ import annotations
