@@ -181,6 +181,11 @@ class SpeculationConfig(_Frozen):
     draft_timeout_s: float = Field(
         0.05, gt=0, description="Longest a step waits for remote candidates before k = 0."
     )
+    catch_up_tokens: int = Field(
+        16, ge=0, description="A pool session more tokens behind its row than this (a new "
+        "request, or tokens decoded plainly) catches up while the row runs plain, instead of "
+        "the step waiting for its prefill.",
+    )
     run_ahead_wait_s: float = Field(
         0.0, ge=0, description="Longest a step waits for the first token of a run-ahead (card) "
         "draft; 0 = only what the drafter has already streamed.",

@@ -187,6 +187,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 address, self.target.name, self.tokenizer_hash, method,
                 drafter=speculation[method].drafter if method in speculation else "",
                 timeout_s=self.config.speculation.draft_timeout_s,
+                catch_up_tokens=self.config.speculation.catch_up_tokens,
                 run_ahead_wait_s=self.config.speculation.run_ahead_wait_s, channel=self._channel,
             )
             for method in methods

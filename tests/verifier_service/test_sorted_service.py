@@ -44,9 +44,12 @@ _DEFAULT = default_config()
 # NOTE: drafter and verifiers share one process (and the GIL) here; a generous draft
 # timeout keeps concurrent sessions speculating instead of degrading to k = 0. The load
 # arms are off: they run a drafter plain where it loses, and these tests need it to draft.
+# So do steps that wait for a new session's prefill (no catch-up while the row runs plain:
+# six 32-token requests at once could end before the pool had prefilled them all).
 CONFIG = _DEFAULT.model_copy(update={
     "drafters": [d for d in _DEFAULT.drafters if d.kind == "sorted"],
-    "speculation": _DEFAULT.speculation.model_copy(update={"draft_timeout_s": 5.0, "load_aware": False}),
+    "speculation": _DEFAULT.speculation.model_copy(
+        update={"draft_timeout_s": 5.0, "load_aware": False, "catch_up_tokens": 10**9}),
 })  # fmt: skip
 DRAFTER = "codelm-sorted"
 TARGETS = ("codelm-target-m", "codelm-target-s")
